@@ -1,0 +1,1 @@
+"""Weights: local Hugging Face checkpoints (safetensors only) or seeded synthetic weights."""

@@ -1,0 +1,105 @@
+"""Synthetic weights that make activations look like a trained model's.
+
+Why not transformers' default init (std 0.02 everywhere): it keeps every activation tiny and linear.
+Attention rows come out nearly uniform, SiLU sees inputs near zero where it is almost linear, and the
+residual stream has no outlier channels. Then a crude SiLU approximation, a bad softmax or a
+low-precision accumulator passes unnoticed. These weights are instead scaled so that:
+
+- embeddings sit at a trained model's small scale (RMS ~0.02), so RMSNorm's eps matters at layer 0;
+- q/k projections give attention logits with a standard deviation of a few units, so softmax rows are
+  peaked, not uniform (Qwen3's q/k norm weights carry that scale, as trained q/k norm weights do);
+- MLP gate pre-activations have a standard deviation >= 1 in every layer, so SiLU is non-linear;
+- a few residual channels carry outliers (large embedding columns and down_proj rows), damped by
+  small RMSNorm weights on those channels, as in trained LLMs;
+- the final norm's scale gives logits with a trained model's spread (a few units), so top-k is meaningful.
+
+Every value is rounded to bfloat16, so the fp32 and bf16 reference runs share exactly the same weights.
+Generation is seeded and platform-independent (NumPy's PCG64).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from harness.spec.model_spec import ModelSpec
+
+EMBED_STD = 0.02          # trained LLM embedding tables have RMS ~0.01-0.03
+ATTN_LOGIT_STD = 3.0      # std of q.k/sqrt(d): peaked, non-uniform attention rows
+GATE_STD = 1.6            # std of the MLP gate pre-activation: well outside SiLU's linear region
+LOGIT_STD = 3.0           # spread of the output logits
+N_OUTLIER_CHANNELS = 3
+OUTLIER_GAIN = 12.0       # outlier channels are ~this many times larger than the rest
+OUTLIER_NORM_WEIGHT = 0.08
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """Round float32 to the nearest bfloat16 (ties to even) and return float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def outlier_channels(spec: ModelSpec, seed: int) -> np.ndarray:
+    """The residual channels that carry outliers for this model and seed."""
+    rng = np.random.default_rng([seed, 7919])
+    return np.sort(rng.choice(spec.hidden_size, size=N_OUTLIER_CHANNELS, replace=False))
+
+
+def synthetic_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded, bf16-representable weights keyed by HF parameter name (float32 arrays).
+
+    ``lm_head.weight`` is omitted when the model ties it to the embedding (as HF checkpoints do).
+    """
+    rng = np.random.default_rng([seed, 104729])
+    H, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    outliers = outlier_channels(spec, seed)
+    w: dict[str, np.ndarray] = {}
+
+    def normal(shape, std):
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+    def norm_weight(n, damp=None, center=1.0, spread=0.15):
+        g = np.abs(center + normal(n, spread * center)).astype(np.float32)
+        if damp is not None:
+            g[damp] = OUTLIER_NORM_WEIGHT
+        return g
+
+    embed = normal((V, H), EMBED_STD)
+    embed[:, outliers] *= OUTLIER_GAIN
+    w["model.embed_tokens.weight"] = embed
+
+    # RMSNorm output has per-channel RMS ~ norm weight (~1), so a projection with std s/sqrt(H)
+    # gives outputs of std ~s.
+    qk_std = np.sqrt(ATTN_LOGIT_STD)
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = norm_weight(H, damp=outliers)
+        w[p + "post_attention_layernorm.weight"] = norm_weight(H, damp=outliers)
+        if spec.has_qk_norm:
+            # q/k norm renormalises each head to RMS ~weight: the weight carries the logit scale.
+            w[p + "self_attn.q_proj.weight"] = normal((nh * hd, H), 1.0 / np.sqrt(H))
+            w[p + "self_attn.k_proj.weight"] = normal((nkv * hd, H), 1.0 / np.sqrt(H))
+            w[p + "self_attn.q_norm.weight"] = norm_weight(hd, center=qk_std)
+            w[p + "self_attn.k_norm.weight"] = norm_weight(hd, center=qk_std)
+        else:
+            w[p + "self_attn.q_proj.weight"] = normal((nh * hd, H), qk_std / np.sqrt(H))
+            w[p + "self_attn.k_proj.weight"] = normal((nkv * hd, H), qk_std / np.sqrt(H))
+        w[p + "self_attn.v_proj.weight"] = normal((nkv * hd, H), 1.0 / np.sqrt(H))
+        w[p + "self_attn.o_proj.weight"] = normal((H, nh * hd), 0.5 / np.sqrt(nh * hd))
+        if spec.has_qkv_bias:
+            # Trained Qwen2.5 checkpoints carry sizeable q/k biases (the k bias especially).
+            w[p + "self_attn.q_proj.bias"] = normal(nh * hd, 0.5)
+            w[p + "self_attn.k_proj.bias"] = normal(nkv * hd, 1.0)
+            w[p + "self_attn.v_proj.bias"] = normal(nkv * hd, 0.2)
+        w[p + "mlp.gate_proj.weight"] = normal((I, H), GATE_STD / np.sqrt(H))
+        w[p + "mlp.up_proj.weight"] = normal((I, H), 1.0 / np.sqrt(H))
+        down = normal((H, I), 0.5 / np.sqrt(I))
+        down[outliers, :] *= 2.0  # the MLPs keep feeding the outlier channels, as in trained models
+        w[p + "mlp.down_proj.weight"] = down
+
+    # Logits = final_norm(x) @ embed.T: scale the final norm so logits have a trained spread.
+    w["model.norm.weight"] = norm_weight(H, damp=outliers, center=LOGIT_STD / (EMBED_STD * np.sqrt(H)))
+    if not spec.tied_embeddings:
+        w["lm_head.weight"] = normal((V, H), EMBED_STD)
+    return {k: bf16_round(v) for k, v in w.items()}
