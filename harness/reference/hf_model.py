@@ -1,6 +1,8 @@
 """Build the Hugging Face transformers model of a spec from a weights dict (no default init)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -32,7 +34,9 @@ def build_hf_model(spec: ModelSpec, weights: dict[str, np.ndarray], dtype: torch
         raise HarnessError(
             f"weights do not match {spec.id} ({spec.scale}): missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Weights arrays are read-only (shared, cached); copy_ only reads them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         for name, value in weights.items():
             param = state[name]
             if tuple(param.shape) != tuple(value.shape):

@@ -1,0 +1,4 @@
+"""The golden store."""
+from harness.store.golden import GoldenRequest, GoldenSet, GoldenStore, verify_dir
+
+__all__ = ["GoldenRequest", "GoldenSet", "GoldenStore", "verify_dir"]

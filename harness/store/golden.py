@@ -1,0 +1,383 @@
+"""The golden store: captured reference taps plus a manifest, written atomically, verified on load.
+
+Layout of one entry (``<root>/<model folder>/<scale>/seed<seed>-<key16>/``):
+
+- ``manifest.json``: model, scale, seed, weights digest, token ids, dtypes, library versions, the full key
+  and the sha256 of every file;
+- ``<phase>.safetensors`` per phase (``prefill``, ``decode.0`` ...), keys ``fp32/<tap>`` (the golden) and
+  ``bf16/<tap>`` (the HF bf16 run: the cumulative-mode noise baseline, stored as bfloat16, lossless);
+- ``local/``: built on first use by isolated mode, the teacher-forced bf16 run (each op in bf16 on the
+  golden inputs), with its own manifest.
+
+The key hashes everything that determines the tensors (model config, seed, weights digest, tokens,
+decode steps, library versions, capture version), so a stale golden is never reused. Builds happen in a
+temporary directory renamed into place under a file lock: parallel pytest-xdist workers build once, and a
+crash leaves nothing half-written. Every file's sha256 is checked on load: a truncated, edited or missing
+file raises GoldenCorrupt naming the file, never a comparison.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from harness.errors import GoldenCorrupt, HarnessError
+from harness.spec import taps as tapspec
+from harness.spec.model_spec import ModelSpec, folder_name, get
+from harness.weights import WeightsSource, load_weights, weights_digest
+
+CAPTURE_VERSION = 1
+MANIFEST = "manifest.json"
+LOCAL_DIR = "local"
+VARIANTS = ("fp32", "bf16")
+ENV_DIR = "NPU_HARNESS_GOLDEN_DIR"
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def default_root() -> Path:
+    """``$NPU_HARNESS_GOLDEN_DIR``, else the project's ``golden/`` folder."""
+    env = os.environ.get(ENV_DIR)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "golden"
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import harness
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "harness": harness.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class GoldenRequest:
+    """Everything a golden set is built from."""
+
+    model: str
+    scale: str = "tiny"
+    seed: int = 0
+    decode_steps: int = 4
+    prompt_len: int | None = None  # None: the scale's default
+    weights: WeightsSource = field(default_factory=WeightsSource)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return get(self.model, self.scale)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_len or self.spec.default_prompt_len
+
+    def identity(self) -> dict:
+        spec = self.spec
+        return {
+            "capture_version": CAPTURE_VERSION,
+            "model": self.model,
+            "scale": self.scale,
+            "config": spec.config,
+            "seed": self.seed,
+            "prompt_len": self.tokens,
+            "decode_steps": self.decode_steps,
+            "weights_digest": weights_digest(spec, self.weights, self.seed),
+            "versions": {k: v for k, v in _versions().items() if k in ("torch", "transformers")},
+        }
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+
+class GoldenSet:
+    """A verified golden entry: tokens, phases and lazily memory-mapped tensors."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self._handles: dict[Path, object] = {}
+        self._local_ok = False
+
+    # -- identity --------------------------------------------------------------------------------
+    @property
+    def spec(self) -> ModelSpec:
+        return get(self.manifest["model"], self.manifest["scale"])
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return np.asarray(self.manifest["input_ids"], dtype=np.int64)
+
+    @property
+    def decode_tokens(self) -> np.ndarray:
+        return np.asarray(self.manifest["decode_tokens"], dtype=np.int64)
+
+    @property
+    def phases(self) -> list[str]:
+        return list(self.manifest["phases"])
+
+    @property
+    def has_local(self) -> bool:
+        return (self.path / LOCAL_DIR / MANIFEST).is_file()
+
+    # -- tensors ---------------------------------------------------------------------------------
+    def _open(self, path: Path):
+        from safetensors import safe_open
+
+        handle = self._handles.get(path)
+        if handle is None:
+            if not path.is_file():
+                raise GoldenCorrupt(f"golden file missing: {path}")
+            handle = self._handles[path] = safe_open(str(path), framework="numpy")
+        return handle
+
+    def tap_names(self, phase: str) -> list[str]:
+        keys = self._open(self.path / f"{phase}.safetensors").keys()
+        return [k.split("/", 1)[1] for k in keys if k.startswith("fp32/")]
+
+    def tensor(self, phase: str, tap: str, variant: str = "fp32") -> np.ndarray:
+        """One tap of one phase: ``fp32`` golden, ``bf16`` baseline or ``local`` teacher-forced baseline."""
+        if variant == "local":
+            if not self._local_ok:
+                raise HarnessError(f"{self.path}: local baseline not built (GoldenStore.ensure_local)")
+            path, key = self.path / LOCAL_DIR / f"{phase}.safetensors", f"bf16/{tap}"
+        else:
+            path, key = self.path / f"{phase}.safetensors", f"{variant}/{tap}"
+        handle = self._open(path)
+        try:
+            value = handle.get_tensor(key)
+        except Exception:
+            raise HarnessError(f"{path}: no tensor {key!r}") from None
+        return np.asarray(value, dtype=np.float32)
+
+    def phase_tensors(self, phase: str, variant: str = "fp32") -> dict[str, np.ndarray]:
+        return {name: self.tensor(phase, name, variant) for name in self.tap_names(phase)}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def verify_dir(path: Path) -> list[str]:
+    """Problems of one entry directory (and its local baseline): each names the file. Empty = intact."""
+    problems: list[str] = []
+    dirs = [path] + ([path / LOCAL_DIR] if (path / LOCAL_DIR).exists() else [])
+    for d in dirs:
+        mpath = d / MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text())
+            files = manifest["files"]
+        except FileNotFoundError:
+            problems.append(f"{mpath}: manifest missing")
+            continue
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            problems.append(f"{mpath}: manifest unreadable ({exc})")
+            continue
+        for name, digest in files.items():
+            f = d / name
+            if not f.is_file():
+                problems.append(f"{f}: missing")
+            elif sha256_file(f) != digest:
+                problems.append(f"{f}: sha256 mismatch (truncated or edited)")
+    return problems
+
+
+def _write_entry(tmp: Path, phases: dict[str, dict[str, np.ndarray]], manifest: dict) -> None:
+    """Write phase files (hashing the bytes as written) and the manifest into ``tmp``."""
+    from safetensors.numpy import save
+
+    files = {}
+    for phase, tensors in phases.items():
+        blob = save(tensors)
+        name = f"{phase}.safetensors"
+        (tmp / name).write_bytes(blob)
+        files[name] = hashlib.sha256(blob).hexdigest()
+    manifest["files"] = files
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    import ml_dtypes
+
+    return x.astype(ml_dtypes.bfloat16)  # exact: the bf16 run's values are bf16 already
+
+
+class GoldenStore:
+    """Golden entries under ``root`` (default: ``$NPU_HARNESS_GOLDEN_DIR`` or ``golden/``)."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else default_root()
+
+    # -- paths and locking -------------------------------------------------------------------------
+    def entry_dir(self, request: GoldenRequest) -> Path:
+        return self.root / folder_name(request.model) / request.scale / f"seed{request.seed}-{request.key()[:16]}"
+
+    def _lock(self, path: Path):
+        from filelock import FileLock
+
+        lock_dir = self.root / ".locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(lock_dir / (path.name + "-" + path.parent.parent.name + ".lock")))
+
+    # -- public API --------------------------------------------------------------------------------
+    def load(self, path: str | Path) -> GoldenSet:
+        """Load and verify an entry; raises GoldenCorrupt naming the first bad file."""
+        path = Path(path)
+        problems = verify_dir(path)
+        if problems:
+            raise GoldenCorrupt("golden entry is corrupt: " + "; ".join(problems))
+        golden = GoldenSet(path, json.loads((path / MANIFEST).read_text()))
+        golden._local_ok = golden.has_local
+        return golden
+
+    def get(self, request: GoldenRequest, *, build: bool = True, progress: Progress | None = None) -> GoldenSet:
+        """The verified golden set of ``request``, built once (under a lock) if absent and ``build``."""
+        path = self.entry_dir(request)
+        if (path / MANIFEST).is_file():
+            return self.load(path)
+        if not build:
+            raise HarnessError(f"no golden for {request.model}/{request.scale} seed {request.seed} in {self.root} "
+                               f"(run `harness golden build --model {request.model} --scale {request.scale}`)")
+        with self._lock(path):
+            if not (path / MANIFEST).is_file():
+                self._build(request, path, progress)
+        return self.load(path)
+
+    def ensure_local(self, golden: GoldenSet, progress: Progress | None = None) -> GoldenSet:
+        """Build the isolated-mode local baseline of ``golden`` if absent (atomic, locked)."""
+        if golden.has_local:
+            golden._local_ok = True
+            return golden
+        with self._lock(golden.path):
+            if not golden.has_local:
+                self._build_local(golden, progress)
+        return self.load(golden.path)
+
+    def entries(self) -> Iterator[tuple[Path, dict | None]]:
+        """Every entry directory with its manifest (None when unreadable)."""
+        if not self.root.is_dir():
+            return
+        for mpath in sorted(self.root.glob(f"*/*/*/{MANIFEST}")):
+            try:
+                yield mpath.parent, json.loads(mpath.read_text())
+            except (json.JSONDecodeError, OSError):
+                yield mpath.parent, None
+        for d in sorted(self.root.glob("*/*/seed*")):
+            if d.is_dir() and not (d / MANIFEST).exists() and not d.name.startswith(".tmp"):
+                yield d, None
+
+    def clean(self, model: str | None = None) -> int:
+        """Remove entries (of ``model``, or all); returns how many."""
+        n = 0
+        for path, _ in list(self.entries()):
+            if model is None or path.parent.parent.name == folder_name(model):
+                shutil.rmtree(path)
+                n += 1
+        for tmp in self.root.glob("*/*/.tmp-*") if self.root.is_dir() else []:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return n
+
+    # -- building ----------------------------------------------------------------------------------
+    def _tmpdir(self, final: Path) -> Path:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        return tmp
+
+    def _build(self, request: GoldenRequest, path: Path, progress: Progress | None) -> None:
+        import torch
+
+        from harness.reference.capture import run_reference
+        from harness.reference.hf_model import build_hf_model
+        from harness.reference.prompts import prompt_ids
+
+        step = progress or (lambda stage, done, total: None)
+        t0 = time.perf_counter()
+        spec = request.spec
+        step("weights", 0, 4)
+        weights = load_weights(spec, request.weights, request.seed)
+        ids = prompt_ids(spec, request.seed, request.tokens)
+        step("fp32 reference", 1, 4)
+        golden = run_reference(build_hf_model(spec, weights, torch.float32), spec, ids,
+                               decode_steps=request.decode_steps)
+        step("bf16 reference", 2, 4)
+        base = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, ids,
+                             decode_steps=request.decode_steps, decode_tokens=golden.decode_tokens)
+        step("writing", 3, 4)
+        phases = {}
+        for phase in tapspec.phase_names(request.decode_steps):
+            tensors = {f"fp32/{k}": v for k, v in golden.taps[phase].items()}
+            tensors.update({f"bf16/{k}": _bf16(v) for k, v in base.taps[phase].items()})
+            phases[phase] = tensors
+        identity = request.identity()
+        manifest = {
+            "schema": 1,
+            "key": request.key(),
+            "model": request.model,
+            "scale": request.scale,
+            "seed": request.seed,
+            "weights": {"source": request.weights.describe(), "digest": identity["weights_digest"]},
+            "input_ids": ids.tolist(),
+            "decode_tokens": golden.decode_tokens.tolist(),
+            "phases": tapspec.phase_names(request.decode_steps),
+            "dtypes": {"fp32": "float32", "bf16": "bfloat16"},
+            "versions": _versions(),
+            "identity": identity,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tmp = self._tmpdir(path)
+        try:
+            _write_entry(tmp, phases, manifest)
+            manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        step("done", 4, 4)
+
+    def _build_local(self, golden: GoldenSet, progress: Progress | None) -> None:
+        import torch
+
+        from harness.reference.capture import run_reference
+        from harness.reference.hf_model import build_hf_model
+
+        step = progress or (lambda stage, done, total: None)
+        spec = golden.spec
+        source = WeightsSource(golden.manifest["weights"]["source"].removeprefix("checkpoint:")
+                               if golden.manifest["weights"]["source"].startswith("checkpoint:") else None)
+        weights = load_weights(spec, source, golden.manifest["seed"])
+        step("local bf16 baseline", 0, 2)
+        force = {phase: golden.phase_tensors(phase) for phase in golden.phases}
+        local = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, golden.input_ids,
+                              decode_steps=len(golden.phases) - 1, decode_tokens=golden.decode_tokens, force=force)
+        phases = {phase: {f"bf16/{k}": _bf16(v) for k, v in local.taps[phase].items()} for phase in golden.phases}
+        final = golden.path / LOCAL_DIR
+        tmp = golden.path / f".tmp-local-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            _write_entry(tmp, phases, {"schema": 1, "kind": "teacher-forced bf16 baseline", "key": golden.manifest["key"]})
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        step("done", 2, 2)

@@ -1,0 +1,109 @@
+"""Load a local Hugging Face checkpoint directory (config.json + safetensors shards), offline.
+
+Pickle checkpoints (``pytorch_model.bin``, ``*.pt`` ...) are refused: loading them runs arbitrary
+code. The checkpoint's config must describe the requested model at the requested scale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import HarnessError
+from harness.spec.model_spec import ModelSpec
+from harness.weights.synthetic import bf16_round
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Config keys that must agree between the checkpoint and the spec (they fix every tensor shape and
+# the numerics that matter).
+MATCH_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta",
+)
+
+
+def _config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise HarnessError(f"--weights {path}: no config.json (expected a Hugging Face checkpoint directory)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HarnessError(f"{cfg_path}: not valid JSON ({exc})") from None
+
+
+def check_config(spec: ModelSpec, path: Path) -> None:
+    """Raise HarnessError naming the key when the checkpoint's config is not ``spec``'s model."""
+    cfg = _config(path)
+    cfg.setdefault("head_dim", cfg.get("hidden_size", 0) // max(cfg.get("num_attention_heads", 1), 1))
+    for key in MATCH_KEYS:
+        want, got = spec.config.get(key), cfg.get(key)
+        if key == "rope_theta" and got is not None and want is not None:
+            same = float(got) == float(want)
+        else:
+            same = got == want
+        if not same:
+            raise HarnessError(
+                f"{path / 'config.json'}: {key} = {got!r}, but {spec.id} at scale {spec.scale} has {want!r}; "
+                "the checkpoint is not this model"
+            )
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (through the index when sharded)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise HarnessError(f"{index}: not a safetensors index ({exc})") from None
+        files = sorted({path / name for name in weight_map.values()})
+        for f in files:
+            if f.resolve().parent != path.resolve() or not f.is_file():
+                raise HarnessError(f"{index}: shard {f.name} is missing or outside {path}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise HarnessError(
+            f"--weights {path}: only pickle checkpoints found ({', '.join(pickles)}); they are refused because "
+            "loading them runs arbitrary code. Convert to safetensors (save_pretrained(safe_serialization=True))."
+        )
+    raise HarnessError(f"--weights {path}: no *.safetensors files")
+
+
+def load_checkpoint(spec: ModelSpec, path: str | Path) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors as float32, rounded to bf16 so fp32 and bf16 runs share them."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise HarnessError(f"--weights {path}: not a directory")
+    check_config(spec, path)
+    weights: dict[str, np.ndarray] = {}
+    for f in shard_files(path):
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                for name in st.keys():
+                    weights[name] = bf16_round(np.asarray(st.get_tensor(name), dtype=np.float32))
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            raise HarnessError(f"{f}: cannot read safetensors file ({exc})") from None
+    if spec.tied_embeddings:
+        weights.pop("lm_head.weight", None)
+    return weights
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """sha256 over the checkpoint's config and safetensors files (names and contents)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in [path / "config.json", *shard_files(path)]:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
