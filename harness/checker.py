@@ -1,0 +1,231 @@
+"""``harness.check``: run a deployment against the goldens and judge every tap of every phase.
+
+Streaming: each tap is judged the moment the deployment hands it over and only its metrics are kept,
+so memory stays at one golden tensor at a time whatever the model size.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from harness.deployment.loader import DeploymentError, describe, load_factory, summarise_exception
+from harness.errors import HarnessError, TapError
+from harness.spec import taps as tapspec
+from harness.spec.model_spec import ModelSpec, get
+from harness.store import GoldenRequest, GoldenSet, GoldenStore
+from harness.verdict.localise import first_failure as locate_first_failure
+from harness.verdict.verdict import Coverage, FirstFailure, TapResult, Verdict
+from harness.weights import WeightsSource, load_weights
+
+MODES = ("cumulative", "isolated")
+
+
+def _as_float32(name: str, value: Any) -> tuple[np.ndarray | None, str | None]:
+    """The tap value as a 2-D float32 array, or a message saying what is wrong with it."""
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
+        dtype = str(value.dtype).replace("torch.", "")
+        if dtype != "float32":
+            return None, f"tap {name}: dtype {dtype}, expected float32"
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        return None, f"tap {name}: got {type(value).__name__}, expected a float32 numpy array"
+    if value.dtype != np.float32:
+        return None, f"tap {name}: dtype {value.dtype}, expected float32"
+    return value, None
+
+
+class TapJudge:
+    """The ``tap`` callable handed to a deployment for one phase."""
+
+    def __init__(self, spec: ModelSpec, golden: GoldenSet, phase: str, mode: str, baseline: str, policies):
+        self.spec, self.golden, self.phase, self.mode = spec, golden, phase, mode
+        self.baseline, self.policies = baseline, policies
+        self.results: list[TapResult] = []
+        self.seen: set[str] = set()
+
+    def __call__(self, name: str, value: Any):
+        parsed = tapspec.validate(self.spec, name)  # unknown names raise TapError naming the tap
+        if name in self.seen:
+            raise TapError(f"tap {name!r} handed over twice in phase {self.phase}")
+        self.seen.add(name)
+        golden = self.golden.tensor(self.phase, name, "fp32")
+        dut, problem = _as_float32(name, value)
+        if problem is None and dut.shape != golden.shape:
+            problem = f"tap {name}: shape {tuple(dut.shape)}, expected {tuple(golden.shape)}"
+        if problem is not None:
+            self.results.append(TapResult(self.phase, name, False, {}, message=problem))
+        else:
+            base = self.golden.tensor(self.phase, name, self.baseline)
+            self.results.append(judge_tap(self.policies, self.phase, name, parsed.kind, dut, golden, base))
+        if self.mode == "isolated":
+            return golden  # teacher forcing: the next op sees the golden input
+        return value
+
+
+def judge_tap(policies, phase: str, name: str, kind: str, dut, golden, base) -> TapResult:
+    """Metrics plus the policy's judgement of one tap."""
+    from harness.compare.metrics import tap_metrics
+
+    metrics = tap_metrics(dut, golden, base)
+    policy = policies.lookup(kind, phase)
+    judgement = policy.judge(dut, golden, base, metrics, kind=kind, phase=phase)
+    message = None
+    if not judgement.passed and judgement.reasons:
+        message = f"{phase} {name}: " + "; ".join(judgement.reasons)
+    return TapResult(phase, name, bool(judgement.passed), metrics, judgement.to_dict(), message)
+
+
+def policies_for(spec: ModelSpec, policy=None):
+    """The PolicySet for ``spec``: defaults, pyproject, models/<id>/policy.toml, then ``policy`` overrides."""
+    if policy is not None and hasattr(policy, "lookup"):
+        return policy
+    from harness.compare.policy_config import PolicySet
+
+    return PolicySet.for_model(spec, overrides=policy)
+
+
+def _call_deployment(what: str, fn: Callable, *args):
+    try:
+        return fn(*args)
+    except HarnessError:
+        raise
+    except Exception as exc:
+        raise DeploymentError(f"deployment raised in {what}: {summarise_exception(exc)}") from exc
+
+
+def _check_logits(phase: str, logits: Any, rows: int, vocab: int) -> None:
+    arr, problem = _as_float32("logits (returned)", logits)
+    if problem is None and arr.shape != (rows, vocab):
+        problem = f"{phase}: returned logits have shape {tuple(arr.shape)}, expected {(rows, vocab)}"
+    if problem is not None:
+        raise DeploymentError(f"{phase}: {problem}")
+
+
+def provenance(golden: GoldenSet, deployment: str, policies, extra: dict | None = None) -> dict:
+    from harness.store.golden import _versions
+
+    prov = {
+        "deployment": deployment,
+        "golden": {"key": golden.manifest["key"], "path": str(golden.path),
+                   "weights": golden.manifest["weights"], "created": golden.manifest.get("created")},
+        "versions": _versions(),
+        "policy": policies.describe() if hasattr(policies, "describe") else str(policies),
+    }
+    try:
+        from harness.deployment.pyxrt.toolchain import toolchain_fingerprint
+
+        prov["toolchain"] = toolchain_fingerprint()
+    except ImportError:
+        pass
+    prov.update(extra or {})
+    return prov
+
+
+def check(
+    model: str,
+    factory: Callable | str | None = None,
+    *,
+    scale: str = "tiny",
+    seed: int = 0,
+    decode_steps: int = 4,
+    mode: str = "cumulative",
+    weights: str | Path | None = None,
+    prompt_len: int | None = None,
+    policy=None,
+    golden_dir: str | Path | None = None,
+    progress=None,
+) -> Verdict:
+    """Judge a deployment of ``model`` against the goldens; see DESIGN.md's contract.
+
+    ``factory(spec, weights)`` builds the deployment (or a ``MODULE:FACTORY`` string; default: the
+    emulator). ``mode``: ``cumulative`` (tap returns the deployment's own value) or ``isolated`` (tap
+    returns the golden: each tap's error is that op's alone, judged against the teacher-forced bf16
+    baseline). ``weights``: a local HF checkpoint directory (default: synthetic weights of ``seed``).
+    ``policy``: a PolicySet, or overrides ``{kind: policy text}``. Raises HarnessError when the check
+    cannot run (bad input, broken golden, a deployment that cannot be built or raises).
+    """
+    if mode not in MODES:
+        raise HarnessError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if decode_steps < 0:
+        raise HarnessError(f"--decode-steps {decode_steps}: must be >= 0")
+    t0 = time.perf_counter()
+    spec = get(model, scale)
+    source = WeightsSource(str(weights) if weights else None)
+    store = GoldenStore(golden_dir)
+    golden = store.get(GoldenRequest(model, scale, seed, decode_steps, prompt_len, source), progress=progress)
+    if mode == "isolated":
+        golden = store.ensure_local(golden, progress=progress)
+    baseline = "local" if mode == "isolated" else "bf16"
+    policies = policies_for(spec, policy)
+    build = load_factory(factory)
+    w = load_weights(spec, source, seed)
+    if getattr(build, "needs_golden", False):
+        dep = _call_deployment("factory", lambda: build(spec, w, golden=golden, mode=mode))
+    else:
+        dep = _call_deployment("factory", build, spec, w)
+    for method in ("prefill", "decode"):
+        if not callable(getattr(dep, method, None)):
+            raise DeploymentError(f"deployment {describe(factory)} has no {method}() method")
+
+    results: list[TapResult] = []
+    seen: dict[str, set[str]] = {}
+    for i, phase in enumerate(golden.phases):
+        judge = TapJudge(spec, golden, phase, mode, baseline, policies)
+        if phase == "prefill":
+            logits = _call_deployment("prefill", dep.prefill, golden.input_ids.copy(), judge)
+            rows = len(golden.input_ids)
+        else:
+            logits = _call_deployment(phase, dep.decode, int(golden.decode_tokens[i - 1]), judge)
+            rows = 1
+        _check_logits(phase, logits, rows, spec.vocab_size)
+        results.extend(judge.results)
+        seen[phase] = judge.seen
+    if not results:
+        raise HarnessError(f"the deployment handed over no taps: nothing was compared ({describe(factory)})")
+
+    required = tapspec.required_taps(spec)
+    missing = [f"{p}:{t}" for p in golden.phases for t in required if t not in seen[p]]
+    exposed = set().union(*seen.values())
+    not_exposed = [t for t in tapspec.tap_names(spec) if t not in exposed]
+    first = locate_first_failure(spec, results, golden.phases)
+    if first is None and missing:
+        phase, tap = missing[0].split(":", 1)
+        first = FirstFailure(phase=phase, tap=tap, metrics={}, hint="required tap not exposed",
+                             message=f"required tap {tap} was not handed to tap() in {phase}")
+    if first is not None and first.judgement is not None:  # a numeric failure: look for a known cause
+        first.hint = _hint(spec, golden, first, mode, w)
+    verdict = Verdict(
+        model=model, scale=scale, seed=seed, mode=mode, results=results,
+        coverage=Coverage(compared=len(results), required_missing=missing, not_exposed=not_exposed),
+        first_failure=first,
+        provenance=provenance(golden, describe(factory), policies, {"elapsed_s": round(time.perf_counter() - t0, 3)}),
+    )
+    return verdict
+
+
+def _hint(spec, golden, first: FirstFailure, mode: str, weights) -> str:
+    """A cause hint for the first failure (known bug signatures; see harness.verdict.hints)."""
+    try:
+        from harness.verdict.hints import diagnose
+    except ImportError:
+        return first.hint
+    return diagnose(spec, golden, first, mode=mode, weights=weights)
+
+
+def check_trace(directory: str | Path, *, policy=None, golden_dir: str | Path | None = None, progress=None) -> Verdict:
+    """Judge a trace directory written by an external deployment (cumulative mode).
+
+    ``trace.json`` names the model, scale, seed and decode steps (and optionally a weights directory);
+    the recorded tensors are replayed through the same comparator as a live deployment.
+    """
+    from harness.deployment.trace import read_trace, trace_factory
+
+    trace = read_trace(directory)
+    factory = trace_factory(directory)
+    factory.name = f"trace:{directory}"
+    return check(trace.model, factory, scale=trace.scale, seed=trace.seed, decode_steps=trace.decode_steps,
+                 mode="cumulative", weights=trace.weights_path, prompt_len=trace.prefill_tokens, policy=policy, golden_dir=golden_dir,
+                 progress=progress)

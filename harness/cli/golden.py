@@ -1,0 +1,131 @@
+"""``harness golden build|verify|list|clean``."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from harness.cli.common import (DecodeOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, SeedOpt, WeightsOpt,
+                                models_or_all, path_or_none)
+from harness.errors import HarnessError
+
+golden_app = typer.Typer(help="Build, verify, list and clean the golden store.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+class BuildProgress:
+    """A rich progress bar that appears only once a build has taken more than ``delay`` seconds."""
+
+    def __init__(self, label: str, delay: float = 2.0):
+        self.label, self.delay, self.t0 = label, delay, time.perf_counter()
+        self.bar: Progress | None = None
+        self.task = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.bar is None and time.perf_counter() - self.t0 > self.delay and console.is_terminal:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                console=console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, description=f"{self.label}: {stage}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@golden_app.command("build")
+def build(
+    model: Optional[list[str]] = ModelOpt,
+    all_models: bool = typer.Option(False, "--all", help="All nine models."),
+    scale: str = ScaleOpt,
+    seed: list[int] = typer.Option([0], "--seed", help="Seed(s). Default: 0."),
+    decode_steps: int = DecodeOpt,
+    prompt_len: Optional[int] = PromptOpt,
+    weights: Optional[Path] = WeightsOpt,
+    local: bool = typer.Option(False, "--local", help="Also build the isolated-mode local baseline."),
+    golden_dir: Optional[Path] = GoldenDirOpt,
+) -> None:
+    """Build (or reuse) and verify golden sets."""
+    from harness.store import GoldenRequest, GoldenStore
+    from harness.weights import WeightsSource
+
+    store = GoldenStore(golden_dir)
+    for m in models_or_all(model, all_models):
+        for s in seed:
+            t0 = time.perf_counter()
+            req = GoldenRequest(m, scale, s, decode_steps, prompt_len, WeightsSource(path_or_none(weights)))
+            bar = BuildProgress(f"{m}/{scale} seed {s}")
+            try:
+                g = store.get(req, progress=bar)
+                if local:
+                    g = store.ensure_local(g, progress=bar)
+            finally:
+                bar.close()
+            typer.echo(f"ok  {m}/{scale} seed {s}  {g.path}  ({time.perf_counter() - t0:.1f}s)")
+
+
+@golden_app.command("verify")
+def verify(
+    golden_dir: Optional[Path] = GoldenDirOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model. Default: all."),
+) -> None:
+    """Check every file of every entry against its manifest's sha256; exit 3 naming each bad file."""
+    from harness.models import folder_name
+    from harness.store import GoldenStore, verify_dir
+
+    store = GoldenStore(golden_dir)
+    bad = checked = 0
+    for path, _ in store.entries():
+        if model and path.parent.parent.name != folder_name(model):
+            continue
+        checked += 1
+        for problem in verify_dir(path):
+            bad += 1
+            typer.echo(f"CORRUPT {problem}")
+    if checked == 0:
+        typer.echo(f"no golden entries under {store.root}", err=True)
+        raise typer.Exit(3)
+    typer.echo(f"{checked} entries checked, {bad} problems")
+    if bad:
+        raise typer.Exit(3)
+
+
+@golden_app.command("list")
+def list_entries(golden_dir: Optional[Path] = GoldenDirOpt) -> None:
+    """List golden entries with their size and provenance."""
+    from harness.store import GoldenStore
+
+    store = GoldenStore(golden_dir)
+    table = Table("model", "scale", "seed", "tokens", "decode", "local", "MB", "weights", "path")
+    for path, man in store.entries():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
+        if man is None:
+            table.add_row("?", "?", "?", "?", "?", "?", f"{size:.1f}", "unreadable manifest", str(path))
+            continue
+        table.add_row(man["model"], man["scale"], str(man["seed"]), str(len(man["input_ids"])),
+                      str(len(man["phases"]) - 1), "yes" if (path / "local").is_dir() else "no", f"{size:.1f}",
+                      man["weights"]["source"], str(path))
+    Console().print(table)
+
+
+@golden_app.command("clean")
+def clean(
+    golden_dir: Optional[Path] = GoldenDirOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model. Default: all."),
+) -> None:
+    """Remove golden entries (they are rebuilt on demand)."""
+    from harness.store import GoldenStore
+
+    if model:
+        from harness.models import get
+
+        get(model)  # unknown ids are an error, not a silent no-op
+    n = GoldenStore(golden_dir).clean(model)
+    typer.echo(f"removed {n} entries")

@@ -1,0 +1,61 @@
+"""Resolve ``--deployment MODULE:FACTORY`` strings to factories, with errors a user can act on."""
+from __future__ import annotations
+
+import importlib
+import traceback
+from typing import Callable
+
+from harness.errors import HarnessError
+
+DEFAULT_DEPLOYMENT = "harness.deployment.emulator:factory"
+# Short names for the built-in deployments (``harness list`` shows them).
+BUILTIN = {
+    "emulator": DEFAULT_DEPLOYMENT,
+    "replay-bf16": "harness.deployment.replay:bf16_replay",
+    "replay-fp32": "harness.deployment.replay:fp32_replay",
+}
+
+
+class DeploymentError(HarnessError):
+    """The deployment could not be imported, built or run (exit code 3), with its traceback summarised."""
+
+
+def summarise_exception(exc: BaseException, frames: int = 3) -> str:
+    """``Type: message`` plus the innermost frames as ``file:line in func``."""
+    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
+    where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in tb)
+    return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
+
+
+def load_factory(target: str | Callable | None) -> Callable:
+    """A factory from ``pkg.module:factory``, a built-in short name, or a callable (returned as is)."""
+    if target is None:
+        target = DEFAULT_DEPLOYMENT
+    if callable(target):
+        return target
+    target = BUILTIN.get(target, target)
+    if ":" not in target:
+        raise DeploymentError(f"--deployment {target!r}: expected MODULE:FACTORY (e.g. {DEFAULT_DEPLOYMENT})")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise DeploymentError(f"--deployment {target!r}: cannot import {module_name}: {summarise_exception(exc)}") from exc
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise DeploymentError(f"--deployment {target!r}: {module_name} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise DeploymentError(f"--deployment {target!r}: {attr} is not callable")
+    return obj
+
+
+def describe(target: str | Callable | None) -> str:
+    """A name for provenance and reports."""
+    if target is None:
+        return DEFAULT_DEPLOYMENT
+    if callable(target):
+        return getattr(target, "name", None) or f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
+    return BUILTIN.get(target, target)
