@@ -81,3 +81,10 @@ def test_trend_plot_skips_non_finite_points():
 def test_trend_series_rejects_bad_input(points, regs, match):
     with pytest.raises(HarnessError, match=match):
         TrendSeries("m", "ttft", "ms", points, regs)
+
+
+def test_layer_plot_reads_json_encoded_non_finite_metrics():
+    v = sample_verdict("qwen3-0.6b", fail_phase="prefill", fail_tap="layers.0.v", nan_at_failure=True)
+    res = next(r for r in v["results"] if r["tap"] == "layers.0.v" and r["phase"] == "prefill")
+    res["metrics"].update(r="nan", cosine="-inf")  # as Verdict.to_dict() writes them
+    assert _non_blank(_pixels(layer_error_png(v)))

@@ -169,3 +169,23 @@ def test_summary_is_short_and_names_the_first_failure(model, steps, data, kind, 
         assert lines[1] == f"first failure: {phase} {tap} ({kind})"
     if elapsed is not None and math.isfinite(elapsed):
         assert lines[-1].startswith("time: ")
+
+
+def test_reads_verdicts_as_harness_encodes_them():
+    """Verdict.to_dict() writes NaN / inf as strings and harness.perf's comparisons carry p_worse, not p_value."""
+    from harness.perf.stats import compare
+    from harness.verdict.verdict import _json_safe
+
+    base = [10.0, 10.1, 9.9, 10.05, 9.95, 10.02, 10.0, 9.98]
+    slow = [1.15 * x for x in base]
+    perf = [{"model": "qwen3-0.6b", "metric": "ttft", "unit": "ms", **compare(base, slow).to_dict()}]
+    v = json.loads(json.dumps(_json_safe(sample_verdict("qwen3-0.6b", fail_phase="prefill", fail_tap="layers.0.k",
+                                                        nan_at_failure=True, perf=perf))))
+    assert v["first_failure"]["metrics"]["r"] == "nan"
+    v["provenance"]["elapsed_s"] = 4.5
+    text = render_summary(v)
+    assert "judged by calibrated: r nan (limit 2); r_tail nan (limit 3)" in text
+    assert "max_abs=inf" in text
+    assert "perf: 1 regression in 1 comparison: qwen3-0.6b ttft regression 1.15x (p=" in text
+    assert "(p=-)" not in text
+    assert text.endswith("time: 4.5 s")  # from the provenance when the caller gives no time

@@ -18,6 +18,9 @@ SCHEMA = 1
 _REQUIRED = ("schema", "model", "passed", "results")
 _DECODE_RE = re.compile(r"^decode\.(\d+)$")
 _CONTROL_RE = re.compile(r"\s+")
+# verdict.to_dict() writes non-finite floats as strings so the JSON stays standard.
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf, "infinity": math.inf,
+               "-infinity": -math.inf}
 
 
 def load_verdict(path: str | Path) -> dict[str, Any]:
@@ -128,6 +131,7 @@ def one_line(text: Any, limit: int = 200) -> str:
 
 def fmt(x: Any) -> str:
     """A metric for people: 4 significant digits, ``nan`` / ``inf`` spelt out, ``-`` when absent."""
+    x = num(x)
     if x is None:
         return "-"
     if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -145,13 +149,32 @@ def fmt(x: Any) -> str:
 
 def fmt_cos(x: Any) -> str:
     """Cosine similarity with enough digits to tell 0.99999 from 0.999 (six decimals)."""
+    x = num(x)
     if isinstance(x, float) and math.isfinite(x):
         return f"{x:.6f}"
     return fmt(x)
 
 
+def num(x: Any) -> Any:
+    """Undo the JSON encoding of non-finite metrics: ``"nan"``, ``"inf"``, ``"-inf"`` -> float; else ``x``."""
+    if isinstance(x, str) and x.strip().lower() in _NON_FINITE:
+        return _NON_FINITE[x.strip().lower()]
+    return x
+
+
 def as_float(x: Any) -> float:
     """A metric as float for plotting; absent or non-numeric values become NaN."""
+    x = num(x)
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return math.nan
     return float(x)
+
+
+def perf_p(c: dict[str, Any]) -> Any:
+    """A comparison's p-value: ``p_value``, else the one-sided p matching its verdict (harness.perf's
+    ``p_worse`` / ``p_better``)."""
+    if c.get("p_value") is not None:
+        return c["p_value"]
+    if c.get("verdict") == "improvement":
+        return c.get("p_better")
+    return c.get("p_worse")

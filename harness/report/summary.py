@@ -62,7 +62,7 @@ def against_thresholds(metrics: dict[str, Any], thresholds: dict[str, Any]) -> s
     failing, holding, other = [], [], []
     for key, thr in thresholds.items():
         name, higher = _threshold_metric(key, metrics)
-        val = metrics.get(name) if name else None
+        val, thr = reading.num(metrics.get(name)) if name else None, reading.num(thr)
         if name is None or isinstance(thr, bool) or not isinstance(thr, (int, float)) \
                 or isinstance(val, bool) or not isinstance(val, (int, float)):
             other.append(f"{key}={fmt(thr)}")
@@ -128,11 +128,12 @@ def _perf_lines(comparisons: list[dict[str, Any]]) -> list[Line]:
     parts = []
     for c in shown[:3]:
         ratio = c.get("ratio")
-        ratio_s = f"{fmt(ratio)}x" if isinstance(ratio, (int, float)) else "-"
-        parts.append(f"{c.get('model', '?')} {c.get('metric', '?')} {c.get('verdict', '?')} {ratio_s} "
-                     f"(p={fmt(c.get('p_value'))})")
+        ratio_s = f"{fmt(ratio)}x" if ratio is not None else "-"
+        who = " ".join(str(c[k]) for k in ("model", "metric") if c.get(k))
+        parts.append(f"{who or 'perf'} {c.get('verdict', '?')} {ratio_s} (p={fmt(reading.perf_p(c))})")
     more = f", +{len(shown) - 3} more" if len(shown) > 3 else ""
-    text = f"perf: {_n(len(regressions), 'regression')} in {_n(len(comparisons), 'comparison')}: {'; '.join(parts)}{more}"
+    counts = f"{_n(len(regressions), 'regression')} in {_n(len(comparisons), 'comparison')}"
+    text = f"perf: {counts}: {'; '.join(parts)}{more}"
     return [Line(text, 1, "yellow" if regressions else "")]
 
 
@@ -162,6 +163,9 @@ def summary_lines(verdict: dict[str, Any], *, elapsed_s: float | None = None) ->
     if ff:
         lines.append(Line(f"next: fix the op behind {ff['tap']} ({ff['phase']}); `harness explain {ff['tap']}` "
                           "says what it is", 4))
+    if elapsed_s is None:  # harness.check records its own run time in the provenance
+        elapsed_s = reading.as_float((verdict.get("provenance") or {}).get("elapsed_s"))
+        elapsed_s = elapsed_s if math.isfinite(elapsed_s) else None
     if elapsed_s is not None:
         lines.append(Line(f"time: {elapsed_s:.1f} s", 2))
     return lines

@@ -54,7 +54,7 @@ def _perf_rows(verdict: dict[str, Any]) -> tuple[tuple[str, ...], ...]:
         unit = f" {c['unit']}" if c.get("unit") else ""
         out.append((str(c.get("model", verdict["model"])), str(c.get("metric", "?")), str(c.get("verdict", "?")),
                     reading.fmt(c.get("base_median")) + unit, reading.fmt(c.get("cand_median")) + unit,
-                    reading.fmt(c.get("ratio")), reading.fmt(c.get("p_value")), reading.one_line(c.get("reason", ""))))
+                    reading.fmt(c.get("ratio")), reading.fmt(reading.perf_p(c)), reading.one_line(c.get("reason", ""))))
     return tuple(out)
 
 
