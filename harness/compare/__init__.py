@@ -1,0 +1,1 @@
+"""Comparison: metrics of one tap and the policies that judge them."""
