@@ -48,7 +48,8 @@ def test_both_files_written_with_table_and_images(report):
         assert f"]({assets.name}/{name})" in md
     # The verdict table has the same rows in both renderings: one per result.
     n_rows = sum(len(v["results"]) for v in _verdicts())
-    assert len(re.findall(r"<tr(?: class=\"first\")?><td>(?:llama|qwen)[^<]*</td><td>(?:prefill|decode)", html)) == n_rows
+    html_row = r"<tr(?: class=\"first\")?><td>(?:llama|qwen)[^<]*</td><td>(?:prefill|decode)"
+    assert len(re.findall(html_row, html)) == n_rows
     assert len(re.findall(r"^\| (?:llama|qwen)\S* \| (?:prefill|decode)", md, re.M)) == n_rows
     assert html.count("(first failure)") == md.count(escape("(first failure)")) == 1
     assert "PERF REGRESSION" not in html  # the failing model is FAIL, which outranks the perf verdict
