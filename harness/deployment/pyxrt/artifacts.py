@@ -122,13 +122,17 @@ class KernelRegistry:
         tmp.write_text(json.dumps(self._raw, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, self.path)
 
+    def _abs(self, rel: str) -> Path:
+        # normpath, not resolve(): "kernels/../x" must work before kernels/ exists, and symlinks stay as named
+        return Path(os.path.normpath(self.root / rel))
+
     def _parse(self, key: str, entry: Any) -> Artifact:
         where = f"kernel registry {self.path}: entry {key!r}"
         if not _KEY_RE.match(key):
             raise HarnessError(f"{where}: key must be '<op>/<shape>', e.g. 'gemm/M128_K896_N4864'")
         if not isinstance(entry, dict):
             raise HarnessError(f"{where}: expected an object")
-        files = {role: self.root / entry[role] for role in ROLES if entry.get(role)}
+        files = {role: self._abs(entry[role]) for role in ROLES if entry.get(role)}
         if set(files) not in ({"xclbin", "insts"}, {"elf"}):
             raise HarnessError(f"{where}: needs 'xclbin' + 'insts', or 'elf' (got {sorted(files) or 'neither'})")
         if not isinstance(entry.get("args"), list) or not entry["args"]:
@@ -136,8 +140,8 @@ class KernelRegistry:
         args = tuple(ArgSpec.from_dict(a, f"{where} argument") for a in entry["args"])
         if len({a.name for a in args}) != len(args):
             raise HarnessError(f"{where}: argument names must be unique")
-        design = self.root / entry["design"] if entry.get("design") else None
-        sources = tuple(self.root / s for s in entry.get("sources", []))
+        design = self._abs(entry["design"]) if entry.get("design") else None
+        sources = tuple(self._abs(s) for s in entry.get("sources", []))
         if design is not None and design not in sources:
             sources = (design, *sources)
         if not sources:
