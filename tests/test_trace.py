@@ -259,3 +259,18 @@ def test_any_valid_trace_round_trips(tmp_path_factory, tokens: int, steps: int, 
         got = t.load(phase)
         assert list(got) == taps.tap_names(spec)
         np.testing.assert_array_equal(got["logits"], phases[phase]["logits"])
+
+
+def test_weights_may_be_a_checkpoint_folder_inside_the_trace(trace_dir: Path):
+    (trace_dir / "ckpt").mkdir()
+    save_file({"a": np.ones((2, 2), np.float32)}, trace_dir / "ckpt" / "model-00001.safetensors")
+    save_file({"b": np.zeros(3, np.float32)}, trace_dir / "ckpt" / "model-00002.safetensors")
+    meta = json.loads((trace_dir / "trace.json").read_text())
+    (trace_dir / "trace.json").write_text(json.dumps(meta | {"weights": "ckpt"}))
+    assert sorted(tr.read_trace(trace_dir).load_weights()) == ["a", "b"]
+    (trace_dir / "ckpt" / "pytorch_model.bin").write_bytes(b"\x80")
+    with pytest.raises(HarnessError, match="pytorch_model.bin refused"):
+        tr.read_trace(trace_dir)
+    (trace_dir / "trace.json").write_text(json.dumps(meta | {"weights": "nowhere.safetensors"}))
+    with pytest.raises(HarnessError, match="weights 'nowhere.safetensors' does not exist"):
+        tr.read_trace(trace_dir)

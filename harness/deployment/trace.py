@@ -178,11 +178,16 @@ class Trace:
             return {k: np.asarray(f.get_tensor(k), dtype=np.int64) for k in f.keys()}
 
     def load_weights(self) -> dict[str, np.ndarray] | None:
-        """The weights the trace names (HF parameter names -> float32), or None."""
+        """The weights the trace names (HF parameter names -> float32; a checkpoint folder's
+        ``*.safetensors`` shards are merged), or None."""
         if self.weights_path is None:
             return None
-        with safe_open(self.weights_path, framework="np") as f:
-            return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
+        files = sorted(self.weights_path.glob("*.safetensors")) if self.weights_path.is_dir() else [self.weights_path]
+        out: dict[str, np.ndarray] = {}
+        for path in files:
+            with safe_open(_inside(self.path, str(path.relative_to(self.path)), "weights file"), framework="np") as f:
+                out.update({k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()})
+        return out
 
 
 def _check_inputs(root: Path, meta: dict[str, Any], prefill_tokens: int) -> Path | None:
@@ -232,10 +237,14 @@ def read_trace(directory: str | os.PathLike) -> Trace:
         )
     weights = None
     if meta.get("weights"):
+        # A safetensors file (what prepare_inputs writes) or a HF checkpoint folder inside the trace.
         weights = _inside(root, meta["weights"], "weights file")
-        if not weights.is_file():
-            raise HarnessError(f"{root / TRACE_JSON}: weights file {meta['weights']!r} does not exist")
-        _header(weights)
+        if weights.is_dir():
+            _refuse_pickles(weights)
+        elif weights.is_file():
+            _header(weights)
+        else:
+            raise HarnessError(f"{root / TRACE_JSON}: weights {meta['weights']!r} does not exist")
     return Trace(
         path=root, model=meta["model"], scale=meta["scale"], seed=meta["seed"],
         decode_steps=meta["decode_steps"], spec=spec, phase_taps=phase_taps,
