@@ -1,0 +1,239 @@
+"""Policies (calibrated, exact, classic) and their configuration (PolicySet from TOML and overrides)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness.compare.metrics import tap_metrics
+from harness.compare.policies import (
+    CALIBRATED_THRESHOLDS, PRESETS, REGISTRY, AllClosePolicy, CalibratedPolicy, CosinePolicy, ExactPolicy,
+    Judgement, NmsePolicy, TopKWalkPolicy, make_policy, parse_policy,
+)
+from harness.compare.policy_config import PolicySet
+from harness.errors import HarnessError
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _case(seed: int = 0, shape: tuple[int, int] = (8, 256)):
+    """golden, a bf16 baseline with op-like noise and a dut with the same noise level."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(shape).astype(np.float32)
+    b = _bf16(g * (1 + 3e-3 * rng.standard_normal(shape)).astype(np.float32))
+    d = _bf16(g * (1 + 3e-3 * rng.standard_normal(shape)).astype(np.float32))
+    return d, g, b
+
+
+def _judge(policy, d, g, b, kind="q", phase="prefill") -> Judgement:
+    return policy.judge(d, g, b, tap_metrics(d, g, b), kind=kind, phase=phase)
+
+
+def test_judgement_truthy_and_serialisable() -> None:
+    j = _judge(CalibratedPolicy(), *_case())
+    assert j and j.passed and j.policy == "calibrated" and j.reasons == []
+    assert json.loads(json.dumps(j.to_dict()))["thresholds"]["r_max"] == CALIBRATED_THRESHOLDS["r_max"]
+
+
+def test_calibrated_passes_noise_fails_corruption() -> None:
+    d, g, b = _case()
+    assert _judge(CalibratedPolicy(), d, g, b)
+    bad = d.copy()
+    bad *= np.float32(1.01)                                       # a 1% scale error everywhere
+    j = _judge(CalibratedPolicy(), bad, g, b)
+    assert not j and j.reasons[0].startswith("R ") and "(up to 1.5 allowed)" in j.reasons[0]
+
+
+def test_calibrated_tail_catches_local_corruption() -> None:
+    """A few corrupted positions hide in the norm (R, cosine fine) but not in the tail ratio."""
+    d, g, b = _case(1, (16, 512))
+    bad = d.copy()
+    bad[3, :200] += np.float32(0.02) * np.sign(g[3, :200])       # 2.4% of the elements, small shift
+    m = tap_metrics(bad, g, b)
+    j = CalibratedPolicy().judge(bad, g, b, m, kind="q", phase="prefill")
+    assert m["cosine"] > 0.999 and not j and any(r.startswith("r_tail") for r in j.reasons)
+
+
+def test_calibrated_decode_uses_decode_thresholds() -> None:
+    d, g, b = _case(2, (1, 256))
+    m = dict(tap_metrics(d, g, b), rel_fro=1.8 * tap_metrics(d, g, b)["baseline_rel_fro"])
+    assert not CalibratedPolicy().judge(d, g, b, m, kind="logits", phase="prefill")
+    assert CalibratedPolicy().judge(d, g, b, m, kind="logits", phase="decode.0")
+
+
+def test_decode_floor_absorbs_a_lucky_baseline() -> None:
+    """A decode baseline far below one bf16 rounding does not turn a rounding-level dut into a failure."""
+    _, g, b = _case(3, (1, 256))
+    d = _bf16(g)                                                  # one correct rounding, nothing more
+    m = tap_metrics(d, g, b)
+    lucky = dict(m, baseline_rel_fro=m["baseline_rel_fro"] / 10, baseline_ulp_p99=m["baseline_ulp_p99"] / 10)
+    assert CalibratedPolicy().judge(d, g, b, lucky, kind="logits", phase="decode.3")
+    assert not CalibratedPolicy().judge(d, g, b, lucky, kind="logits", phase="prefill")
+
+
+def test_exact_baseline_means_exact_rule() -> None:
+    g = _bf16(np.random.default_rng(4).standard_normal((4, 64)).astype(np.float32))
+    assert _judge(CalibratedPolicy(), g.copy(), g, g, kind="embed")
+    d = g.copy()
+    d[2, 5] = np.nextafter(d[2, 5], np.float32(np.inf))
+    j = _judge(CalibratedPolicy(), d, g, g, kind="embed")
+    assert not j and "1 / 256 elements differ" in j.reasons[0]
+    assert not _judge(ExactPolicy(), d, g, g)
+
+
+@pytest.mark.parametrize("text", ["calibrated", "exact", "torch-bf16", "iron", "cosine-0.99", "nmse-llamacpp",
+                                  "top5-walk"])
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_non_finite_fails_every_policy(text: str, bad: str) -> None:
+    d, g, b = _case()
+    d[1, 7] = float(bad)
+    j = _judge(parse_policy(text), d, g, b, kind="logits")
+    assert not j and any(r.startswith(f"{bad} 1 element") for r in j.reasons)
+
+
+def test_allclose_message_like_torch() -> None:
+    g = np.array([[1.0, 2.0, 3.0]], np.float32)
+    d = np.array([[1.0, 2.5, 3.3]], np.float32)
+    j = _judge(AllClosePolicy(), d, g, g)
+    assert j.reasons[0] == "Mismatched elements: 2 / 3 (66.7%) (up to 0% allowed)"
+    assert j.reasons[1] == "Greatest absolute difference: 0.5 at index (0, 1) (up to 1e-05 allowed)"
+    assert j.reasons[2].startswith("Greatest relative difference: 0.25 at index (0, 1)")
+    assert _judge(AllClosePolicy(max_mismatch_frac=0.7), d, g, g)
+    near = np.array([[1.0, 2.2, 3.2]], np.float32)
+    assert _judge(parse_policy("iron"), near, g, g)              # atol 0.15 + rtol 0.04 covers it
+    assert not _judge(parse_policy("torch-bf16"), near, g, g)
+
+
+def test_allclose_breaks_on_near_zero_where_calibrated_does_not() -> None:
+    """A correct bf16 GEMM (accumulated in another order than the baseline) breaks torch's bf16
+    tolerance on the outputs that land near zero; the calibrated rule sees the baseline's own error."""
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((8, 256)), rng.standard_normal((256, 256)) / 16
+    g = (x @ w).astype(np.float32)
+    xb, wb = _bf16(x.astype(np.float32)), _bf16(w.astype(np.float32))
+    b = _bf16(xb @ wb)
+    d = _bf16(xb[:, 128:] @ wb[128:] + xb[:, :128] @ wb[:128])
+    assert not _judge(parse_policy("torch-bf16"), d, g, b)
+    assert _judge(CalibratedPolicy(), d, g, b)
+
+
+def test_cosine_and_nmse() -> None:
+    d, g, b = _case()
+    assert _judge(parse_policy("cosine:min=0.99"), d, g, b)
+    j = _judge(CosinePolicy(min_cosine=1.0), d, g, b)
+    assert not j and "(at least 1 required)" in j.reasons[0]
+    assert _judge(parse_policy("nmse-llamacpp"), d, g, b)
+    j = _judge(NmsePolicy(max_nmse=1e-9), d, g, b)
+    assert not j and j.reasons[0].startswith("nmse ") and "(up to 1e-09 allowed)" in j.reasons[0]
+
+
+def test_topk_walk() -> None:
+    g = np.array([[5.0, 4.9, 1.0, 0.0, -1.0, -2.0, -3.0]], np.float32)
+    swap = g[:, [1, 0, 2, 3, 4, 5, 6]]                            # argmax flips within the top-2
+    assert _judge(TopKWalkPolicy(k=2), swap, g, g, kind="logits")
+    far = g.copy()
+    far[0, 6] = 9.0                                               # dut argmax outside golden's top-5
+    j = _judge(TopKWalkPolicy(), far, g, g, kind="logits")
+    assert not j and "row 0: dut token 6 vs golden token 0" in j.reasons[0]
+    assert _judge(TopKWalkPolicy(), far, g, g, kind="q")          # other kinds pass
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(sorted(REGISTRY)), st.data())
+def test_spec_round_trips(name: str, data: st.DataObject) -> None:
+    p = make_policy(name)
+    params = {f.name: data.draw(st.integers(1, 9)) if f.name == "k" else data.draw(st.floats(0, 10))
+              for f in dataclasses.fields(p)}
+    q = make_policy(name, params)
+    assert parse_policy(q.spec()) == q
+
+
+def test_presets_and_parse() -> None:
+    assert parse_policy("torch-bf16") == AllClosePolicy(rtol=1.6e-2, atol=1e-5)
+    assert parse_policy("iron") == AllClosePolicy(rtol=0.04, atol=0.15)
+    assert parse_policy("cosine-0.99") == CosinePolicy(0.99)
+    assert parse_policy("nmse-llamacpp") == NmsePolicy(5e-4)
+    assert parse_policy("top5-walk") == TopKWalkPolicy(5)
+    assert parse_policy(" iron : max_mismatch_frac = 0.005 ") == AllClosePolicy(0.04, 0.15, 0.005)
+    assert set(PRESETS) <= {"torch-bf16", "iron", "cosine-0.99", "nmse-llamacpp", "top5-walk"}
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("bogus", "unknown policy 'bogus'"),
+    ("cosine:max=1", "has no parameter 'max'"),
+    ("allclose:rtol=abc", "parameter 'rtol'"),
+    ("topk:k=2.5", "parameter 'k'"),
+    ("nmse:max=-1", "non-negative"),
+    ("allclose:rtol", "bad parameter 'rtol'"),
+    ("", "expected a policy text"),
+])
+def test_parse_errors_name_where(text: str, msg: str) -> None:
+    with pytest.raises(HarnessError, match=f"^cli --policy: .*{msg}"):
+        parse_policy(text, where="cli --policy")
+
+
+def test_policy_set_merge_order(tmp_path: Path) -> None:
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[tool.npu-harness.policy]\ndefault = "calibrated:r_max=2.5"\nlogits = "top5-walk"\n'
+                         '"decode:logits" = { policy = "calibrated", decode_r_max = 3.0 }\n')
+    model = tmp_path / "policy.toml"
+    model.write_text('logits = "cosine:min=0.95"\nq_rope = "iron"\n')
+    ps = PolicySet.load(pyproject=pyproject, model_file=model, overrides=["q_rope=nmse:max=1e-4"])
+    assert ps.lookup("attn") == CalibratedPolicy(r_max=2.5)
+    assert ps.lookup("logits", "prefill") == CosinePolicy(0.95)
+    assert ps.lookup("logits", "decode.2") == CalibratedPolicy(decode_r_max=3.0)
+    assert ps.lookup("q_rope", "decode.0") == NmsePolicy(1e-4)
+    desc = ps.describe()
+    assert desc["logits"]["source"] == str(model) and desc["q_rope"]["source"] == "overrides"
+    assert desc["decode:logits"]["source"].endswith("[tool.npu-harness.policy]")
+    assert PolicySet.load(overrides={"decode.1:default": "exact"}).lookup("k", "decode.1") == ExactPolicy()
+
+
+def test_policy_set_most_specific_wins() -> None:
+    ps = PolicySet.load(overrides={"decode:default": "exact", "logits": "top5-walk", "decode.3:logits": "iron"})
+    assert ps.lookup("logits", "decode.0") == TopKWalkPolicy()          # kind beats a phase default
+    assert ps.lookup("logits", "decode.3") == parse_policy("iron")
+    assert ps.lookup("q", "decode.0") == ExactPolicy()
+    assert ps.lookup("q", "prefill") == CalibratedPolicy()
+
+
+def test_model_policy_file_by_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import harness.compare.policy_config as pc
+    (tmp_path / "qwen3_0_6b").mkdir()
+    (tmp_path / "qwen3_0_6b" / "policy.toml").write_text('k_norm = "cosine-0.99"\n')
+    monkeypatch.setattr(pc, "models_dir", lambda: tmp_path)
+    assert PolicySet.load(model="qwen3-0.6b").lookup("k_norm") == CosinePolicy(0.99)
+    assert PolicySet.load(model="llama-3.2-1b").lookup("k_norm") == CalibratedPolicy()   # no file: skipped
+
+
+@pytest.mark.parametrize("content, msg", [
+    ('bogus_kind = "calibrated"', r"policy.toml: key 'bogus_kind': unknown tap kind"),
+    ('"later:q" = "calibrated"', r"key 'later:q': bad phase 'later'"),
+    ('q = "calibrated:r_max=x"', r"policy.toml: key 'q': policy 'calibrated' parameter 'r_max'"),
+    ('q = { r_max = 2.0 }', r"key 'q': an inline table needs policy"),
+    ('q = { policy = "calibrated", rmax = 2.0 }', r"key 'q': policy 'calibrated' has no parameter 'rmax'"),
+    ('q = 3', r"key 'q': expected a policy text"),
+    ('q = [', r"policy.toml: not valid TOML"),
+])
+def test_config_errors_name_file_and_key(tmp_path: Path, content: str, msg: str) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text(content + "\n")
+    with pytest.raises(HarnessError, match=msg):
+        PolicySet.load(model_file=path)
+
+
+def test_override_and_lookup_errors(tmp_path: Path) -> None:
+    with pytest.raises(HarnessError, match="expected kind=policy"):
+        PolicySet.load(overrides=["logits"])
+    with pytest.raises(HarnessError, match="unknown tap kind 'bogus'"):
+        PolicySet.builtin().lookup("bogus")
+    with pytest.raises(HarnessError, match="policy file not found"):
+        PolicySet.load(pyproject=tmp_path / "missing.toml")
