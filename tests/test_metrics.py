@@ -90,7 +90,9 @@ def test_identical_is_zero_error(g: np.ndarray) -> None:
 @FAST
 @given(finite_rows, st.integers(-30, 30), st.integers(0, 2**32 - 1))
 def test_relative_metrics_scale_invariant(g: np.ndarray, k: int, seed: int) -> None:
-    """Power-of-two scaling is exact in float32, so every relative and ULP metric is unchanged."""
+    """Power-of-two scaling is exact in float32, so every relative and ULP metric is unchanged
+    (for values that stay normal and above the ULP floor's 2^-119 after scaling)."""
+    g = np.where(np.abs(g) < 2.0 ** -60, 0, g).astype(np.float32)
     assume(np.abs(g).max() > 1e-3)
     rng = np.random.default_rng(seed)
     d = (g * (1 + 1e-2 * rng.standard_normal(g.shape))).astype(np.float32)

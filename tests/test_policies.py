@@ -230,9 +230,17 @@ def test_config_errors_name_file_and_key(tmp_path: Path, content: str, msg: str)
         PolicySet.load(model_file=path)
 
 
+def test_for_model_and_default_overrides() -> None:
+    from harness.spec.model_spec import get
+    ps = PolicySet.for_model(get("qwen2.5-0.5b", "tiny"), overrides="iron")
+    assert ps.lookup("q") == parse_policy("iron") and ps.describe()["default"]["source"] == "overrides"
+    ps = PolicySet.for_model("qwen2.5-0.5b", overrides=["allclose:rtol=0.04", "logits=top5-walk"])
+    assert ps.lookup("q") == AllClosePolicy(rtol=0.04) and ps.lookup("logits") == TopKWalkPolicy()
+
+
 def test_override_and_lookup_errors(tmp_path: Path) -> None:
-    with pytest.raises(HarnessError, match="expected kind=policy"):
-        PolicySet.load(overrides=["logits"])
+    with pytest.raises(HarnessError, match="overrides: key 'logit': unknown tap kind 'logit'"):
+        PolicySet.load(overrides=["logit=iron"])
     with pytest.raises(HarnessError, match="unknown tap kind 'bogus'"):
         PolicySet.builtin().lookup("bogus")
     with pytest.raises(HarnessError, match="policy file not found"):

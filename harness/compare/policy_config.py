@@ -30,6 +30,7 @@ _PHASE_RE = re.compile(r"^(prefill|decode|decode\.\d+)$")
 
 
 def _check_key(key: str, where: str) -> None:
+    """HarnessError naming ``where`` unless key is default, a kind, or phase:kind / phase:default."""
     phase, sep, kind = key.rpartition(":")
     if sep and not _PHASE_RE.match(phase):
         raise HarnessError(f"{where}: bad phase {phase!r} in key {key!r}; expected prefill, decode or decode.<n>")
@@ -89,6 +90,16 @@ class PolicySet:
             ps = ps.merged(_override_map(overrides), "overrides")
         return ps
 
+    @classmethod
+    def for_model(cls, spec: Any, *, overrides: Mapping[str, Any] | Iterable[str] | str | None = None,
+                  pyproject: str | Path | None = None) -> PolicySet:
+        """``load`` for a ModelSpec or model id: the repository's pyproject.toml (default; skipped when
+        absent), ``models/<folder>/policy.toml``, then ``overrides``."""
+        if pyproject is None:
+            repo = models_dir().parent / "pyproject.toml"
+            pyproject = repo if repo.exists() else None
+        return cls.load(pyproject=pyproject, model=getattr(spec, "id", spec), overrides=overrides)
+
     def lookup(self, kind: str, phase: str = "prefill") -> Policy:
         """The policy for a tap kind in a phase: the most specific key wins (module docstring)."""
         if kind not in KINDS:
@@ -114,13 +125,24 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise HarnessError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _override_map(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+def _is_key(key: str) -> bool:
+    try:
+        _check_key(key, "")
+    except HarnessError:
+        return False
+    return True
+
+
+def _override_map(overrides: Mapping[str, Any] | Iterable[str] | str) -> dict[str, Any]:
+    """A dict as is; strings ``key=policy-text``, where a string without a valid key in front is the
+    ``default`` policy (``"iron"``, ``"allclose:rtol=0.04"``)."""
     if isinstance(overrides, Mapping):
         return dict(overrides)
     out: dict[str, Any] = {}
-    for item in overrides:
+    for item in [overrides] if isinstance(overrides, str) else overrides:
         key, eq, text = str(item).partition("=")     # the policy text may hold '=' itself
-        if not eq or not key.strip():
-            raise HarnessError(f"overrides: bad item {item!r}; expected kind=policy, e.g. logits=topk:k=5")
-        out[key.strip()] = text.strip()
+        if eq and (":" not in key or _is_key(key.strip())):   # a policy text has ':' before any '='
+            out[key.strip()] = text.strip()
+        else:
+            out["default"] = str(item)
     return out
