@@ -1,0 +1,243 @@
+"""XDNA 2 (AIE2P) kernel numerics on CPU: every function takes and returns float32 torch tensors that
+hold bf16 values (the NPU's buffers), computing inside the way the kernels do.
+
+Sources (mlir-aie ``aie_kernels/`` and ``aie_runtime_lib/AIE2/``, amd/IRON ``aie_kernels/``):
+
+- GEMM / GEMV: bf16 operands, products exact in the fp32 accumulator, accumulated one K tile after the
+  other (IRON mm.cc / mv.cc), output rounded once to bf16.
+- RMSNorm: IRON aie2p/rms_norm.cc - fp32 sum of squares, invsqrt, x * inv_rms * weight in fp32, one
+  rounding to bf16.
+- RoPE: IRON generic/rope.cc ``rope_kernel_two_halves`` - each product rounded to bf16, then the
+  difference / sum rounded to bf16, from a precomputed bf16 cos/sin table.
+- SiLU x mul: IRON aie2p/silu_mul.cc - sigmoid(x) = 0.5 * (1 + tanh(x / 2)) in bf16 steps, tanh from
+  ``aie::tanh`` (mlir-aie common/activations.h: native vtanh on AIE2P, the interpolated LUT
+  ``getTanhBf16`` on AIE2).
+- exp: mlir-aie common/exp2_bf16.h (the EXP2_BF16_ACCURATE polynomial rounded once to bf16, or the AIE2
+  cubic) and aie_runtime_lib/AIE2/lut_based_ops.h ``getExpBf16`` (LUT).
+- Softmax / flash attention: mlir-aie activation/softmax_aie2p.h - max of bf16 scores, exp of the
+  difference, fp32 sum, bf16 reciprocal; ``partial_softmax_alias_bf16`` carries the running max in bf16
+  and the sum in fp32 between key blocks (the ``softmax_stats`` knob).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from harness.deployment.emulator.config import EmulatorConfig
+from harness.errors import HarnessError
+
+LOG2E = 1.4426950408889634
+
+
+class TilingError(HarnessError):
+    """A kernel was given a shape off the NPU tiling grid and the remainder policy is ``raise``."""
+
+
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to bf16 (round to nearest even) and return float32."""
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
+# -- GEMM / GEMV -------------------------------------------------------------------------------------
+
+def check_tiling(name: str, m: int, k: int, n: int, cfg: EmulatorConfig) -> list[str]:
+    """The ways an [m, k] x [k, n] GEMM misses the tiling grid (empty when it fits)."""
+    problems = []
+    if n % cfg.n_block:
+        problems.append(f"N={n} is not a multiple of n_tile*herd_n={cfg.n_block}")
+    if k % cfg.k_tile:
+        problems.append(f"K={k} is not a multiple of k_tile={cfg.k_tile}")
+    if m > 1 and m % cfg.m_block:  # m == 1 runs on the GEMV kernel, which tiles N and K only
+        problems.append(f"M={m} is not a multiple of m_tile*herd_m={cfg.m_block}")
+    return problems
+
+
+def gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    cfg: EmulatorConfig,
+    *,
+    bias: torch.Tensor | None = None,
+    acc: str | None = None,
+    remainder: str | None = None,
+    name: str = "gemm",
+) -> torch.Tensor:
+    """``bf16(a @ w.T + bias)`` for a [M, K] and w [N, K] (HF layout), accumulated tile by tile over K.
+
+    ``acc`` (default ``cfg.acc_dtype``): fp32, or bf16 = the accumulator rounded to bf16 after every K tile.
+    ``remainder`` (default ``cfg.remainder``): ``pad`` computes off-grid shapes as if zero-padded (exact,
+    so nothing is materialised), ``raise`` raises TilingError, ``ignore`` reproduces the real bug of
+    leaving the columns past the last full n_tile*herd_n block unwritten (zeros).
+    """
+    acc = acc or cfg.acc_dtype
+    remainder = remainder or cfg.remainder
+    m, k = a.shape
+    n, k_w = w.shape
+    if k != k_w:
+        raise HarnessError(f"{name}: activation has K={k}, weight has K={k_w}")
+    problems = check_tiling(name, m, k, n, cfg)
+    if problems and remainder == "raise":
+        raise TilingError(f"{name} [M={m}, K={k}, N={n}]: " + "; ".join(problems) + " (remainder='raise')")
+    out = torch.zeros(m, n) if bias is None else bias.expand(m, n).clone()
+    wt = w.T  # a strided view: BLAS reads the [N, K] weight transposed, no copy
+    kt = cfg.k_tile
+    for k0 in range(0, k, kt):
+        out.addmm_(a[:, k0:k0 + kt], wt[k0:k0 + kt])
+        if acc == "bf16":
+            out = bf16(out)
+    if remainder == "ignore" and n % cfg.n_block:
+        out[:, n - n % cfg.n_block:] = 0.0
+    return bf16(out)
+
+
+# -- norms, RoPE -------------------------------------------------------------------------------------
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: fp32 reduction, x * inv_rms * weight in fp32, one bf16 rounding."""
+    inv = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return bf16(x * inv * weight)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
+    """Inverse frequencies of the half-split rotation, float64, with Llama-3 scaling when configured."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind != "llama3":
+        raise HarnessError(f"rope_scaling type {kind!r} is not supported by the emulator (llama3, default)")
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def rope_table(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The host-precomputed bf16 cos / sin tables, each [positions, head_dim / 2]."""
+    ang = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return bf16(torch.from_numpy(np.cos(ang).astype(np.float32))), bf16(torch.from_numpy(np.sin(ang).astype(np.float32)))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "half") -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] with tables [T, head_dim/2]: ``half`` split (HF) or ``interleaved`` pairs."""
+    c, s = cos[:, None, :], sin[:, None, :]
+    if style == "half":
+        h = x.shape[-1] // 2
+        x1, x2 = x[..., :h], x[..., h:]
+        return torch.cat([bf16(bf16(x1 * c) - bf16(x2 * s)), bf16(bf16(x2 * c) + bf16(x1 * s))], dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([bf16(bf16(x1 * c) - bf16(x2 * s)), bf16(bf16(x2 * c) + bf16(x1 * s))], dim=-1)
+    return out.reshape(x.shape)
+
+
+# -- exp, tanh, SiLU ---------------------------------------------------------------------------------
+
+def exp_approx(x: torch.Tensor, kind: str = "exact") -> torch.Tensor:
+    """e^x as the NPU computes it, rounded to bf16 (x <= 0 in softmax; -inf gives 0)."""
+    if kind == "exact":
+        return bf16(torch.exp(x))
+    if kind == "lut":
+        # getExpBf16: x to int16 with 8 fractional bits (truncating), the high byte indexes a table of
+        # e^int, the low byte a table of e^(frac/256); both bf16, multiplied in the fp32 accumulator.
+        fixed = torch.clamp(torch.floor(torch.nan_to_num(x, neginf=-128.0) * 256.0), -32768.0, 32767.0)
+        hi = torch.floor(fixed / 256.0)
+        lo = fixed - hi * 256.0
+        return bf16(bf16(torch.exp(hi)) * bf16(torch.exp(lo / 256.0)))
+    if kind == "poly3":
+        # exp2_bf16_16 (AIE2): y = x log2e, k = round(y), f = bf16(y - k), a cubic Horner in bf16 products
+        # with fp32 accumulation, then k added to the exponent field.
+        y = torch.clamp(torch.nan_to_num(x * LOG2E, neginf=-200.0), -200.0, 127.0)
+        k = torch.round(y)
+        f = bf16(y - k)
+        t = 0.2402265069 + f * bf16(torch.tensor(0.0555041087))
+        t = 0.6931471805 + f * bf16(t)
+        t = 1.0 + f * bf16(t)
+        return bf16(torch.ldexp(t, k.to(torch.int32)))
+    raise HarnessError(f"unknown exp approximation {kind!r}")
+
+
+def tanh_approx(x: torch.Tensor, kind: str = "exact") -> torch.Tensor:
+    """tanh(x) rounded to bf16, through the chosen AIE implementation."""
+    if kind == "exact":
+        return bf16(torch.tanh(x))
+    if kind == "lut":
+        # getTanhBf16: 32 linear segments of width 0.25 over [-4, 4) (step_bits = -2, bias 16),
+        # i.e. chord interpolation of tanh between knots; within ~5e-3 absolute.
+        xc = torch.clamp(x, -4.0, 4.0)
+        lo = torch.floor(xc * 4.0) / 4.0
+        t0, t1 = torch.tanh(lo), torch.tanh(lo + 0.25)
+        return bf16(t0 + (t1 - t0) * (xc - lo) * 4.0)
+    if kind == "vtanh":
+        # AIE2P's vtanh returns its argument unchanged for |x| <= 0.5 (mlir-aie common/activations.h).
+        return bf16(torch.where(x.abs() <= 0.5, x, torch.tanh(x)))
+    if kind == "hard":
+        return bf16(torch.clamp(x, -1.0, 1.0))
+    raise HarnessError(f"unknown tanh approximation {kind!r}")
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, tanh: str = "exact") -> torch.Tensor:
+    """silu(gate) * up as IRON's silu_mul kernel computes it, every step rounded to bf16."""
+    t = tanh_approx(gate * 0.5, tanh)
+    sig = bf16(t + 1.0) * 0.5
+    return bf16(bf16(gate * sig) * up)
+
+
+# -- softmax and attention ---------------------------------------------------------------------------
+
+def softmax(x: torch.Tensor, exp: str = "exact") -> torch.Tensor:
+    """Row softmax (softmax_simple_bf16): bf16 max, approximate exp, fp32 sum, bf16 reciprocal."""
+    m = x.amax(-1, keepdim=True)
+    e = exp_approx(x - m, exp)
+    inv = bf16(1.0 / e.sum(-1, keepdim=True))
+    return bf16(e * inv)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    kv_map: torch.Tensor,
+    scale: float,
+    cfg: EmulatorConfig,
+    *,
+    mask_offset: int = 0,
+) -> torch.Tensor:
+    """Causal attention with an online softmax over blocks of ``cfg.attn_block`` keys.
+
+    q [heads, T, hd], k / v [kv_heads, L, hd] (key j sits at position j), q_pos [T] absolute query
+    positions; query head h reads KV head ``kv_map[h]``. Scores are a bf16 GEMM output; the running max
+    and sum are fp32 or bf16 (``cfg.softmax_stats``); probabilities are bf16 into an fp32 P.V accumulator.
+    Returns bf16 [heads, T, hd]. ``mask_offset`` > 0 lets a query see that many future keys (a bug).
+    """
+    kh, vh = k[kv_map], v[kv_map]
+    heads, t, hd = q.shape
+    length = kh.shape[1]
+    m = torch.full((heads, t, 1), -math.inf)
+    l = torch.zeros(heads, t, 1)
+    o = torch.zeros(heads, t, hd)
+    limit = (q_pos + mask_offset)[:, None]
+    stats = bf16 if cfg.softmax_stats == "bf16" else (lambda z: z)
+    scores = bf16 if cfg.scores_dtype == "bf16" else (lambda z: z)
+    last = int(q_pos.max()) + mask_offset
+    for b0 in range(0, min(length, last + 1), cfg.attn_block):
+        b1 = min(b0 + cfg.attn_block, length)
+        s = scores(torch.matmul(q, kh[:, b0:b1].transpose(1, 2))) * scale
+        visible = torch.arange(b0, b1)[None, :] <= limit
+        s = s.masked_fill(~visible, -math.inf)
+        m_new = stats(torch.maximum(m, s.amax(-1, keepdim=True)))
+        p = exp_approx(s - m_new, cfg.exp)
+        alpha = exp_approx(torch.nan_to_num(m - m_new, nan=-math.inf), cfg.exp)
+        l = stats(l * alpha + p.sum(-1, keepdim=True))
+        o = o * alpha + torch.matmul(p, vh[:, b0:b1])
+        m = m_new
+    return bf16(o / l)

@@ -1,0 +1,241 @@
+"""The emulated deployment: llama / qwen2 / qwen3 decoder stacks built from the XDNA 2 kernels.
+
+An independent implementation (torch tensor ops, never transformers' model code) of the deployment
+contract: ``prefill(input_ids, tap)`` starts a new sequence, ``decode(token_id, tap)`` appends to the KV
+cache; every canonical tap goes through ``tap(name, value)`` and the emulator continues with what it
+returns (the golden in isolated mode).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+from harness.deployment.emulator import kernels as K
+from harness.deployment.emulator.config import EmulatorConfig
+from harness.deployment.emulator.faults import Deviations, deviations
+from harness.errors import HarnessError, TapError
+from harness.spec.model_spec import ModelSpec
+
+Tap = Callable[[str, np.ndarray], np.ndarray]
+FAMILIES = ("llama", "qwen2", "qwen3")
+_CACHE_MARGIN = 64  # decode steps the KV cache holds before it grows
+
+
+def _identity_tap(name: str, value: np.ndarray) -> np.ndarray:
+    return value
+
+
+class _Layer:
+    """One decoder layer's weights (bf16 values in float32 tensors, HF [out, in] layout)."""
+
+    def __init__(self, get: Callable[[str], torch.Tensor], i: int, spec: ModelSpec):
+        p = f"model.layers.{i}."
+        self.attn_norm = get(p + "input_layernorm.weight")
+        self.ffn_norm = get(p + "post_attention_layernorm.weight")
+        self.wq, self.wk, self.wv = (get(p + f"self_attn.{x}_proj.weight") for x in "qkv")
+        self.wo = get(p + "self_attn.o_proj.weight")
+        self.bq = self.bk = self.bv = None
+        if spec.has_qkv_bias:
+            self.bq, self.bk, self.bv = (get(p + f"self_attn.{x}_proj.bias") for x in "qkv")
+        self.q_norm = self.k_norm = None
+        if spec.has_qk_norm:
+            self.q_norm, self.k_norm = get(p + "self_attn.q_norm.weight"), get(p + "self_attn.k_norm.weight")
+        self.gate, self.up, self.down = (get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up", "down"))
+
+
+class Emulator:
+    """XDNA 2 numerics emulator of one model; ``config`` holds the kernel knobs, ``faults`` named bugs."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, np.ndarray],
+                 config: EmulatorConfig | None = None, faults: tuple[str, ...] = ()):
+        if spec.model_type not in FAMILIES:
+            raise HarnessError(f"emulator: model_type {spec.model_type!r} of {spec.id} not supported ({', '.join(FAMILIES)})")
+        self.spec, self.cfg = spec, config or EmulatorConfig()
+        self.faults = tuple(faults)
+        self.dev: Deviations = deviations(self.faults, spec)
+        self.nh, self.nkv, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+        def get(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise HarnessError(f"emulator: weight {name!r} missing for {spec.id} ({spec.scale})")
+            # The NPU holds bf16 weights: round whatever was given (a no-op for bf16-representable ones).
+            return K.bf16(torch.from_numpy(np.asarray(weights[name], dtype=np.float32)))
+
+        self.embed = get("model.embed_tokens.weight")
+        self.layers = [_Layer(get, i, spec) for i in range(spec.num_layers)]
+        self.final_norm = get("model.norm.weight")
+        if self.dev.fresh_lm_head:
+            g = torch.Generator().manual_seed(1234)
+            self.lm_head = K.bf16(torch.randn(self.embed.shape, generator=g) * 0.02)
+        elif spec.tied_embeddings:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = get("lm_head.weight")
+        self.eps = self.dev.eps if self.dev.eps is not None else spec.rms_norm_eps
+        theta = self.dev.rope_theta if self.dev.rope_theta is not None else spec.rope_theta
+        self.inv_freq = K.rope_inv_freq(self.hd, theta, spec.rope_scaling if self.dev.rope_scaling else None)
+        groups = spec.gqa_groups
+        heads = torch.arange(self.nh)
+        self.kv_map = heads % self.nkv if self.dev.gqa_modulo else heads // groups
+        self.scale = 1.0 / self.hd if self.dev.attn_scale_linear else 1.0 / math.sqrt(self.hd)
+        self._acc = {name: (acc, kt) for name, acc, kt in self.dev.acc}
+        self.pos = 0
+        self._cache: list[list[torch.Tensor]] = []
+
+    # -- public contract ---------------------------------------------------------------------------
+    def prefill(self, input_ids, tap: Tap | None = None) -> np.ndarray:
+        """Start a new sequence with ``input_ids`` [T]; returns logits [T, vocab] (float32)."""
+        start = time.perf_counter()
+        ids = self._ids(np.asarray(input_ids).reshape(-1), "prefill input_ids")
+        if ids.numel() == 0:
+            raise HarnessError("emulator prefill: input_ids is empty")
+        self._reset(ids.numel())
+        logits = self._forward(ids, np.arange(ids.numel()), tap or _identity_tap, decode=False)
+        self._slow(start)
+        return logits
+
+    def decode(self, token_id, tap: Tap | None = None) -> np.ndarray:
+        """Append ``token_id`` at the next position; returns logits [1, vocab] (float32)."""
+        start = time.perf_counter()
+        if not self._cache:
+            raise HarnessError("emulator decode called before prefill")
+        ids = self._ids(np.asarray([int(token_id)]), "decode token_id")
+        logits = self._forward(ids, np.array([self.pos]), tap or _identity_tap, decode=True)
+        self._slow(start)
+        return logits
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _ids(self, ids: np.ndarray, what: str) -> torch.Tensor:
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise HarnessError(f"emulator {what}: expected integer token ids, got dtype {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= self.spec.vocab_size)]
+        if bad.size:
+            raise HarnessError(f"emulator {what}: token id {int(bad[0])} outside vocabulary [0, {self.spec.vocab_size})")
+        return torch.from_numpy(ids.astype(np.int64))
+
+    def _slow(self, start: float) -> None:
+        if self.cfg.slowdown > 1.0:
+            time.sleep((self.cfg.slowdown - 1.0) * (time.perf_counter() - start))
+
+    def _reset(self, tokens: int) -> None:
+        cap = tokens + _CACHE_MARGIN
+        self._cache = [[torch.zeros(self.nkv, cap, self.hd), torch.zeros(self.nkv, cap, self.hd)]
+                       for _ in self.layers]
+        self.pos = 0
+
+    def _tap(self, tap: Tap, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Hand ``value`` ([tokens, features]) to ``tap``; continue with what it returns, as bf16."""
+        given = value.numpy()
+        out = tap(name, given)
+        if out is None:
+            raise TapError(f"tap {name!r} returned None; it must return the value to continue with")
+        if out is given:
+            return value
+        arr = np.asarray(out, dtype=np.float32)
+        if arr.shape != tuple(value.shape):
+            raise TapError(f"tap {name!r} returned shape {arr.shape}, expected {tuple(value.shape)}")
+        return K.bf16(torch.from_numpy(np.ascontiguousarray(arr)))
+
+    def _gemm(self, name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        acc, kt = self._acc.get(name, (None, None))
+        cfg = self.cfg if kt is None else replace(self.cfg, k_tile=kt)
+        return K.gemm(a, w, cfg, bias=bias, acc=acc, remainder=self.dev.gemm_remainder, name=name)
+
+    def _store_kv(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write new k / v [T, kv_heads, hd] head-major at positions pos .. pos + T - 1."""
+        t = k.shape[0]
+        kc, vc = self._cache[i]
+        if self.pos + t > kc.shape[1]:
+            grow = max(kc.shape[1] * 2, self.pos + t)
+            for j, old in enumerate((kc, vc)):
+                new = torch.zeros(self.nkv, grow, self.hd)
+                new[:, : old.shape[1]] = old
+                self._cache[i][j] = new
+            kc, vc = self._cache[i]
+        kc[:, self.pos:self.pos + t] = k.transpose(0, 1)
+        vc[:, self.pos:self.pos + t] = v.transpose(0, 1)
+
+    def _read_kv(self, i: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = self._cache[i]
+        if self.dev.kv_read_seq_major:  # the buffer is reinterpreted as [capacity, kv_heads, hd]
+            cap = kc.shape[1]
+            return tuple(c.reshape(cap, self.nkv, self.hd)[:length].transpose(0, 1) for c in (kc, vc))
+        return kc[:, :length], vc[:, :length]
+
+    def _forward(self, ids: torch.Tensor, positions: np.ndarray, tap: Tap, decode: bool) -> np.ndarray:
+        x = self._tap(tap, "embed", self.embed[ids])
+        rope_pos = positions + (self.dev.decode_pos_offset if decode else 0)
+        cos, sin = K.rope_table(rope_pos, self.inv_freq)
+        for i, layer in enumerate(self.layers):
+            x = self._layer(i, layer, x, positions, cos, sin, tap, decode)
+        self.pos += ids.numel()
+        h = K.rmsnorm(x, self.final_norm, self.eps) if self.dev.final_norm else x
+        h = self._tap(tap, "final_norm", h)
+        logits = self._gemm("logits", h, self.lm_head)
+        self._tap(tap, "logits", logits)
+        return logits.numpy()
+
+    def _layer(self, i: int, w: _Layer, x: torch.Tensor, positions: np.ndarray,
+               cos: torch.Tensor, sin: torch.Tensor, tap: Tap, decode: bool) -> torch.Tensor:
+        p, t, nh, nkv, hd = f"layers.{i}.", x.shape[0], self.nh, self.nkv, self.hd
+        h = self._tap(tap, p + "attn_norm", K.rmsnorm(x, w.attn_norm, self.eps))
+        bias = self.dev.qkv_bias
+        q = self._tap(tap, p + "q", self._gemm("q", h, w.wq, w.bq if bias else None))
+        k = self._tap(tap, p + "k", self._gemm("k", h, w.wk, w.bk if bias else None))
+        v = self._tap(tap, p + "v", self._gemm("v", h, w.wv, w.bv if bias else None))
+        q, k, v = q.reshape(t, nh, hd), k.reshape(t, nkv, hd), v.reshape(t, nkv, hd)
+        if w.q_norm is not None:
+            if self.dev.qk_norm:
+                q, k = K.rmsnorm(q, w.q_norm, self.eps), K.rmsnorm(k, w.k_norm, self.eps)
+            q = self._tap(tap, p + "q_norm", q.reshape(t, -1)).reshape(t, nh, hd)
+            k = self._tap(tap, p + "k_norm", k.reshape(t, -1)).reshape(t, nkv, hd)
+        q = self._tap(tap, p + "q_rope", K.rope(q, cos, sin, self.dev.rope_style).reshape(t, -1)).reshape(t, nh, hd)
+        k = self._tap(tap, p + "k_rope", K.rope(k, cos, sin, self.dev.rope_style).reshape(t, -1)).reshape(t, nkv, hd)
+        q_pos = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+        if not decode:
+            self._store_kv(i, k, v)
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)  # prefill attends over its own fresh k / v
+        else:
+            if self.dev.decode_append_kv:
+                self._store_kv(i, k, v)
+                length = self.pos + t
+            else:
+                length = self.pos
+            keys, values = self._read_kv(i, length)
+        ctx = K.flash_attention(q.transpose(0, 1), keys, values, q_pos, self.kv_map, self.scale, self.cfg,
+                                mask_offset=self.dev.mask_offset)
+        ctx = self._tap(tap, p + "attn", ctx.transpose(0, 1).reshape(t, nh * hd))
+        wo = w.wo.T if self.dev.o_proj_transposed else w.wo
+        o = self._tap(tap, p + "o", self._gemm("o", ctx, wo))
+        r = self._tap(tap, p + "attn_residual", K.bf16(x + o) if self.dev.attn_residual else o)
+        h2 = self._tap(tap, p + "ffn_norm", K.rmsnorm(r, w.ffn_norm, self.eps))
+        gate = self._tap(tap, p + "gate", self._gemm("gate", h2, w.gate))
+        up = self._tap(tap, p + "up", self._gemm("up", h2, w.up))
+        act = self._tap(tap, p + "act", K.silu_mul(gate, up, self.dev.tanh or self.cfg.tanh))
+        down = self._tap(tap, p + "down", self._gemm("down", act, w.down))
+        return self._tap(tap, p + "out", K.bf16(r + down))
+
+
+def make_factory(faults: tuple[str, ...] | list[str] = (), **knobs) -> Callable[[ModelSpec, dict], Emulator]:
+    """A deployment factory ``factory(spec, weights) -> Emulator`` with named ``faults`` and kernel knobs.
+
+    Knobs are EmulatorConfig fields (defaults: the clean kernel set); unknown knobs or faults raise now.
+    """
+    from harness.deployment.emulator import faults as registry
+
+    config = EmulatorConfig.from_knobs(**knobs)
+    names = tuple([faults] if isinstance(faults, str) else faults)
+    for name in names:
+        registry.get(name)
+
+    def factory(spec: ModelSpec, weights: dict[str, np.ndarray]) -> Emulator:
+        return Emulator(spec, weights, config, names)
+
+    factory.config = config  # type: ignore[attr-defined]
+    factory.faults = names  # type: ignore[attr-defined]
+    return factory
