@@ -1,0 +1,176 @@
+"""``harness gate``: phases 0..N for one or more models against one deployment, with exit codes a
+pipeline can trust (0 pass, 1 correctness, 2 performance regression, 3 could not run / compared nothing).
+
+The console shows at most 20 lines (``render_gate_summary``); ``--json`` writes every phase's checks and
+the per-mode verdicts (schema 1 each); ``--junit`` writes one testcase per phase check (tap ids for
+phases 2, 3, 5). Default ``--phase 7``: the whole gate, as a reviewer or a nightly job runs it; an agent
+in phase N of its loop passes ``--phase N`` and gets only phases 0..N.
+"""
+from __future__ import annotations
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from harness.cli.common import DecodeOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, SeedOpt, WeightsOpt, path_or_none
+from harness.errors import HarnessError
+
+GATE_SCHEMA = 1
+
+
+def _deployment(deployment: Optional[str], faults: list[str]) -> Any:
+    """``--deployment`` as given, or the emulator with ``--fault`` names switched on."""
+    if not faults:
+        return deployment
+    from harness.deployment.loader import BUILTIN, DEFAULT_DEPLOYMENT
+
+    if deployment not in (None, "emulator", DEFAULT_DEPLOYMENT, BUILTIN["emulator"]):
+        raise HarnessError(f"--fault needs the emulator deployment, not --deployment {deployment!r}")
+    from harness.deployment.emulator import make_factory
+
+    factory = make_factory(tuple(faults))
+    factory.name = f"emulator+{'+'.join(faults)}"  # type: ignore[attr-defined]
+    return factory
+
+
+def gate_document(results: list[Any], phase: int, elapsed_s: float, exit_code: int) -> dict[str, Any]:
+    """The ``--json`` document: overall outcome, the first failure across models, every model's gate."""
+    models = [r.to_dict() for r in results]
+    first = next(({"model": m["model"], **m["first_failure"]} for m in models if m["first_failure"]), None)
+    tap = next(({"model": m["model"], **m["first_failing_tap"]} for m in models if m["first_failing_tap"]), None)
+    errors = [{"model": m["model"], "error": m["error"]} for m in models if m["error"]]
+    return {"schema": GATE_SCHEMA, "kind": "gate", "phase": phase, "passed": exit_code == 0,
+            "exit_code": exit_code, "elapsed_s": round(elapsed_s, 3), "first_failure": first,
+            "first_failing_tap": tap, "errors": errors, "models": models}
+
+
+def junit_xml(results: list[Any], elapsed_s: float) -> bytes:
+    """JUnit XML: one testsuite per model, one testcase per phase check (``phase3.prefill/layers.0.q`` ...)."""
+    root = ET.Element("testsuites", name="harness gate", time=f"{elapsed_s:.3f}")
+    for r in results:
+        cases = [(f"phase{o.phase}.{o.name}", c) for o in sorted(r.outcomes.values(), key=lambda o: o.phase)
+                 for c in o.checks]
+        suite = ET.SubElement(root, "testsuite", name=f"{r.model} [{r.deployment}]", tests=str(len(cases) + bool(r.error)),
+                              failures=str(sum(not c.passed for _, c in cases)), errors=str(int(bool(r.error))),
+                              time=f"{r.elapsed_s:.3f}")
+        if r.error:
+            case = ET.SubElement(suite, "testcase", classname=r.model, name="setup")
+            ET.SubElement(case, "error", message=r.error[:500]).text = r.error
+        for o in sorted(r.outcomes.values(), key=lambda o: o.phase):
+            if o.status in ("error", "n/a") and not o.checks:
+                case = ET.SubElement(suite, "testcase", classname=f"{r.model}.phase{o.phase}", name=o.name)
+                tag = "error" if o.status == "error" else "skipped"
+                ET.SubElement(case, tag, message=o.message[:500]).text = o.message
+        for cls, c in cases:
+            case = ET.SubElement(suite, "testcase", classname=f"{r.model}.{cls}", name=c.id)
+            if not c.passed:
+                ET.SubElement(case, "failure", message=c.message[:500]).text = json.dumps(c.to_dict()["metrics"], default=str)[:4000]
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _summary_verdicts(results: list[Any]) -> list[dict[str, Any]]:
+    """One verdict-shaped dict per model for ``render_gate_summary`` (worst mode first)."""
+    out = []
+    for r in results:
+        vs = list(r.verdicts.values())
+        failing = [v for v in vs if not v["passed"]]
+        if failing:
+            out.append(failing[0])
+        elif vs:
+            v = dict(vs[0])
+            v["perf"] = r.perf
+            out.append(v)
+    return out
+
+
+def _print(console: Console, results: list[Any], elapsed_s: float, exit_code: int, phase: int) -> None:
+    """At most 20 lines: the gate summary of the tap verdicts, then one line per non-passing phase."""
+    lines: list[str] = []
+    verdicts = _summary_verdicts(results)
+    if verdicts:
+        from harness.report.summary import render_gate_summary
+
+        lines += render_gate_summary(verdicts, elapsed_s=elapsed_s).splitlines()
+    for r in results:
+        if r.error:
+            lines.append(f"{r.model}: could not run: {r.error}")
+        for o in sorted(r.outcomes.values(), key=lambda o: o.phase):
+            if o.status not in ("pass", "measured"):
+                lines.append(f"{r.model} phase {o.phase} {o.name}: {o.status.upper()}: {o.message}")
+        if r.recheck:
+            lines.append(f"{r.model} phase 7 drew {r.recheck['reproduce']}")
+    word = {0: "PASS", 1: "FAIL", 2: "PERF REGRESSION", 3: "COULD NOT RUN"}[exit_code]
+    tail = f"{word} gate phases 0-{phase}: exit {exit_code}, {elapsed_s:.1f} s"
+    lines = lines[:19] + [tail]
+    for ln in lines:
+        style = "bold green" if ln.startswith("PASS") else "bold red" if ln.startswith(("FAIL", "COULD")) else ""
+        console.print(Text(ln[:400], style=style), soft_wrap=True)
+
+
+def gate(
+    model: Optional[list[str]] = ModelOpt,
+    all_models: bool = typer.Option(False, "--all", help="All nine models."),
+    deployment: Optional[str] = typer.Option(None, "--deployment", "-d", help="MODULE:FACTORY or a built-in "
+                                             "name (see `harness list`). Default: the emulator."),
+    fault: list[str] = typer.Option([], "--fault", help="Emulator fault to switch on (repeatable; see "
+                                    "`harness list`). Default: none."),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="Judge a trace directory instead of a live "
+                                         "deployment (phases 0-5, cumulative). Default: none."),
+    phase: int = typer.Option(7, "--phase", min=0, max=7, help="Run the gates of phases 0..N. Default: 7."),
+    scale: str = ScaleOpt,
+    seed: int = SeedOpt,
+    weights: Optional[Path] = WeightsOpt,
+    mode: str = typer.Option("both", "--mode", help="cumulative, isolated or both. Default: both."),
+    decode_steps: int = DecodeOpt,
+    prompt_len: Optional[int] = PromptOpt,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the gate JSON here. Default: none."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here. Default: none."),
+    perf: bool = typer.Option(False, "--perf", help="Judge phases 4-5 timings against the history and record "
+                              "them (exit 2 on a regression). Default: off (timings only reported)."),
+    db: Optional[str] = typer.Option(None, "--db", help="History database URL for --perf. Default: "
+                                     "$NPU_HARNESS_DB_URL, else sqlite:///reports/history.sqlite."),
+    golden_dir: Optional[Path] = GoldenDirOpt,
+) -> None:
+    """Run the phase gates 0..N; exit 0 pass, 1 correctness failure, 2 perf regression, 3 could not run."""
+    from harness.cli.common import models_or_all
+    from harness.suites.gate import GateOptions, run_gate
+    from harness.suites.phases import EXIT_ERROR, overall_exit
+
+    console = Console()
+    t0 = time.perf_counter()
+    try:
+        if trace is not None and not (model or all_models):
+            from harness.deployment.trace import read_trace
+
+            model = [read_trace(trace).model]
+        ids = models_or_all(model, all_models)
+        dep = _deployment(deployment, fault)
+    except HarnessError as exc:
+        Console(stderr=True).print(Text(f"error: {exc}"), soft_wrap=True)
+        raise typer.Exit(EXIT_ERROR)
+    opts = dict(deployment=dep, phase=phase, scale=scale, seed=seed, weights=path_or_none(weights), mode=mode,
+                golden_dir=path_or_none(golden_dir), perf=perf, perf_db=db, decode_steps=decode_steps,
+                prompt_len=prompt_len, trace=path_or_none(trace))
+    results = [run_gate(m, GateOptions(**opts)) for m in ids]
+    elapsed = time.perf_counter() - t0
+    code = overall_exit(results)
+    _print(console, results, elapsed, code, phase)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        doc = gate_document(results, phase, elapsed, code)
+        json_out.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_bytes(junit_xml(results, elapsed))
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``harness gate`` to the CLI app."""
+    app.command("gate")(gate)
