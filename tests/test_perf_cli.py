@@ -184,7 +184,9 @@ def run_suite(tmp_path, delay: float, name: str, seed: int) -> str:
     (tmp_path / "vclock.py").write_text(textwrap.dedent(VCLOCK))
     (tmp_path / "test_suite.py").write_text(textwrap.dedent(SUITE))
     out = tmp_path / name
-    env = {**os.environ, "DELAY": str(delay), "SEED": str(seed), "PYTHONPATH": str(tmp_path)}
+    # Drop PYTEST_XDIST_WORKER & co: pytest-benchmark disables itself when it sees them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(DELAY=str(delay), SEED=str(seed), PYTHONPATH=str(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:npu_harness", "-p", "no:xdist",
          "--rootdir", str(tmp_path), "-c", "/dev/null", "test_suite.py", "--benchmark-timer=vclock.clock",

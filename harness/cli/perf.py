@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Annotated, Any, Optional, Sequence
 
@@ -110,10 +111,8 @@ def history_cmd(model: Annotated[str, typer.Option("--model", help="Model id, e.
         table.add_column(col)
     for p in points:
         commit = (p.commit or "-")[:10] + ("*" if p.dirty else "")
-        med = sorted(p.samples)[len(p.samples) // 2] if len(p.samples) % 2 else \
-            sum(sorted(p.samples)[len(p.samples) // 2 - 1:len(p.samples) // 2 + 1]) / 2
         table.add_row(str(p.run_id), p.time.strftime("%Y-%m-%d %H:%M"), commit, p.deployment, p.metric,
-                      _fmt(med, p.unit), str(len(p.samples)), p.verdict or "-")
+                      _fmt(statistics.median(p.samples), p.unit), str(len(p.samples)), p.verdict or "-")
     console.print(table)
     for (dep, met), pts in history.group(points).items():
         for cp in stats.change_points([p.samples for p in pts], pts[0].direction):  # type: ignore[arg-type]
