@@ -24,21 +24,6 @@ from harness.errors import HarnessError
 GATE_SCHEMA = 1
 
 
-def _deployment(deployment: Optional[str], faults: list[str]) -> Any:
-    """``--deployment`` as given, or the emulator with ``--fault`` names switched on."""
-    if not faults:
-        return deployment
-    from harness.deployment.loader import BUILTIN, DEFAULT_DEPLOYMENT
-
-    if deployment not in (None, "emulator", DEFAULT_DEPLOYMENT, BUILTIN["emulator"]):
-        raise HarnessError(f"--fault needs the emulator deployment, not --deployment {deployment!r}")
-    from harness.deployment.emulator import make_factory
-
-    factory = make_factory(tuple(faults))
-    factory.name = f"emulator+{'+'.join(faults)}"  # type: ignore[attr-defined]
-    return factory
-
-
 def gate_document(results: list[Any], phase: int, elapsed_s: float, exit_code: int) -> dict[str, Any]:
     """The ``--json`` document: overall outcome, the first failure across models, every model's gate."""
     models = [r.to_dict() for r in results]
@@ -150,7 +135,9 @@ def gate(
 
             model = [read_trace(trace).model]
         ids = models_or_all(model, all_models)
-        dep = _deployment(deployment, fault)
+        from harness.suites.gate import deployment_with_faults
+
+        dep = deployment_with_faults(deployment, fault)
     except HarnessError as exc:
         Console(stderr=True).print(Text(f"error: {exc}"), soft_wrap=True)
         raise typer.Exit(EXIT_ERROR)

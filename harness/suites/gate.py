@@ -24,6 +24,21 @@ from harness.suites.recording import RecordingFactory
 MODES = ("cumulative", "isolated")
 
 
+def deployment_with_faults(deployment: str | Callable | None, faults: list[str] | tuple[str, ...]) -> Any:
+    """``deployment`` as given, or the emulator with the named ``faults`` switched on (``--fault``)."""
+    if not faults:
+        return deployment
+    from harness.deployment.loader import BUILTIN, DEFAULT_DEPLOYMENT
+
+    if deployment not in (None, "emulator", DEFAULT_DEPLOYMENT, BUILTIN["emulator"]):
+        raise HarnessError(f"--fault needs the emulator deployment, not --deployment {deployment!r}")
+    from harness.deployment.emulator import make_factory
+
+    factory = make_factory(tuple(faults))
+    factory.name = f"emulator+{'+'.join(faults)}"  # type: ignore[attr-defined]
+    return factory
+
+
 def modes_of(mode: str) -> tuple[str, ...]:
     """``both`` (default) -> both modes; else the one named; HarnessError naming --mode otherwise."""
     if mode == "both":
@@ -176,7 +191,9 @@ def _tap_phase(run: _Run, gate_phase: int, modes: tuple[str, ...]) -> PhaseOutco
 
 def _perf(run: _Run, result: GateResult) -> dict[int, PhaseOutcome]:
     o = run.opts
-    golden = run.golden(o.seed, o.decode_steps, o.prompt_len)
+    # 9 decode steps per round: replays (needs_golden) can only replay recorded steps, so the timing
+    # uses the end-to-end golden (same prompt, 32 steps), which phase 6 builds anyway.
+    golden = run.golden(o.seed, E2E_STEPS, o.prompt_len)
     dep = run.deployment(golden)
     t0 = time.perf_counter()
     samples = perfgate.measure(dep, golden.input_ids)

@@ -1,0 +1,6 @@
+"""qwen2.5-0.5b: every phase gate of the shared suite (harness.suites.model_suite.ModelSuite)."""
+from harness.suites.model_suite import ModelSuite
+
+
+class TestQwen2_5_0_5b(ModelSuite):
+    model_id = "qwen2.5-0.5b"

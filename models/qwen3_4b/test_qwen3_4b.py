@@ -1,0 +1,6 @@
+"""qwen3-4b: every phase gate of the shared suite (harness.suites.model_suite.ModelSuite)."""
+from harness.suites.model_suite import ModelSuite
+
+
+class TestQwen3_4b(ModelSuite):
+    model_id = "qwen3-4b"
