@@ -31,21 +31,23 @@ def _identity_tap(name: str, value: np.ndarray) -> np.ndarray:
 
 
 class _Layer:
-    """One decoder layer's weights (bf16 values in float32 tensors, HF [out, in] layout)."""
+    """One decoder layer's weights: bf16 values in float32 tensors, GEMM weights K-tile-major."""
 
-    def __init__(self, get: Callable[[str], torch.Tensor], i: int, spec: ModelSpec):
+    def __init__(self, get: Callable[[str], torch.Tensor], i: int, spec: ModelSpec,
+                 tile: Callable[[str, torch.Tensor], K.Tiled], o_transposed: bool):
         p = f"model.layers.{i}."
         self.attn_norm = get(p + "input_layernorm.weight")
         self.ffn_norm = get(p + "post_attention_layernorm.weight")
-        self.wq, self.wk, self.wv = (get(p + f"self_attn.{x}_proj.weight") for x in "qkv")
-        self.wo = get(p + "self_attn.o_proj.weight")
+        self.wq, self.wk, self.wv = (tile(x, get(p + f"self_attn.{x}_proj.weight")) for x in "qkv")
+        wo = get(p + "self_attn.o_proj.weight")
+        self.wo = tile("o", wo.T if o_transposed else wo)
         self.bq = self.bk = self.bv = None
         if spec.has_qkv_bias:
             self.bq, self.bk, self.bv = (get(p + f"self_attn.{x}_proj.bias") for x in "qkv")
         self.q_norm = self.k_norm = None
         if spec.has_qk_norm:
             self.q_norm, self.k_norm = get(p + "self_attn.q_norm.weight"), get(p + "self_attn.k_norm.weight")
-        self.gate, self.up, self.down = (get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up", "down"))
+        self.gate, self.up, self.down = (tile(x, get(p + f"mlp.{x}_proj.weight")) for x in ("gate", "up", "down"))
 
 
 class Emulator:
@@ -66,16 +68,22 @@ class Emulator:
             # The NPU holds bf16 weights: round whatever was given (a no-op for bf16-representable ones).
             return K.bf16(torch.from_numpy(np.asarray(weights[name], dtype=np.float32)))
 
+        self._acc = {name: (acc, kt) for name, acc, kt in self.dev.acc}
+
+        def tile(name: str, w: torch.Tensor) -> K.Tiled:
+            return K.Tiled(w, self._acc.get(name, (None, self.cfg.k_tile))[1])
+
         self.embed = get("model.embed_tokens.weight")
-        self.layers = [_Layer(get, i, spec) for i in range(spec.num_layers)]
+        self.layers = [_Layer(get, i, spec, tile, self.dev.o_proj_transposed) for i in range(spec.num_layers)]
         self.final_norm = get("model.norm.weight")
         if self.dev.fresh_lm_head:
             g = torch.Generator().manual_seed(1234)
-            self.lm_head = K.bf16(torch.randn(self.embed.shape, generator=g) * 0.02)
+            head = K.bf16(torch.randn(self.embed.shape, generator=g) * 0.02)
         elif spec.tied_embeddings:
-            self.lm_head = self.embed
+            head = self.embed
         else:
-            self.lm_head = get("lm_head.weight")
+            head = get("lm_head.weight")
+        self.lm_head = tile("logits", head)
         self.eps = self.dev.eps if self.dev.eps is not None else spec.rms_norm_eps
         theta = self.dev.rope_theta if self.dev.rope_theta is not None else spec.rope_theta
         self.inv_freq = K.rope_inv_freq(self.hd, theta, spec.rope_scaling if self.dev.rope_scaling else None)
@@ -83,7 +91,6 @@ class Emulator:
         heads = torch.arange(self.nh)
         self.kv_map = heads % self.nkv if self.dev.gqa_modulo else heads // groups
         self.scale = 1.0 / self.hd if self.dev.attn_scale_linear else 1.0 / math.sqrt(self.hd)
-        self._acc = {name: (acc, kt) for name, acc, kt in self.dev.acc}
         self.pos = 0
         self._cache: list[list[torch.Tensor]] = []
 
@@ -210,8 +217,7 @@ class Emulator:
         ctx = K.flash_attention(q.transpose(0, 1), keys, values, q_pos, self.kv_map, self.scale, self.cfg,
                                 mask_offset=self.dev.mask_offset)
         ctx = self._tap(tap, p + "attn", ctx.transpose(0, 1).reshape(t, nh * hd))
-        wo = w.wo.T if self.dev.o_proj_transposed else w.wo
-        o = self._tap(tap, p + "o", self._gemm("o", ctx, wo))
+        o = self._tap(tap, p + "o", self._gemm("o", ctx, w.wo))
         r = self._tap(tap, p + "attn_residual", K.bf16(x + o) if self.dev.attn_residual else o)
         h2 = self._tap(tap, p + "ffn_norm", K.rmsnorm(r, w.ffn_norm, self.eps))
         gate = self._tap(tap, p + "gate", self._gemm("gate", h2, w.gate))
