@@ -224,8 +224,11 @@ def check_trace(directory: str | Path, *, policy=None, golden_dir: str | Path | 
     from harness.deployment.trace import read_trace, trace_factory
 
     trace = read_trace(directory)
+    # trace.json's "weights" may name a HF checkpoint directory (then the golden uses it) or the
+    # weights.safetensors that `harness trace prepare` wrote from the seed's synthetic weights.
+    weights = trace.weights_path if trace.weights_path is not None and trace.weights_path.is_dir() else None
     factory = trace_factory(directory)
     factory.name = f"trace:{directory}"
     return check(trace.model, factory, scale=trace.scale, seed=trace.seed, decode_steps=trace.decode_steps,
-                 mode="cumulative", weights=trace.weights_path, prompt_len=trace.prefill_tokens, policy=policy, golden_dir=golden_dir,
+                 mode="cumulative", weights=weights, prompt_len=trace.prefill_tokens, policy=policy, golden_dir=golden_dir,
                  progress=progress)

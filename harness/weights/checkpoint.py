@@ -37,6 +37,9 @@ def _config(path: Path) -> dict:
 def check_config(spec: ModelSpec, path: Path) -> None:
     """Raise HarnessError naming the key when the checkpoint's config is not ``spec``'s model."""
     cfg = _config(path)
+    # transformers 5 writes RoPE settings as rope_parameters (theta inside); older files as rope_theta.
+    rope = cfg.get("rope_parameters") or {}
+    cfg.setdefault("rope_theta", rope.get("rope_theta"))
     cfg.setdefault("head_dim", cfg.get("hidden_size", 0) // max(cfg.get("num_attention_heads", 1), 1))
     for key in MATCH_KEYS:
         want, got = spec.config.get(key), cfg.get(key)

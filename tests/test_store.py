@@ -1,0 +1,148 @@
+"""The golden store: complete, reproducible, reused, and never silently corrupt."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import harness
+from harness.errors import GoldenCorrupt, HarnessError
+from harness.spec import taps as tapspec
+from harness.store import GoldenRequest, GoldenStore, verify_dir
+from harness.store.golden import default_root
+
+REQ = GoldenRequest("qwen3-0.6b", "tiny", seed=0, decode_steps=2)
+
+
+def test_build_is_complete_and_reused(store):
+    g = store.get(REQ)
+    spec = harness.models.get("qwen3-0.6b", "tiny")
+    assert g.phases == ["prefill", "decode.0", "decode.1"]
+    for phase in g.phases:
+        assert sorted(g.tap_names(phase)) == sorted(tapspec.tap_names(spec))
+    m = g.manifest
+    for key in ("model", "scale", "seed", "weights", "input_ids", "decode_tokens", "dtypes", "versions", "files", "key"):
+        assert key in m
+    assert set(m["versions"]) >= {"torch", "transformers", "harness"}
+    assert len(m["input_ids"]) == spec.default_prompt_len
+    bf16 = g.tensor("prefill", "logits", "bf16")
+    assert np.array_equal(bf16, bf16.astype(np.float32))
+    mtime = (g.path / "manifest.json").stat().st_mtime_ns
+    again = store.get(REQ)
+    assert again.path == g.path and (g.path / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_key_changes_with_what_determines_tensors(store):
+    keys = {GoldenRequest("qwen3-0.6b", "tiny", s, d, p).key() for s, d, p in
+            [(0, 2, None), (1, 2, None), (0, 3, None), (0, 2, 70)]}
+    assert len(keys) == 4
+    assert GoldenRequest("qwen3-0.6b", "tiny", 0, 2).key() == REQ.key()
+
+
+def test_reproducible(tmp_path, store):
+    a = store.get(REQ)
+    b = GoldenStore(tmp_path).get(REQ)
+    for phase in a.phases:
+        for name in ("layers.1.q_rope", "logits"):
+            np.testing.assert_array_equal(a.tensor(phase, name), b.tensor(phase, name))
+            np.testing.assert_array_equal(a.tensor(phase, name, "bf16"), b.tensor(phase, name, "bf16"))
+
+
+def test_local_baseline_is_lazy_and_verified(tmp_path):
+    s = GoldenStore(tmp_path)
+    g = s.get(GoldenRequest("llama-3.2-1b", "tiny", 0, 1))
+    assert not g.has_local
+    with pytest.raises(HarnessError, match="local baseline not built"):
+        g.tensor("prefill", "logits", "local")
+    g = s.ensure_local(g)
+    assert g.has_local and verify_dir(g.path) == []
+    assert g.tensor("decode.0", "logits", "local").shape == (1, 2048)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit", "delete", "manifest"])
+def test_corruption_is_named_and_never_compared(tmp_path, damage):
+    s = GoldenStore(tmp_path)
+    g = s.get(GoldenRequest("qwen3-0.6b", "tiny", 0, 1))
+    victim = g.path / "decode.0.safetensors"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:-100])
+    elif damage == "edit":
+        data = bytearray(victim.read_bytes())
+        data[-5] ^= 0x01
+        victim.write_bytes(bytes(data))
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        victim = g.path / "manifest.json"
+        victim.write_text("{not json")
+    problems = verify_dir(g.path)
+    assert problems and victim.name in problems[0]
+    with pytest.raises(GoldenCorrupt, match=victim.name):
+        s.get(GoldenRequest("qwen3-0.6b", "tiny", 0, 1))
+    with pytest.raises(GoldenCorrupt):
+        harness.check("qwen3-0.6b", "replay-fp32", decode_steps=1, golden_dir=tmp_path)
+
+
+def test_corruption_through_cli_exits_nonzero_naming_file(tmp_path):
+    s = GoldenStore(tmp_path)
+    g = s.get(GoldenRequest("qwen3-0.6b", "tiny", 0, 1))
+    env = {**os.environ, "NPU_HARNESS_GOLDEN_DIR": str(tmp_path)}
+    harness_bin = os.path.join(os.path.dirname(sys.executable), "harness")
+    ok = subprocess.run([harness_bin, "golden", "verify"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    victim = g.path / "prefill.safetensors"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    bad = subprocess.run([harness_bin, "golden", "verify"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 3
+    assert "prefill.safetensors" in bad.stdout and "sha256 mismatch" in bad.stdout
+
+
+def test_env_var_and_no_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPU_HARNESS_GOLDEN_DIR", str(tmp_path))
+    assert default_root() == tmp_path and GoldenStore().root == tmp_path
+    with pytest.raises(HarnessError, match="no golden for qwen3-0.6b/tiny"):
+        GoldenStore().get(REQ, build=False)
+
+
+BUILD_SNIPPET = (
+    "import sys; from harness.store import GoldenStore, GoldenRequest; "
+    "print(GoldenStore(sys.argv[1]).get(GoldenRequest('smollm2-1.7b', 'tiny', 0, 1)).path)"
+)
+
+
+def test_parallel_builders_build_once(tmp_path):
+    """Two processes asking at once (as pytest-xdist workers do) get one entry, built once."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_SNIPPET, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    paths = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert paths[0] == paths[1]
+    entries = list(GoldenStore(tmp_path).entries())
+    assert len(entries) == 1 and verify_dir(entries[0][0]) == []
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    import harness.store.golden as golden_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(golden_mod, "_write_entry", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        GoldenStore(tmp_path).get(GoldenRequest("qwen3-0.6b", "tiny", 0, 1))
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_dir() and p.name.startswith((".tmp", "seed"))]
+    assert leftovers == []
+
+
+def test_clean_and_list(tmp_path):
+    s = GoldenStore(tmp_path)
+    s.get(GoldenRequest("qwen3-0.6b", "tiny", 0, 1))
+    s.get(GoldenRequest("smollm2-1.7b", "tiny", 0, 1))
+    assert len(list(s.entries())) == 2
+    assert s.clean("qwen3-0.6b") == 1
+    manifests = [m for _, m in s.entries()]
+    assert [m["model"] for m in manifests] == ["smollm2-1.7b"]
+    assert json.loads(json.dumps(manifests[0]))["seed"] == 0
