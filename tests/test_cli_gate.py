@@ -1,0 +1,159 @@
+"""harness gate / list / explain: exit codes, JSON naming the first failing tap, JUnit XML, console budget."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from harness.cli import app
+from harness.deployment.emulator.faults import FAULTS
+from harness.spec.model_spec import get
+
+MODEL = "qwen3-0.6b"
+runner = CliRunner()
+
+
+def _gate(golden_root: Path, *args: str):
+    return runner.invoke(app, ["gate", "--model", MODEL, "--golden-dir", str(golden_root), *args])
+
+
+@pytest.fixture
+def bad_deployments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A module of broken deployments on sys.path: raising, tapping nothing, failing to import."""
+    (tmp_path / "bad_deps.py").write_text(textwrap.dedent("""
+        import numpy as np
+
+        class Raises:
+            def prefill(self, ids, tap):
+                raise RuntimeError("kernel timed out")
+            def decode(self, tok, tap):
+                raise RuntimeError("kernel timed out")
+
+        class Silent:
+            def __init__(self, spec):
+                self.v = spec.vocab_size
+            def prefill(self, ids, tap):
+                return np.zeros((len(ids), self.v), np.float32)
+            def decode(self, tok, tap):
+                return np.zeros((1, self.v), np.float32)
+
+        def raises(spec, weights):
+            return Raises()
+
+        def silent(spec, weights):
+            return Silent(spec)
+    """))
+    (tmp_path / "broken_dep.py").write_text("import not_a_module_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "bad_deps"
+
+
+def test_pass_exits_0_with_json_and_junit(golden_root: Path, tmp_path: Path) -> None:
+    out, xml = tmp_path / "v.json", tmp_path / "r.xml"
+    res = _gate(golden_root, "--phase", "3", "-d", "replay-fp32", "--json", str(out), "--junit", str(xml))
+    assert res.exit_code == 0, res.output
+    assert len(res.output.strip().splitlines()) <= 20
+    doc = json.loads(out.read_text())
+    assert doc["passed"] and doc["exit_code"] == 0 and doc["first_failure"] is None
+    phases = {p["phase"]: p["status"] for p in doc["models"][0]["phases"]}
+    assert phases == {0: "pass", 1: "pass", 2: "pass", 3: "pass"}
+    verdict = doc["models"][0]["verdicts"]["isolated"]
+    assert verdict["schema"] == 1 and verdict["passed"]
+    cases = ET.parse(xml).getroot().findall(".//testcase")
+    names = {c.get("name") for c in cases}
+    assert "isolated:prefill/layers.0.q_rope" in names and "cumulative:prefill/logits" in names
+    assert not ET.parse(xml).getroot().findall(".//failure")
+
+
+@pytest.mark.parametrize("fault", ["interleaved_rope", "missing_qk_norm"])
+def test_fault_exits_1_and_json_names_first_failing_tap(golden_root: Path, tmp_path: Path, fault: str) -> None:
+    out, xml = tmp_path / "v.json", tmp_path / "r.xml"
+    res = _gate(golden_root, "--phase", "3", "--fault", fault, "--json", str(out), "--junit", str(xml))
+    assert res.exit_code == 1, res.output
+    doc = json.loads(out.read_text())
+    phase, tap = FAULTS[fault].expected_tap(get(MODEL, "tiny"))
+    assert (doc["first_failing_tap"]["phase"], doc["first_failing_tap"]["tap"]) == (phase, tap)
+    assert doc["first_failure"]["tap"] == tap and doc["first_failure"]["gate_phase"] == 2
+    assert tap in res.output
+    failures = ET.parse(xml).getroot().findall(".//testcase[failure]")
+    assert f"isolated:{phase}/{tap}" in {c.get("name") for c in failures}
+
+
+def test_decode_fault_fails_in_phase_5(golden_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "v.json"
+    res = _gate(golden_root, "--phase", "5", "--mode", "cumulative", "--fault", "stale_kv_cache", "--json", str(out))
+    assert res.exit_code == 1, res.output
+    doc = json.loads(out.read_text())
+    statuses = {p["phase"]: p["status"] for p in doc["models"][0]["phases"]}
+    assert statuses[2] == statuses[3] == "pass" and statuses[5] == "fail" and statuses[4] == "measured"
+    assert doc["first_failure"]["gate_phase"] == 5
+    # The bug lives in decode attention; which step first exceeds the cumulative policy is the policy's call.
+    assert doc["first_failure"]["phase"].startswith("decode.") and doc["first_failure"]["tap"] == "layers.0.attn"
+
+
+def test_unknown_model_exits_3(golden_root: Path) -> None:
+    res = runner.invoke(app, ["gate", "--model", "gpt-5", "--golden-dir", str(golden_root)])
+    assert res.exit_code == 3
+    assert "gpt-5" in res.output
+
+
+@pytest.mark.parametrize("target, words", [
+    ("broken_dep:factory", ["cannot import broken_dep", "ModuleNotFoundError"]),
+    ("bad_deps:raises", ["kernel timed out", "RuntimeError"]),
+    ("bad_deps:silent", ["no taps", "nothing was compared"]),
+    ("bad_deps:nosuch", ["no attribute"]),
+])
+def test_broken_deployments_exit_3(golden_root: Path, tmp_path: Path, bad_deployments: str, target: str,
+                                   words: list[str]) -> None:
+    out = tmp_path / "v.json"
+    res = _gate(golden_root, "--phase", "2", "-d", target, "--json", str(out))
+    assert res.exit_code == 3, res.output
+    doc = json.loads(out.read_text())
+    assert doc["exit_code"] == 3 and not doc["passed"]
+    text = json.dumps(doc)
+    assert any(w in text for w in words), text[:2000]
+
+
+def test_fault_needs_emulator(golden_root: Path) -> None:
+    res = _gate(golden_root, "-d", "replay-fp32", "--fault", "interleaved_rope")
+    assert res.exit_code == 3 and "--fault needs the emulator" in res.output
+
+
+def test_list_names_models_phases_deployments_faults() -> None:
+    res = runner.invoke(app, ["list"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    for word in ("qwen3-0.6b", "llama-3.2-1b", "recheck", "replay-fp32", "interleaved_rope", "stale_kv_cache"):
+        assert word in res.output
+
+
+def test_explain_names_hf_module_and_emulator_site() -> None:
+    res = runner.invoke(app, ["explain", "layers.2.q_rope", "--model", MODEL], env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    assert "apply_rotary_pos_emb" in res.output
+    assert "harness/deployment/emulator/model.py" in res.output and "K.rope(" in res.output
+    assert "interleaved_rope" in res.output
+    bad = runner.invoke(app, ["explain", "layers.0.nonsense"])
+    assert bad.exit_code == 3 and "layers.0.nonsense" in bad.output
+    missing = runner.invoke(app, ["explain", "layers.0.q_norm", "--model", "llama-3.2-1b"])
+    assert missing.exit_code == 3 and "no q/k norm" in missing.output
+
+
+def test_console_script_subprocess(golden_root: Path, tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("harness")
+    out = tmp_path / "v.json"
+    proc = subprocess.run([str(exe), "gate", "--model", MODEL, "--phase", "0", "--golden-dir", str(golden_root),
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    checks = {c["id"]: c["passed"] for c in doc["models"][0]["phases"][0]["checks"]}
+    assert checks == {"golden_integrity": True, "residual_identity": True, "decode_matches_prefill": True,
+                      "bf16_top1": True}
+    assert "exit 0" in proc.stdout
