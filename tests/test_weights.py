@@ -12,9 +12,10 @@ from harness.weights.synthetic import EMBED_STD, bf16_round, outlier_channels, s
 IDS = harness.models.names()
 
 
-def test_bf16_round_matches_torch():
+def test_bf16_round_is_round_to_nearest_even():
     x = np.random.default_rng(0).standard_normal(10_000).astype(np.float32) * 37
-    ref = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    bits = x.view(np.uint32)  # the bit-level definition: add 0x7FFF plus the lsb of the kept half
+    ref = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
     np.testing.assert_array_equal(bf16_round(x), ref)
 
 
