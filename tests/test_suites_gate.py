@@ -1,0 +1,102 @@
+"""Phase-gate library: exit-code rules, tap-to-phase mapping, e2e statistics, sanity on a corrupted golden,
+run_gate on replays."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from harness.deployment.replay import perturbed_replay
+from harness.suites.e2e import kl_rows, log_softmax
+from harness.suites.gate import run_gate
+from harness.suites.phases import (EXIT_ERROR, EXIT_FAIL, EXIT_PASS, EXIT_PERF, Check, GateResult, PhaseOutcome,
+                                   gate_phase_of, outcome, overall_exit)
+
+MODEL = "qwen3-0.6b"
+logits = arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(2, 16)),
+                elements=st.floats(-30, 30, width=32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(logits, st.floats(-5, 5))
+def test_kl_is_nonnegative_zero_on_self_and_shift_invariant(x: np.ndarray, shift: float) -> None:
+    kl = kl_rows(x, x + np.float32(shift))
+    assert np.all(np.abs(kl) < 1e-9)
+    y = x[::-1].copy()
+    assert np.all(kl_rows(x, y) >= -1e-12)
+    assert np.allclose(np.exp(log_softmax(x)).sum(-1), 1.0)
+
+
+def test_gate_phase_mapping() -> None:
+    assert gate_phase_of("isolated", "prefill", "embed") == 2
+    assert gate_phase_of("isolated", "prefill", "layers.0.q") == 2
+    assert gate_phase_of("cumulative", "prefill", "layers.0.q") == 3
+    assert gate_phase_of("isolated", "prefill", "layers.1.q") == 3
+    assert gate_phase_of("cumulative", "decode.3", "layers.0.q") == 5
+
+
+def _result(*statuses: str, error: str | None = None) -> GateResult:
+    r = GateResult(MODEL, "x", 7, error=error)
+    r.outcomes = {n: PhaseOutcome(n, s) for n, s in enumerate(statuses)}
+    return r
+
+
+def test_exit_codes() -> None:
+    assert _result("pass", "measured").exit_code == EXIT_PASS
+    assert _result("pass", "fail", "regression").exit_code == EXIT_FAIL
+    assert _result("pass", "regression").exit_code == EXIT_PERF
+    assert _result("pass", "fail", "error").exit_code == EXIT_ERROR
+    assert _result(error="boom").exit_code == EXIT_ERROR
+    assert _result().exit_code == EXIT_ERROR  # nothing ran: never a pass
+    assert overall_exit([_result("pass"), _result("fail"), _result("regression")]) == EXIT_FAIL
+    assert overall_exit([]) == EXIT_ERROR
+    o = outcome(3, [Check("a", True), Check("b", False, "r 4 > max 1.5")])
+    assert o.status == "fail" and "b: r 4 > max 1.5" in o.message
+
+
+def test_sanity_catches_a_corrupted_golden(golden_root: Path, tmp_path: Path) -> None:
+    from harness.store import GoldenRequest, GoldenStore
+    from harness.store.golden import GoldenSet
+    from harness.suites.sanity import golden_integrity
+
+    golden = GoldenStore(golden_root).get(GoldenRequest(MODEL, "tiny", 0, 4))
+    copy = tmp_path / golden.path.name
+    shutil.copytree(golden.path, copy)
+    assert golden_integrity(GoldenSet(copy, golden.manifest))
+    blob = (copy / "decode.1.safetensors").read_bytes()
+    (copy / "decode.1.safetensors").write_bytes(blob[:-8] + bytes(8))
+    check = golden_integrity(GoldenSet(copy, golden.manifest))
+    assert not check and "decode.1.safetensors" in check.message
+
+
+def test_run_gate_localises_a_perturbed_tap(golden_root: Path) -> None:
+    r = run_gate(MODEL, deployment=perturbed_replay("prefill", "layers.1.gate", 0.05), phase=3,
+                 golden_dir=golden_root, mode="isolated")
+    assert r.exit_code == EXIT_FAIL
+    assert r.outcomes[2].status == "pass" and r.outcomes[3].status == "fail"
+    ff = r.first_failure()
+    assert (ff["gate_phase"], ff["phase"], ff["tap"]) == (3, "prefill", "layers.1.gate")
+
+
+def test_run_gate_e2e_and_recheck_on_the_fp32_replay(golden_root: Path) -> None:
+    r = run_gate(MODEL, deployment="replay-fp32", phase=7, golden_dir=golden_root, mode="cumulative",
+                 recheck_seed=11, recheck_prompt_len=40)
+    assert r.exit_code == EXIT_PASS, {n: (o.status, o.message) for n, o in r.outcomes.items()}
+    assert r.recheck["reproduce"] == "--seed 11 --prompt-len 40"
+    assert r.e2e["first_divergence"] is None and r.e2e["deployment_tokens"] == r.e2e["reference_tokens"]
+    ids = {c.id for c in r.outcomes[6].checks}
+    assert ids == {"topk_walk", "logprob_tie", "kl", "top1", "deterministic"}
+    assert r.outcomes[4].status == "measured" and r.perf["samples"]["ttft"]
+    doc = r.to_dict()
+    assert doc["verdicts"]["recheck/cumulative"]["provenance"]["recheck"]["seed"] == 11
+
+
+@pytest.mark.parametrize("bad", [{"phase": 9}, {"mode": "sideways"}, {"scale": "huge"}])
+def test_run_gate_bad_options_are_exit_3(golden_root: Path, bad: dict) -> None:
+    r = run_gate(MODEL, golden_dir=golden_root, **bad)
+    assert r.exit_code == EXIT_ERROR and r.error
