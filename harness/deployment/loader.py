@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import importlib
 import traceback
+from pathlib import Path
 from typing import Callable
 
 from harness.errors import HarnessError
+
+_HARNESS_DIR = str(Path(__file__).resolve().parents[1])
 
 DEFAULT_DEPLOYMENT = "harness.deployment.emulator:factory"
 # Short names for the built-in deployments (``harness list`` shows them).
@@ -22,7 +25,10 @@ class DeploymentError(HarnessError):
 
 def summarise_exception(exc: BaseException, frames: int = 3) -> str:
     """``Type: message`` plus the innermost frames as ``file:line in func``."""
-    tb = traceback.extract_tb(exc.__traceback__)[-frames:]
+    tb = traceback.extract_tb(exc.__traceback__)
+    # Frames of the harness itself say nothing about the deployment's bug: show the deployment's own.
+    own = [f for f in tb if not f.filename.startswith(_HARNESS_DIR)]
+    tb = (own or tb)[-frames:]
     where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in tb)
     return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
 

@@ -51,12 +51,18 @@ class TapRecorder:
             return None
         return torch.from_numpy(np.ascontiguousarray(forced)).to(value.dtype)
 
-    def numpy(self) -> dict[str, dict[str, np.ndarray]]:
-        """Captured taps as float32 NumPy arrays (bf16 values are exact in float32)."""
-        return {
-            phase: {name: t.to(torch.float32).numpy() for name, t in taps.items()}
-            for phase, taps in self.taps.items()
-        }
+    def numpy(self, keep_bf16: bool = False) -> dict[str, dict[str, np.ndarray]]:
+        """Captured taps as float32 NumPy arrays (bf16 values are exact in float32); with ``keep_bf16`` a
+        bf16 run's taps stay bfloat16 (ml_dtypes, zero-copy), half the bytes for the store to write."""
+        return {phase: {name: _to_numpy(t, keep_bf16) for name, t in taps.items()} for phase, taps in self.taps.items()}
+
+
+def _to_numpy(t: torch.Tensor, keep_bf16: bool) -> np.ndarray:
+    if keep_bf16 and t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.to(torch.float32).numpy()
 
 
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
@@ -156,12 +162,13 @@ def run_reference(
     decode_steps: int = 0,
     decode_tokens: np.ndarray | None = None,
     force: dict[str, dict[str, np.ndarray]] | None = None,
+    keep_bf16: bool = False,
 ) -> ReferenceRun:
     """Prefill ``input_ids`` then decode with the KV cache, capturing every tap.
 
     Decode tokens are ``decode_tokens`` when given (the fp32 golden's greedy tokens, fed to every
     other run), else chosen greedily from this run's own logits. ``force`` maps phase -> tap -> value
-    to teacher-force (each op then sees golden inputs).
+    to teacher-force (each op then sees golden inputs). ``keep_bf16``: see ``TapRecorder.numpy``.
     """
     from transformers import DynamicCache
 
@@ -189,4 +196,4 @@ def run_reference(
         _ACTIVE.reset(token)
         for handle in handles:
             handle.remove()
-    return ReferenceRun(rec.numpy(), np.asarray(input_ids, dtype=np.int64), np.asarray(tokens, dtype=np.int64))
+    return ReferenceRun(rec.numpy(keep_bf16), np.asarray(input_ids, dtype=np.int64), np.asarray(tokens, dtype=np.int64))

@@ -217,6 +217,8 @@ def _write_entry(tmp: Path, phases: dict[str, dict[str, np.ndarray]], manifest: 
 def _bf16(x: np.ndarray) -> np.ndarray:
     import ml_dtypes
 
+    if x.dtype == ml_dtypes.bfloat16:
+        return x
     return x.astype(ml_dtypes.bfloat16)  # exact: the bf16 run's values are bf16 already
 
 
@@ -321,7 +323,7 @@ class GoldenStore:
                                decode_steps=request.decode_steps)
         step("bf16 reference", 2, 4)
         base = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, ids,
-                             decode_steps=request.decode_steps, decode_tokens=golden.decode_tokens)
+                             decode_steps=request.decode_steps, decode_tokens=golden.decode_tokens, keep_bf16=True)
         step("writing", 3, 4)
         phases = {}
         for phase in tapspec.phase_names(request.decode_steps):
@@ -368,7 +370,8 @@ class GoldenStore:
         step("local bf16 baseline", 0, 2)
         force = {phase: golden.phase_tensors(phase) for phase in golden.phases}
         local = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, golden.input_ids,
-                              decode_steps=len(golden.phases) - 1, decode_tokens=golden.decode_tokens, force=force)
+                              decode_steps=len(golden.phases) - 1, decode_tokens=golden.decode_tokens, force=force,
+                              keep_bf16=True)
         phases = {phase: {f"bf16/{k}": _bf16(v) for k, v in local.taps[phase].items()} for phase in golden.phases}
         final = golden.path / LOCAL_DIR
         tmp = golden.path / f".tmp-local-{os.getpid()}"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the project's virtual environment in .venv: idempotent, offline-friendly.
+# torch is pinned to the CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
+.venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import harness, torch, transformers; print('npu-harness', harness.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
