@@ -10,9 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.cli.common import (DecodeOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, SeedOpt, WeightsOpt,
+from harness.cli.common import (DecodeOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, WeightsOpt,
                                 models_or_all, path_or_none)
-from harness.errors import HarnessError
 
 golden_app = typer.Typer(help="Build, verify, list and clean the golden store.", no_args_is_help=True)
 console = Console(stderr=True)

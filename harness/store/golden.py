@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
+from harness.fileio import sha256_file
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
 from harness.weights import WeightsSource, load_weights, weights_digest
@@ -62,14 +63,6 @@ def _versions() -> dict[str, str]:
         "harness": harness.__version__,
         "python": platform.python_version(),
     }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.fileio import hash_file_into
 from harness.spec.model_spec import ModelSpec
 from harness.weights.synthetic import bf16_round
 
@@ -106,7 +107,5 @@ def checkpoint_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     for f in [path / "config.json", *shard_files(path)]:
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
+        hash_file_into(h, f)
     return h.hexdigest()

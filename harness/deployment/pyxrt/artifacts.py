@@ -16,7 +16,6 @@ HarnessError naming the artifact and the recorded and current values.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
@@ -30,18 +29,11 @@ import filelock
 from harness.deployment.pyxrt import toolchain
 from harness.deployment.pyxrt.buffers import ArgSpec
 from harness.errors import HarnessError
+from harness.fileio import sha256_file
 
 SCHEMA = 1
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_]*/[A-Za-z0-9_.x-]+$")
 ROLES = ("xclbin", "insts", "elf")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
