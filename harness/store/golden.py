@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import ml_dtypes  # noqa: F401  registers NumPy's "bfloat16" dtype, which safetensors needs to read bf16
 import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
@@ -208,8 +209,6 @@ def _write_entry(tmp: Path, phases: dict[str, dict[str, np.ndarray]], manifest: 
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
-    import ml_dtypes
-
     if x.dtype == ml_dtypes.bfloat16:
         return x
     return x.astype(ml_dtypes.bfloat16)  # exact: the bf16 run's values are bf16 already
