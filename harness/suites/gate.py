@@ -93,8 +93,6 @@ class _Run:
     """State of one model's gate run: goldens, check verdicts, deployment time."""
 
     def __init__(self, model: str, opts: GateOptions):
-        import ml_dtypes  # noqa: F401  (safetensors reads the bf16 baselines only once it is registered)
-
         from harness.spec.model_spec import get
         from harness.store import GoldenStore
 

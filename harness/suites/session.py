@@ -78,8 +78,6 @@ class HarnessSession:
 
     # -- building blocks -----------------------------------------------------------------------------
     def golden(self, model: str, steps: int | None = None, seed: int | None = None, prompt_len: int | None = None):
-        import ml_dtypes  # noqa: F401  (safetensors reads the bf16 baselines only once it is registered)
-
         from harness.store import GoldenRequest, GoldenStore
         from harness.weights import WeightsSource
 
@@ -99,8 +97,6 @@ class HarnessSession:
 
     def verdict(self, model: str, mode: str):
         """The check of ``model`` in ``mode`` (or the trace's), run once per session."""
-        import ml_dtypes  # noqa: F401
-
         import harness
 
         s = self.settings
