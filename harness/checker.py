@@ -45,6 +45,11 @@ class TapJudge:
         self.baseline, self.policies = baseline, policies
         self.results: list[TapResult] = []
         self.seen: set[str] = set()
+        # The DUT value of this phase's first failing tap in canonical order (for cause hints);
+        # one tensor per phase, and none once an earlier phase failed (set keep_failed False).
+        self.keep_failed = True
+        self.failed: tuple[int, str, np.ndarray] | None = None
+        self._order: dict[str, int] | None = None
 
     def __call__(self, name: str, value: Any):
         parsed = tapspec.validate(self.spec, name)  # unknown names raise TapError naming the tap
@@ -59,7 +64,14 @@ class TapJudge:
             self.results.append(TapResult(self.phase, name, False, {}, message=problem))
         else:
             base = self.golden.tensor(self.phase, name, self.baseline)
-            self.results.append(judge_tap(self.policies, self.phase, name, parsed.kind, dut, golden, base))
+            result = judge_tap(self.policies, self.phase, name, parsed.kind, dut, golden, base)
+            self.results.append(result)
+            if not result.passed and self.keep_failed:
+                if self._order is None:
+                    self._order = {n: k for k, n in enumerate(tapspec.tap_names(self.spec))}
+                index = self._order[name]
+                if self.failed is None or index < self.failed[0]:
+                    self.failed = (index, name, np.array(dut, copy=True))
         if self.mode == "isolated":
             return golden  # teacher forcing: the next op sees the golden input
         return value
@@ -172,8 +184,10 @@ def check(
 
     results: list[TapResult] = []
     seen: dict[str, set[str]] = {}
+    failed_dut: dict[tuple[str, str], np.ndarray] = {}
     for i, phase in enumerate(golden.phases):
         judge = TapJudge(spec, golden, phase, mode, baseline, policies)
+        judge.keep_failed = not failed_dut
         if phase == "prefill":
             logits = _call_deployment("prefill", dep.prefill, golden.input_ids.copy(), judge)
             rows = len(golden.input_ids)
@@ -183,6 +197,8 @@ def check(
         _check_logits(phase, logits, rows, spec.vocab_size)
         results.extend(judge.results)
         seen[phase] = judge.seen
+        if judge.failed is not None:
+            failed_dut[(phase, judge.failed[1])] = judge.failed[2]
     if not results:
         raise HarnessError(f"the deployment handed over no taps: nothing was compared ({describe(factory)})")
 
@@ -196,7 +212,7 @@ def check(
         first = FirstFailure(phase=phase, tap=tap, metrics={}, hint="required tap not exposed",
                              message=f"required tap {tap} was not handed to tap() in {phase}")
     if first is not None and first.judgement is not None:  # a numeric failure: look for a known cause
-        first.hint = _hint(spec, golden, first, mode, w)
+        first.hint = _hint(spec, golden, first, mode, w, failed_dut.get((first.phase, first.tap)))
     verdict = Verdict(
         model=model, scale=scale, seed=seed, mode=mode, results=results,
         coverage=Coverage(compared=len(results), required_missing=missing, not_exposed=not_exposed),
@@ -206,13 +222,14 @@ def check(
     return verdict
 
 
-def _hint(spec, golden, first: FirstFailure, mode: str, weights) -> str:
-    """A cause hint for the first failure (known bug signatures; see harness.verdict.hints)."""
+def _hint(spec, golden, first: FirstFailure, mode: str, weights, dut: np.ndarray | None = None) -> str:
+    """A cause hint for the first failure (known bug signatures; see harness.verdict.hints); ``dut`` is
+    the deployment's value of the first failing tap."""
     try:
         from harness.verdict.hints import diagnose
     except ImportError:
         return first.hint
-    return diagnose(spec, golden, first, mode=mode, weights=weights)
+    return diagnose(spec, golden, first, mode=mode, weights=weights, dut=dut)
 
 
 def check_trace(directory: str | Path, *, policy=None, golden_dir: str | Path | None = None, progress=None) -> Verdict:

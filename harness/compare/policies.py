@@ -19,19 +19,23 @@ import numpy as np
 from harness.compare.metrics import BF16_ROUNDING_REL_RMS, exact_match
 from harness.errors import HarnessError
 
-# The calibrated rule's thresholds, in one place. Derivation (docs/policies.md, "Calibration"):
-# 40 seeds of a RMSNorm -> gate/up GEMM -> SiLU*mul -> down GEMM -> residual chain (H=256, I=704,
-# activation-like inputs with outlier channels, bf16-representable weights); a correct
-# bf16-in / fp32-accumulate emulation judged against the fp32 golden with torch bf16 as baseline.
-#   prefill (64 rows): clean R max 0.96, clean tail max 1.02
-#   decode  (1 row):   clean R max 1.17, clean tail max 1.51 (one row: the baseline is noisy)
-# Thresholds leave ~1.5x (R) and ~2x (tail, a p99 of fewer samples) above the clean maxima.
-# To be re-calibrated on emulator runs; change the numbers here only.
+# The calibrated rule's thresholds, in one place. Derivation (docs/policies.md, "Calibration";
+# reproduce with `python benchmarks/calibrate_policy.py`): the clean XDNA 2 emulator on all nine
+# models at tiny scale, calibration seeds 100-139 (720 checks: 9 models x 40 seeds x 2 modes, prefill
+# and 4 decode steps), every tap judged against the fp32 golden with the mode's bf16 baseline:
+#   prefill: 35,280 tap comparisons, R max 1.169 (p99.9 1.133), r_tail max 2.399 (p99.9 2.229)
+#            (the tail max is isolated-mode `act`: the NPU's bf16-step SiLU rounds more than HF's)
+#   decode:  141,120 tap comparisons, R max 2.589 (p99.9 1.849), r_tail max 7.891 (p99.9 3.153)
+#            (one row: the baseline's own error, the denominator, is noisy; worst in cumulative mode)
+# Margin rule: threshold = 1.5 x the calibration maximum, rounded up to 0.25 (R) or 0.5 (tail).
+# Held out: the self-test's seeds 0-19 (360 clean checks) give 0 false alarms, and every emulator
+# fault is still caught (docs/selftest.md). The floors did not move the maxima (swept 0.5-2 rounding,
+# 0.5-3 ULP), so they keep their meaning: a decode row's baseline can land below one rounding by chance.
 CALIBRATED_THRESHOLDS: dict[str, float] = {
-    "r_max": 1.5,               # prefill R: clean max 0.96 x ~1.5
-    "tail_max": 2.0,            # prefill r_tail: clean max 1.02 x ~2
-    "decode_r_max": 2.0,        # decode R: clean max 1.17 x ~1.7
-    "decode_tail_max": 3.0,     # decode r_tail: clean max 1.51 x ~2
+    "r_max": 1.75,              # prefill R: clean max 1.169 x 1.5
+    "tail_max": 4.0,            # prefill r_tail: clean max 2.399 x 1.5
+    "decode_r_max": 4.0,        # decode R: clean max 2.589 x 1.5
+    "decode_tail_max": 12.0,    # decode r_tail: clean max 7.891 x 1.5
     # Denominator floors, in units of one bf16 rounding of the golden (R) and ULP (tail). Prefill
     # keeps the metric's own floor (half a rounding); a decode row's baseline can land well below
     # one rounding by chance (the 2-in-18 false alarms of a plain R <= 2 rule), so decode floors it

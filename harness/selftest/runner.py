@@ -1,0 +1,254 @@
+"""Run the self-test population: one ``harness.check`` per (model, seed, mode, fault), every policy judged
+on that same trace.
+
+Each case runs the gate exactly as ``harness gate`` does (the calibrated default, hints included) while a
+thin wrapper records the deployment's taps; the classic policies then judge those recorded taps offline
+with the metrics the check already computed, so every policy sees the very same trace and the emulator
+runs once per case. Cases run in worker processes (spawn context) with one torch thread each: at tiny
+scale torch's own threading costs more than it gains (measured: 0.15 s per check single-threaded, 1.7 s
+with two threads on 2 busy cores).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from harness.errors import HarnessError
+
+# The classic policies scored next to ours: the anchors' own gates (harness.compare.policies.PRESETS).
+CLASSIC: tuple[str, ...] = ("torch-bf16", "cosine-0.99", "nmse-llamacpp", "top5-walk", "iron")
+OURS = "calibrated"
+POLICIES: tuple[str, ...] = (OURS, *CLASSIC)
+MODES: tuple[str, ...] = ("cumulative", "isolated")
+CLEAN = "clean"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One check: ``fault`` is an emulator fault name or ``clean``."""
+
+    model: str
+    seed: int
+    mode: str
+    fault: str = CLEAN
+
+    @property
+    def id(self) -> str:
+        """``model/seed/mode/fault``: the case's identity in rows, filters and logs."""
+        return f"{self.model}/seed{self.seed}/{self.mode}/{self.fault}"
+
+
+@dataclass
+class CaseResult:
+    """What one case produced: per policy ``{"passed": bool, "first": "phase/tap" | None}``, the gate's
+    hint, the fault's expected tap, and (``taps``) the calibration metrics of every tap."""
+
+    case: Case
+    expected: str | None
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hint: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    # (phase, tap, kind, rel_fro, baseline_rel_fro, ulp_p99, baseline_ulp_p99), for calibration only
+    taps: list[tuple] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["case"] = asdict(self.case)
+        out.pop("taps")
+        return out
+
+
+class _Recording:
+    """A deployment wrapper that keeps a copy of every tap value, keyed by phase."""
+
+    def __init__(self, inner: Any, store: dict[str, dict[str, np.ndarray]]):
+        self.inner, self.store, self.step = inner, store, 0
+
+    def _tap(self, phase: str, tap: Callable) -> Callable:
+        taps = self.store.setdefault(phase, {})
+
+        def record(name: str, value: Any) -> Any:
+            taps[name] = np.array(value, dtype=np.float32, copy=True)
+            return tap(name, value)
+        return record
+
+    def prefill(self, input_ids, tap):
+        self.step = 0
+        return self.inner.prefill(input_ids, self._tap("prefill", tap))
+
+    def decode(self, token_id, tap):
+        phase = f"decode.{self.step}"
+        self.step += 1
+        return self.inner.decode(token_id, self._tap(phase, tap))
+
+
+def _recording_factory(fault: str, store: dict) -> Callable:
+    from harness.deployment.emulator import make_factory
+
+    inner = make_factory(faults=() if fault == CLEAN else (fault,))
+
+    def factory(spec, weights):
+        return _Recording(inner(spec, weights), store)
+    factory.name = f"emulator[{fault}]"  # type: ignore[attr-defined]
+    return factory
+
+
+def classic_policies() -> dict[str, Any]:
+    """Preset name -> PolicySet applying that one policy to every tap kind and phase."""
+    from harness.compare.policy_config import PolicySet
+
+    return {name: PolicySet().merged({"default": name}, f"selftest preset {name}") for name in CLASSIC}
+
+
+def _first(results: list, order: Callable) -> str | None:
+    failing = sorted((r for r in results if not r.passed), key=order)
+    return f"{failing[0].phase}/{failing[0].tap}" if failing else None
+
+
+def run_case(case: Case, *, golden_dir: str | Path | None = None, decode_steps: int = 4,
+             keep_taps: bool = False, policy: Any = None) -> CaseResult:
+    """Run one case and judge its trace under every policy in ``POLICIES``.
+
+    ``policy`` (default: the model's PolicySet, as the gate uses) is the calibrated row's policy;
+    ``keep_taps`` stores the per-tap calibration metrics. A check that cannot run gives ``error``.
+    """
+    import time
+
+    import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' name, which safetensors needs to read baselines)
+
+    import harness
+    from harness.deployment.emulator.faults import get as get_fault
+    from harness.spec import model_spec
+    from harness.spec.taps import parse
+    from harness.store import GoldenRequest, GoldenStore
+    from harness.verdict.localise import execution_key
+    from harness.verdict.verdict import TapResult
+
+    t0 = time.perf_counter()
+    spec = model_spec.get(case.model, "tiny")
+    expected = None
+    if case.fault != CLEAN:
+        phase, tap = get_fault(case.fault).expected_tap(spec)
+        expected = f"{phase}/{tap}"
+    out = CaseResult(case, expected)
+    recorded: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        verdict = harness.check(case.model, _recording_factory(case.fault, recorded), scale="tiny", seed=case.seed,
+                                decode_steps=decode_steps, mode=case.mode, policy=policy, golden_dir=golden_dir)
+    except HarnessError as exc:
+        out.error = f"{type(exc).__name__}: {exc}"
+        out.seconds = time.perf_counter() - t0
+        return out
+    ff = verdict.first_failure
+    out.outcomes[OURS] = {"passed": verdict.passed, "first": f"{ff.phase}/{ff.tap}" if ff else None}
+    out.hint = ff.hint if ff else None
+
+    golden = GoldenStore(golden_dir).get(GoldenRequest(case.model, "tiny", case.seed, decode_steps))
+    baseline = "local" if case.mode == "isolated" else "bf16"
+    order = execution_key(spec, golden.phases)
+    judged: dict[str, list] = {name: [] for name in CLASSIC}
+    sets = classic_policies()
+    for r in verdict.results:
+        kind = parse(r.tap).kind
+        if keep_taps and r.metrics:
+            m = r.metrics
+            out.taps.append((r.phase, r.tap, kind, m["rel_fro"], m["baseline_rel_fro"], m["ulp_p99"], m["baseline_ulp_p99"]))
+        if r.judgement is None:  # a contract problem (shape, dtype): a failure whatever the policy
+            for name in CLASSIC:
+                judged[name].append(r)
+            continue
+        dut = recorded[r.phase][r.tap]
+        g, base = golden.tensor(r.phase, r.tap, "fp32"), golden.tensor(r.phase, r.tap, baseline)
+        for name in CLASSIC:
+            ok = sets[name].lookup(kind, r.phase).judge(dut, g, base, r.metrics, kind=kind, phase=r.phase).passed
+            judged[name].append(TapResult(r.phase, r.tap, bool(ok)))
+    missing = bool(verdict.coverage.required_missing)
+    for name in CLASSIC:
+        first = _first(judged[name], order)
+        out.outcomes[name] = {"passed": first is None and not missing, "first": first}
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def population(models: Iterable[str], seeds: Iterable[int], faults: Iterable[str] | None = None,
+               fault_seeds: Iterable[int] = (0,), modes: Iterable[str] = MODES) -> list[Case]:
+    """Clean cases for every (model, seed, mode) and fault cases for every applicable (fault, model,
+    fault seed, mode). ``faults`` None: every registered fault."""
+    from harness.deployment.emulator.faults import FAULTS, get as get_fault
+    from harness.spec import model_spec
+
+    models, modes = list(models), list(modes)
+    names = list(FAULTS) if faults is None else list(faults)
+    for name in names:
+        get_fault(name)  # HarnessError naming an unknown fault now, not in a worker
+    cases = [Case(m, s, mode) for m in models for s in seeds for mode in modes]
+    for name in names:
+        fault = FAULTS[name]
+        for m in models:
+            if fault.applies(model_spec.get(m, "tiny")):
+                cases.extend(Case(m, s, mode, name) for s in fault_seeds for mode in modes)
+    return cases
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_one(args: tuple) -> CaseResult:
+    case, kwargs = args
+    return run_case(case, **kwargs)
+
+
+def run_cases(cases: list[Case], *, jobs: int | None = None, golden_dir: str | Path | None = None,
+              decode_steps: int = 4, keep_taps: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> list[CaseResult]:
+    """Run ``cases`` on ``jobs`` worker processes (default: every core; 1 runs in this process),
+    in the order given. The golden store's lock makes concurrent builds of one golden safe."""
+    jobs = jobs or os.cpu_count() or 1
+    kwargs = {"golden_dir": str(golden_dir) if golden_dir else None, "decode_steps": decode_steps, "keep_taps": keep_taps}
+    results: list[CaseResult] = []
+    if jobs == 1:
+        _init_worker()
+        for i, case in enumerate(cases):
+            results.append(run_case(case, **kwargs))
+            if progress:
+                progress(i + 1, len(cases))
+        return results
+    # Cases of one (model, seed) run next to each other (in chunks of 4) so a worker reuses the weights
+    # and golden it just loaded; results come back in the caller's order.
+    order = sorted(range(len(cases)), key=lambda i: (cases[i].model, cases[i].seed, cases[i].fault, cases[i].mode))
+    ctx = multiprocessing.get_context("spawn")
+    done: dict[int, CaseResult] = {}
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
+        for i, res in zip(order, pool.map(_run_one, [(cases[i], kwargs) for i in order], chunksize=4)):
+            done[i] = res
+            if progress:
+                progress(len(done), len(cases))
+    return [done[i] for i in range(len(cases))]
+
+
+def quick_population(models: Iterable[str] | None = None, seeds: Iterable[int] = (0, 1)) -> list[Case]:
+    """The CI subset: every fault once, on applicable models taken in turn (so every model carries
+    faults), and the clean emulator on ``seeds`` (default 0, 1) of every model, both modes."""
+    from harness.deployment.emulator.faults import FAULTS
+    from harness.spec import model_spec
+
+    models = list(models) if models is not None else model_spec.names()
+    cases = [Case(m, s, mode) for m in models for s in seeds for mode in MODES]
+    turn = 0
+    for name, fault in FAULTS.items():
+        fits = [m for m in models if fault.applies(model_spec.get(m, "tiny"))]
+        if fits:
+            model = fits[turn % len(fits)]
+            turn += 1
+            cases.extend(Case(model, 0, mode, name) for mode in MODES)
+    return cases
