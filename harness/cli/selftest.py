@@ -48,8 +48,12 @@ def register(app: typer.Typer) -> None:
         from harness.selftest.scoreboard import Scoreboard
         from harness.spec.model_spec import names as model_names
 
-        chosen = _names(models, model_names(), "--models") or model_names()
-        chosen_faults = _names(faults, fault_names(), "--faults")
+        try:
+            chosen = _names(models, model_names(), "--models") or model_names()
+            chosen_faults = _names(faults, fault_names(), "--faults")
+        except HarnessError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(3) from None
         if quick:
             cases = quick_population(chosen)
             if chosen_faults is not None:

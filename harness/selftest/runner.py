@@ -55,7 +55,7 @@ class CaseResult:
     hint: str | None = None
     error: str | None = None
     seconds: float = 0.0
-    # (phase, tap, kind, rel_fro, baseline_rel_fro, ulp_p99, baseline_ulp_p99), for calibration only
+    # (phase, tap, kind, rel_fro, baseline_rel_fro, ulp_p99, baseline_ulp_p99, passed), for calibration only
     taps: list[tuple] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,8 +121,6 @@ def run_case(case: Case, *, golden_dir: str | Path | None = None, decode_steps: 
     """
     import time
 
-    import ml_dtypes  # noqa: F401  (registers numpy's 'bfloat16' name, which safetensors needs to read baselines)
-
     import harness
     from harness.deployment.emulator.faults import get as get_fault
     from harness.spec import model_spec
@@ -159,7 +157,8 @@ def run_case(case: Case, *, golden_dir: str | Path | None = None, decode_steps: 
         kind = parse(r.tap).kind
         if keep_taps and r.metrics:
             m = r.metrics
-            out.taps.append((r.phase, r.tap, kind, m["rel_fro"], m["baseline_rel_fro"], m["ulp_p99"], m["baseline_ulp_p99"]))
+            out.taps.append((r.phase, r.tap, kind, m["rel_fro"], m["baseline_rel_fro"], m["ulp_p99"],
+                             m["baseline_ulp_p99"], r.passed))
         if r.judgement is None:  # a contract problem (shape, dtype): a failure whatever the policy
             for name in CLASSIC:
                 judged[name].append(r)
