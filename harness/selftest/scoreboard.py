@@ -198,6 +198,15 @@ class Scoreboard:
             lines.append(f"| {p} | {POLICY_TEXT.get(p, p)} | {r.detected}/{r.fault_runs} ({r.detection:.1%}) | "
                          f"{r.localised}/{r.fault_runs} ({r.localisation:.1%}) | "
                          f"{r.false_alarms}/{r.clean_runs} ({r.false_alarm_rate:.1%}) |")
+        lines += ["", "Per mode (each mode alone; detected / exactly localised / false alarms):", "",
+                  "| policy | cumulative | isolated |", "|---|---|---|"]
+        for p in POLICIES:
+            cells = []
+            for mode in ("cumulative", "isolated"):
+                m = self.rows[p].per_mode.get(mode)
+                cells.append(f"{m['detected']} / {m['localised']} of {m['fault_runs']}; {m['false_alarms']} of "
+                             f"{m['clean_runs']}" if m else "-")
+            lines.append(f"| {p} | {cells[0]} | {cells[1]} |")
         lines += ["", "Per fault (detected / exactly localised runs; hint: right hint id):", "",
                   "| fault | models | hint | " + " | ".join(POLICIES) + " |",
                   "|---|---|---|" + "---|" * len(POLICIES)]
