@@ -49,7 +49,7 @@ def test_calibrated_passes_noise_fails_corruption() -> None:
     bad = d.copy()
     bad *= np.float32(1.01)                                       # a 1% scale error everywhere
     j = _judge(CalibratedPolicy(), bad, g, b)
-    assert not j and j.reasons[0].startswith("R ") and "(up to 1.5 allowed)" in j.reasons[0]
+    assert not j and j.reasons[0].startswith("R ") and f"(up to {CALIBRATED_THRESHOLDS['r_max']:.4g} allowed)" in j.reasons[0]
 
 
 def test_calibrated_tail_catches_local_corruption() -> None:

@@ -55,13 +55,17 @@ class Judgement:
     policy: str
     reasons: list[str] = field(default_factory=list)
     thresholds: dict[str, float] = field(default_factory=dict)
+    measured: dict[str, float] = field(default_factory=dict)  # the values the policy compared, after floors
 
     def __bool__(self) -> bool:
         return self.passed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "policy": self.policy, "reasons": list(self.reasons),
-                "thresholds": dict(self.thresholds)}
+        out = {"passed": self.passed, "policy": self.policy, "reasons": list(self.reasons),
+               "thresholds": dict(self.thresholds)}
+        if self.measured:
+            out["measured"] = dict(self.measured)
+        return out
 
 
 def _fmt(x: float) -> str:
@@ -90,11 +94,12 @@ class Policy:
     def judge(self, dut: np.ndarray, golden: np.ndarray, baseline: np.ndarray, metrics: dict[str, Any],
               *, kind: str, phase: str) -> Judgement:
         reasons = _non_finite(metrics)
-        thresholds, more = self._judge(dut, golden, baseline, metrics, kind=kind, phase=phase)
-        return Judgement(not (reasons or more), self.name, reasons + more, thresholds)
+        thresholds, more, *measured = self._judge(dut, golden, baseline, metrics, kind=kind, phase=phase)
+        return Judgement(not (reasons or more), self.name, reasons + more, thresholds, *measured)
 
     def _judge(self, dut: np.ndarray, golden: np.ndarray, baseline: np.ndarray, metrics: dict[str, Any],
-               *, kind: str, phase: str) -> tuple[dict[str, float], list[str]]:
+               *, kind: str, phase: str) -> tuple[dict[str, float], list[str]] | tuple[dict, list, dict]:
+        """(thresholds, failure reasons[, measured values when they differ from the metrics])."""
         raise NotImplementedError
 
     def spec(self) -> str:
@@ -136,7 +141,7 @@ class CalibratedPolicy(Policy):
         if not tail <= tail_max:
             reasons.append(_over("r_tail", tail, tail_max) + f": p99 error {_fmt(metrics['ulp_p99'])} ULP vs "
                            f"bf16 baseline {_fmt(metrics['baseline_ulp_p99'])} ULP")
-        return {"r": r, "r_max": r_max, "r_tail": tail, "tail_max": tail_max}, reasons
+        return {"r_max": r_max, "r_tail_max": tail_max}, reasons, {"r": r, "r_tail": tail}
 
 
 def _div(num: float, den: float) -> float:

@@ -102,7 +102,8 @@ def _first_failure_lines(ff: dict[str, Any], indent: str = "  ") -> list[Line]:
     judgement = ff.get("judgement") or {}
     if judgement.get("thresholds"):
         policy = judgement.get("policy")
-        text = against_thresholds(metrics, judgement["thresholds"])
+        # The policy's own values (after its denominator floors) take precedence over the raw metrics.
+        text = against_thresholds({**metrics, **(judgement.get("measured") or {})}, judgement["thresholds"])
         lines.append(Line(f"{indent}judged{f' by {policy}' if policy else ''}: {one_line(text, 240)}", 1, "red"))
     if metrics:
         lines.append(Line(f"{indent}metrics: {_metrics_line(metrics)}", 3))
