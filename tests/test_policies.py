@@ -56,10 +56,11 @@ def test_calibrated_tail_catches_local_corruption() -> None:
     """A few corrupted positions hide in the norm (R, cosine fine) but not in the tail ratio."""
     d, g, b = _case(1, (16, 512))
     bad = d.copy()
-    bad[3, :200] += np.float32(0.02) * np.sign(g[3, :200])       # 2.4% of the elements, small shift
+    bad[3, :200] += np.float32(0.03) * np.sign(g[3, :200])       # 2.4% of the elements, small shift
     m = tap_metrics(bad, g, b)
     j = CalibratedPolicy().judge(bad, g, b, m, kind="q", phase="prefill")
-    assert m["cosine"] > 0.999 and not j and any(r.startswith("r_tail") for r in j.reasons)
+    assert m["cosine"] > 0.999 and j.measured["r"] <= CALIBRATED_THRESHOLDS["r_max"]  # hidden in the norm ...
+    assert not j and [r.split(" ")[0] for r in j.reasons] == ["r_tail"]  # ... not in the tail
 
 
 def test_calibrated_decode_uses_decode_thresholds() -> None:
