@@ -1,8 +1,6 @@
 """The clean emulator: the deployment contract, and bf16-noise-level agreement with the fp32 golden."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -103,20 +101,21 @@ def test_bad_inputs_are_clear_errors(tiny) -> None:
         EmulatorConfig(acc_dtype="fp16")
 
 
-def test_slowdown_factor_scales_run_time(tiny) -> None:
+def test_slowdown_factor_sleeps_its_share_of_each_call(tiny, monkeypatch) -> None:
+    import types
+
+    from harness.deployment.emulator import model
+
+    clock, slept = iter(range(0, 1000, 5)), []  # every call "takes" 5 s on this clock
+    fake = types.SimpleNamespace(perf_counter=lambda: float(next(clock)), sleep=slept.append)
+    monkeypatch.setattr(model, "time", fake)
     spec, weights = tiny
-    ids = np.arange(1, 33)
-    fast, slow = factory(spec, weights), make_factory(slowdown=3.0)(spec, weights)
-
-    def best(emu):
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            emu.prefill(ids, lambda n, v: v)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    assert best(slow) > 2.0 * best(fast)
+    slow = make_factory(slowdown=3.0)(spec, weights)
+    slow.prefill(np.arange(1, 9), lambda n, v: v)
+    slow.decode(3, lambda n, v: v)
+    assert slept == [10.0, 10.0]  # (3 - 1) x 5 s per call
+    factory(spec, weights).prefill(np.arange(1, 9), lambda n, v: v)
+    assert slept == [10.0, 10.0]  # the default never sleeps
 
 
 def test_public_names() -> None:
