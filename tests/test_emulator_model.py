@@ -138,3 +138,18 @@ def test_clean_emulator_within_bf16_noise(model_id: str, seed: int) -> None:
             if not r <= limit:
                 worst.append(f"{mode} {phase} {name}: R={r:.2f} > {limit}")
     assert not worst, "; ".join(worst)
+
+
+def test_read_only_weights_and_golden_taps_are_accepted(tiny) -> None:
+    spec, weights = tiny
+    frozen = {k: v.copy() for k, v in weights.items()}
+    for v in frozen.values():
+        v.setflags(write=False)  # as memory-mapped safetensors come back
+    emu = factory(spec, frozen)
+
+    def golden(name, value):
+        out = value.copy()
+        out.setflags(write=False)
+        return out
+
+    np.testing.assert_array_equal(emu.prefill(np.arange(1, 9), golden), factory(spec, weights).prefill(np.arange(1, 9), None))

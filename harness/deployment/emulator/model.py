@@ -30,6 +30,13 @@ def _identity_tap(name: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _tensor(array) -> torch.Tensor:
+    """float32 tensor of ``array``; read-only arrays (memory-mapped goldens, weights) are copied, since
+    torch cannot wrap them without a warning."""
+    arr = np.ascontiguousarray(array, dtype=np.float32)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
 class _Layer:
     """One decoder layer's weights: bf16 values in float32 tensors, GEMM weights K-tile-major."""
 
@@ -66,7 +73,7 @@ class Emulator:
             if name not in weights:
                 raise HarnessError(f"emulator: weight {name!r} missing for {spec.id} ({spec.scale})")
             # The NPU holds bf16 weights: round whatever was given (a no-op for bf16-representable ones).
-            return K.bf16(torch.from_numpy(np.asarray(weights[name], dtype=np.float32)))
+            return K.bf16(_tensor(weights[name]))
 
         self._acc = {name: (acc, kt) for name, acc, kt in self.dev.acc}
 
@@ -146,7 +153,7 @@ class Emulator:
         arr = np.asarray(out, dtype=np.float32)
         if arr.shape != tuple(value.shape):
             raise TapError(f"tap {name!r} returned shape {arr.shape}, expected {tuple(value.shape)}")
-        return K.bf16(torch.from_numpy(np.ascontiguousarray(arr)))
+        return K.bf16(_tensor(arr))
 
     def _gemm(self, name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         acc, kt = self._acc.get(name, (None, None))
