@@ -19,11 +19,6 @@ from harness.verdict.hints import NO_SIGNATURE, attention, bf16_accumulate, diag
 from harness.verdict.verdict import FirstFailure
 
 
-# The emulator wraps the read-only cached weights with torch.from_numpy, which warns once per process
-# (harness/deployment/emulator/model.py, reported to its owner); in-process checks must not turn that
-# into a DeploymentError under pytest's warnings-as-errors.
-pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny emulator runs are ~10x faster on one torch thread than on two (thread hand-off dominates)."""

@@ -15,11 +15,6 @@ from harness.selftest.runner import CLASSIC, OURS, POLICIES, Case, CaseResult, q
 from harness.selftest.scoreboard import Row, Scoreboard, dominates
 
 
-# The emulator wraps the read-only cached weights with torch.from_numpy, which warns once per process
-# (harness/deployment/emulator/model.py, reported to its owner); in-process checks must not turn that
-# into a DeploymentError under pytest's warnings-as-errors.
-pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable:UserWarning")
-
 @pytest.fixture(scope="module")
 def quick(golden_root: Path) -> list[CaseResult]:
     """The CI subset (`harness selftest --quick`) on both cores, per-tap metrics kept."""
