@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     derived = derive(summary, args.margin)
     print(f"calibration: {len(calib)} clean checks ({time.perf_counter() - t0:.0f} s)")
     for fam, row in summary.items():
-        print(f"  {fam:7s} n={row['count']:7d}  R max {row['r_max']:.3f} (p99.9 {row['r_p999']:.3f})  "
+        print(f"  {fam:15s} n={row['count']:7d}  R max {row['r_max']:.3f} (p99.9 {row['r_p999']:.3f})  "
               f"r_tail max {row['tail_max']:.3f} (p99.9 {row['tail_p999']:.3f})")
         print(f"          worst R at {row['r_max_at']}; worst tail at {row['tail_max_at']}")
-    print("derived thresholds:", {k: derived[k] for k in ("r_max", "tail_max", "decode_r_max", "decode_tail_max")})
-    print("current thresholds:", {k: CALIBRATED_THRESHOLDS[k] for k in ("r_max", "tail_max", "decode_r_max",
-                                                                        "decode_tail_max")})
+    limits = [k for k in CALIBRATED_THRESHOLDS if k.endswith("_max")]
+    print("derived thresholds:", {k: derived[k] for k in limits})
+    print("current thresholds:", {k: CALIBRATED_THRESHOLDS[k] for k in limits})
 
     t1 = time.perf_counter()
     held = run_cases(population(names(), _seeds(args.holdout_seeds)), jobs=args.jobs or None,

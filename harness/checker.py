@@ -64,7 +64,7 @@ class TapJudge:
             self.results.append(TapResult(self.phase, name, False, {}, message=problem))
         else:
             base = self.golden.tensor(self.phase, name, self.baseline)
-            result = judge_tap(self.policies, self.phase, name, parsed.kind, dut, golden, base)
+            result = judge_tap(self.policies, self.phase, name, parsed.kind, dut, golden, base, self.mode)
             self.results.append(result)
             if not result.passed and self.keep_failed:
                 if self._order is None:
@@ -77,13 +77,13 @@ class TapJudge:
         return value
 
 
-def judge_tap(policies, phase: str, name: str, kind: str, dut, golden, base) -> TapResult:
+def judge_tap(policies, phase: str, name: str, kind: str, dut, golden, base, mode: str = "cumulative") -> TapResult:
     """Metrics plus the policy's judgement of one tap."""
     from harness.compare.metrics import tap_metrics
 
     metrics = tap_metrics(dut, golden, base)
     policy = policies.lookup(kind, phase)
-    judgement = policy.judge(dut, golden, base, metrics, kind=kind, phase=phase)
+    judgement = policy.judge(dut, golden, base, metrics, kind=kind, phase=phase, mode=mode)
     message = None
     if not judgement.passed and judgement.reasons:
         message = f"{phase} {name}: " + "; ".join(judgement.reasons)

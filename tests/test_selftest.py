@@ -8,9 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.compare.policies import CALIBRATED_THRESHOLDS
+from harness.compare.policies import CALIBRATED_THRESHOLDS, threshold_prefix
 from harness.deployment.emulator.faults import FAULTS
-from harness.selftest.calibration import derive, ratios, rejudge, summarise
+from harness.selftest.calibration import FAMILIES, derive, ratios, rejudge, summarise
 from harness.selftest.runner import CLASSIC, OURS, POLICIES, Case, CaseResult, quick_population, run_cases
 from harness.selftest.scoreboard import Row, Scoreboard, dominates
 
@@ -49,9 +49,9 @@ def test_rejudge_with_current_thresholds_reproduces_the_gate(quick: list[CaseRes
 
 def test_calibration_summary_and_derived_thresholds(quick: list[CaseResult]) -> None:
     summary = summarise(ratios(quick))
-    assert set(summary) == {"prefill", "decode"}
-    for fam, prefix in (("prefill", ""), ("decode", "decode_")):
-        row = summary[fam]
+    assert set(summary) == set(FAMILIES)
+    for fam, (mode, phase) in FAMILIES.items():
+        prefix, row = threshold_prefix(phase, mode), summary[fam]
         assert row["count"] > 0 and 0 < row["r_p999"] <= row["r_max"] and row["tail_p999"] <= row["tail_max"]
         # the clean runs sit under the shipped thresholds (no false alarm) ...
         assert row["r_max"] <= CALIBRATED_THRESHOLDS[f"{prefix}r_max"]
@@ -59,10 +59,13 @@ def test_calibration_summary_and_derived_thresholds(quick: list[CaseResult]) -> 
     th = derive(summary, margin=1.5)
     assert th["r_max"] >= 1.5 * summary["prefill"]["r_max"] and th["r_max"] % 0.25 == 0
     assert th["decode_tail_max"] >= 1.5 * summary["decode"]["tail_max"] and th["decode_tail_max"] % 0.5 == 0
+    assert th["isolated_decode_r_max"] >= 1.5 * summary["isolated_decode"]["r_max"]
     assert th["r_floor"] == CALIBRATED_THRESHOLDS["r_floor"]
     # ... and thresholds at the clean maximum itself still pass every clean run
-    tight = dict(th, r_max=summary["prefill"]["r_max"], decode_r_max=summary["decode"]["r_max"],
-                 tail_max=summary["prefill"]["tail_max"], decode_tail_max=summary["decode"]["tail_max"])
+    tight = dict(th)
+    for fam, (mode, phase) in FAMILIES.items():
+        prefix = threshold_prefix(phase, mode)
+        tight[f"{prefix}r_max"], tight[f"{prefix}tail_max"] = summary[fam]["r_max"], summary[fam]["tail_max"]
     assert all(r.outcomes[OURS]["passed"] for r in rejudge(quick, tight) if r.case.fault == "clean")
 
 

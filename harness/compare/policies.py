@@ -36,6 +36,10 @@ CALIBRATED_THRESHOLDS: dict[str, float] = {
     "tail_max": 4.0,            # prefill r_tail: clean max 2.399 x 1.5
     "decode_r_max": 4.0,        # decode R: clean max 2.589 x 1.5
     "decode_tail_max": 12.0,    # decode r_tail: clean max 7.891 x 1.5
+    "isolated_r_max": 2.0,
+    "isolated_tail_max": 4.0,
+    "isolated_decode_r_max": 4.0,
+    "isolated_decode_tail_max": 12.0,
     # Denominator floors, in units of one bf16 rounding of the golden (R) and ULP (tail). Prefill
     # keeps the metric's own floor (half a rounding); a decode row's baseline can land well below
     # one rounding by chance (the 2-in-18 false alarms of a plain R <= 2 rule), so decode floors it
@@ -92,13 +96,14 @@ class Policy:
     aliases: ClassVar[dict[str, str]] = {}         # short text name -> field name
 
     def judge(self, dut: np.ndarray, golden: np.ndarray, baseline: np.ndarray, metrics: dict[str, Any],
-              *, kind: str, phase: str) -> Judgement:
+              *, kind: str, phase: str, mode: str = "cumulative") -> Judgement:
+        """Judge one tap; ``mode`` (cumulative | isolated) says which baseline ``baseline`` is."""
         reasons = _non_finite(metrics)
-        thresholds, more, *measured = self._judge(dut, golden, baseline, metrics, kind=kind, phase=phase)
+        thresholds, more, *measured = self._judge(dut, golden, baseline, metrics, kind=kind, phase=phase, mode=mode)
         return Judgement(not (reasons or more), self.name, reasons + more, thresholds, *measured)
 
     def _judge(self, dut: np.ndarray, golden: np.ndarray, baseline: np.ndarray, metrics: dict[str, Any],
-               *, kind: str, phase: str) -> tuple[dict[str, float], list[str]] | tuple[dict, list, dict]:
+               *, kind: str, phase: str, mode: str) -> tuple[dict[str, float], list[str]] | tuple[dict, list, dict]:
         """(thresholds, failure reasons[, measured values when they differ from the metrics])."""
         raise NotImplementedError
 
@@ -112,24 +117,30 @@ class Policy:
 
 @dataclass(frozen=True)
 class CalibratedPolicy(Policy):
-    """The default: R and the tail ratio under ``CALIBRATED_THRESHOLDS`` (separate decode values);
-    exact when the baseline error is exactly zero (embedding lookup)."""
+    """The default: R and the tail ratio under ``CALIBRATED_THRESHOLDS``, with limits per mode
+    (cumulative: the end-to-end bf16 baseline; isolated: the teacher-forced one, far sharper) and per
+    phase kind (prefill; decode, whose one-row baselines are noisier); exact when the baseline error
+    is exactly zero (the embedding lookup)."""
 
     name: ClassVar[str] = "calibrated"
     r_max: float = CALIBRATED_THRESHOLDS["r_max"]
     tail_max: float = CALIBRATED_THRESHOLDS["tail_max"]
     decode_r_max: float = CALIBRATED_THRESHOLDS["decode_r_max"]
     decode_tail_max: float = CALIBRATED_THRESHOLDS["decode_tail_max"]
+    isolated_r_max: float = CALIBRATED_THRESHOLDS["isolated_r_max"]
+    isolated_tail_max: float = CALIBRATED_THRESHOLDS["isolated_tail_max"]
+    isolated_decode_r_max: float = CALIBRATED_THRESHOLDS["isolated_decode_r_max"]
+    isolated_decode_tail_max: float = CALIBRATED_THRESHOLDS["isolated_decode_tail_max"]
     r_floor: float = CALIBRATED_THRESHOLDS["r_floor"]
     decode_r_floor: float = CALIBRATED_THRESHOLDS["decode_r_floor"]
     tail_floor: float = CALIBRATED_THRESHOLDS["tail_floor"]
     decode_tail_floor: float = CALIBRATED_THRESHOLDS["decode_tail_floor"]
 
-    def _judge(self, dut, golden, baseline, metrics, *, kind, phase):  # type: ignore[no-untyped-def]
+    def _judge(self, dut, golden, baseline, metrics, *, kind, phase, mode):  # type: ignore[no-untyped-def]
         if metrics["baseline_rel_fro"] == 0.0:
-            return ExactPolicy()._judge(dut, golden, baseline, metrics, kind=kind, phase=phase)
+            return ExactPolicy()._judge(dut, golden, baseline, metrics, kind=kind, phase=phase, mode=mode)
         decode = phase.startswith("decode")
-        r_max, tail_max = (self.decode_r_max, self.decode_tail_max) if decode else (self.r_max, self.tail_max)
+        r_max, tail_max = self.limits(phase, mode)
         r_floor = (self.decode_r_floor if decode else self.r_floor) * BF16_ROUNDING_REL_RMS
         tail_floor = self.decode_tail_floor if decode else self.tail_floor
         r = _div(metrics["rel_fro"], max(metrics["baseline_rel_fro"], r_floor))
@@ -142,6 +153,16 @@ class CalibratedPolicy(Policy):
             reasons.append(_over("r_tail", tail, tail_max) + f": p99 error {_fmt(metrics['ulp_p99'])} ULP vs "
                            f"bf16 baseline {_fmt(metrics['baseline_ulp_p99'])} ULP")
         return {"r_max": r_max, "r_tail_max": tail_max}, reasons, {"r": r, "r_tail": tail}
+
+    def limits(self, phase: str, mode: str = "cumulative") -> tuple[float, float]:
+        """(R limit, tail limit) for a phase (``prefill`` / ``decode.N``) in a mode."""
+        prefix = threshold_prefix(phase, mode)
+        return getattr(self, prefix + "r_max"), getattr(self, prefix + "tail_max")
+
+
+def threshold_prefix(phase: str, mode: str) -> str:
+    """The key prefix of a (phase, mode) family in CALIBRATED_THRESHOLDS: '', 'decode_', 'isolated_' ..."""
+    return ("isolated_" if mode == "isolated" else "") + ("decode_" if phase.startswith("decode") else "")
 
 
 def _div(num: float, den: float) -> float:
@@ -156,7 +177,7 @@ class ExactPolicy(Policy):
 
     name: ClassVar[str] = "exact"
 
-    def _judge(self, dut, golden, baseline, metrics, *, kind, phase):  # type: ignore[no-untyped-def]
+    def _judge(self, dut, golden, baseline, metrics, *, kind, phase, mode):  # type: ignore[no-untyped-def]
         if exact_match(dut, golden):
             return {"mismatched": 0}, []
         d, g = np.asarray(dut, np.float32), np.asarray(golden, np.float32)
@@ -175,7 +196,7 @@ class AllClosePolicy(Policy):
     atol: float = 1e-5
     max_mismatch_frac: float = 0.0
 
-    def _judge(self, dut, golden, baseline, metrics, *, kind, phase):  # type: ignore[no-untyped-def]
+    def _judge(self, dut, golden, baseline, metrics, *, kind, phase, mode):  # type: ignore[no-untyped-def]
         d, g = np.asarray(dut, np.float32), np.asarray(golden, np.float32)
         diff = np.abs(d.astype(np.float64) - g)
         allowed = self.atol + self.rtol * np.abs(g.astype(np.float64))
@@ -206,7 +227,7 @@ class CosinePolicy(Policy):
     aliases: ClassVar[dict[str, str]] = {"min": "min_cosine"}
     min_cosine: float = 0.99
 
-    def _judge(self, dut, golden, baseline, metrics, *, kind, phase):  # type: ignore[no-untyped-def]
+    def _judge(self, dut, golden, baseline, metrics, *, kind, phase, mode):  # type: ignore[no-untyped-def]
         c = metrics["cosine"]
         reasons = [] if c >= self.min_cosine else [f"cosine {_fmt(c)} (at least {_fmt(self.min_cosine)} required)"]
         return {"min_cosine": self.min_cosine}, reasons
@@ -221,7 +242,7 @@ class NmsePolicy(Policy):
     aliases: ClassVar[dict[str, str]] = {"max": "max_nmse"}
     max_nmse: float = 1e-7
 
-    def _judge(self, dut, golden, baseline, metrics, *, kind, phase):  # type: ignore[no-untyped-def]
+    def _judge(self, dut, golden, baseline, metrics, *, kind, phase, mode):  # type: ignore[no-untyped-def]
         v = metrics["nmse"]
         return {"max_nmse": self.max_nmse}, ([] if v <= self.max_nmse else [_over("nmse", v, self.max_nmse)])
 
@@ -234,7 +255,7 @@ class TopKWalkPolicy(Policy):
     name: ClassVar[str] = "topk"
     k: int = 5
 
-    def _judge(self, dut, golden, baseline, metrics, *, kind, phase):  # type: ignore[no-untyped-def]
+    def _judge(self, dut, golden, baseline, metrics, *, kind, phase, mode):  # type: ignore[no-untyped-def]
         if kind != "logits":
             return {"k": self.k}, []
         d, g = np.asarray(dut, np.float32), np.asarray(golden, np.float32)

@@ -166,7 +166,8 @@ def run_case(case: Case, *, golden_dir: str | Path | None = None, decode_steps: 
         dut = recorded[r.phase][r.tap]
         g, base = golden.tensor(r.phase, r.tap, "fp32"), golden.tensor(r.phase, r.tap, baseline)
         for name in CLASSIC:
-            ok = sets[name].lookup(kind, r.phase).judge(dut, g, base, r.metrics, kind=kind, phase=r.phase).passed
+            ok = sets[name].lookup(kind, r.phase).judge(dut, g, base, r.metrics, kind=kind, phase=r.phase,
+                                                             mode=case.mode).passed
             judged[name].append(TapResult(r.phase, r.tap, bool(ok)))
     missing = bool(verdict.coverage.required_missing)
     for name in CLASSIC:

@@ -63,6 +63,7 @@ def _versions() -> dict[str, str]:
         "numpy": np.__version__,
         "harness": harness.__version__,
         "python": platform.python_version(),
+        "torch_threads": str(torch.get_num_threads()),  # BLAS fp32 sums split by thread: last-bit effects
     }
 
 
