@@ -34,18 +34,31 @@ def test_fp32_replay_passes_with_zero_error(golden_root):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_one_percent_perturbation_caught_exactly_there(data, golden_root):
-    """Isolated mode: each tap's allowance is one op's bf16 rounding (~0.25%), so 1% always shows,
-    and nothing before or after it fails (downstream ops see the golden, not the perturbed value)."""
+    """Isolated mode: each tap's allowance is one op's bf16 rounding, so a 1% error shows, and only there
+    (downstream ops see the golden, not the perturbed value). Prefill: always caught. Decode: caught
+    unless HF's own teacher-forced bf16 row is itself that far off (decode attention can be ~1%: then 1%
+    is bf16 noise, docs/policies.md) - so the gate is never blind where the noise is small."""
+    from harness.compare.metrics import BF16_ROUNDING_REL_RMS
+    from harness.compare.policies import CALIBRATED_THRESHOLDS as T
+    from harness.store import GoldenRequest, GoldenStore
+
     model = data.draw(st.sampled_from(IDS), label="model")
     spec = harness.models.get(model, "tiny")
     phase = data.draw(st.sampled_from(tapspec.phase_names(STEPS)), label="phase")
     tap = data.draw(st.sampled_from(tapspec.tap_names(spec)), label="tap")
     v = harness.check(model, perturbed_replay(phase, tap, 0.01), decode_steps=STEPS, mode="isolated",
                       golden_dir=golden_root)
-    assert not v.passed
-    assert (v.first_failure.phase, v.first_failure.tap) == (phase, tap)
-    assert [r.id for r in v.failures] == [f"{phase}/{tap}"]
-    assert v.first_failure.localisation["kind"] in ("spike", "end")
+    if not v.passed:
+        assert (v.first_failure.phase, v.first_failure.tap) == (phase, tap)
+        assert [r.id for r in v.failures] == [f"{phase}/{tap}"]
+        assert v.first_failure.localisation["kind"] in ("spike", "end")
+        return
+    assert phase != "prefill", f"a 1% error at prefill/{tap} passed"
+    golden = GoldenStore(golden_root).get(GoldenRequest(model, "tiny", 0, STEPS))
+    g, local = golden.tensor(phase, tap), golden.tensor(phase, tap, "local")
+    noise = np.linalg.norm(local - g) / np.linalg.norm(g)
+    assert 0.01 <= T["isolated_decode_r_max"] * max(noise, T["decode_r_floor"] * BF16_ROUNDING_REL_RMS), (
+        f"a 1% error at {phase}/{tap} passed although HF bf16's own error there is only {noise:.3%}")
 
 
 def test_perturbation_in_cumulative_mode_is_caught_at_layer_zero(golden_root):
