@@ -22,6 +22,7 @@ import numpy as np
 
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec
+from harness.spec.rope import rope_inv_freq
 
 NO_SIGNATURE = "no known signature"
 # The deployment must be at most this fraction as far from the hypothesis as from the golden. A bug
@@ -111,20 +112,7 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, group: int | None = None) 
     return (out.reshape(rows, width) * np.tile(w, width // len(w))).astype(np.float32)
 
 
-def inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
-    """RoPE inverse frequencies, with Llama-3 scaling when ``scaling`` says ``llama3``."""
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    if kind != "llama3":
-        return inv
-    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old = scaling.get("original_max_position_embeddings", 8192)
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > old / low, inv / factor, inv)
-    smooth = (old / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old / high) & (wavelen <= old / low)
-    return np.where(medium, smoothed, scaled)
+inv_freq = rope_inv_freq  # the spec's one definition (harness.spec.rope)
 
 
 def rope(x: np.ndarray, positions: np.ndarray, inv: np.ndarray, head_dim: int, style: str = "half") -> np.ndarray:

@@ -27,6 +27,7 @@ import torch
 
 from harness.deployment.emulator.config import EmulatorConfig
 from harness.errors import HarnessError
+from harness.spec.rope import rope_inv_freq  # noqa: F401  (re-exported: kernels.rope_inv_freq)
 
 LOG2E = 1.4426950408889634
 
@@ -126,27 +127,6 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: fp32 reduction, x * inv_rms * weight in fp32, one bf16 rounding."""
     inv = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
     return bf16(x * inv * weight)
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> np.ndarray:
-    """Inverse frequencies of the half-split rotation, float64, with Llama-3 scaling when configured."""
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    if not scaling:
-        return inv
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv
-    if kind != "llama3":
-        raise HarnessError(f"rope_scaling type {kind!r} is not supported by the emulator (llama3, default)")
-    factor = float(scaling["factor"])
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > old / low, inv / factor, inv)
-    smooth = (old / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old / high) & (wavelen <= old / low)
-    return np.where(medium, smoothed, scaled)
 
 
 def rope_table(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
