@@ -136,7 +136,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(golden_mod, "_write_entry", boom)
+    monkeypatch.setattr(golden_mod, "_write_manifest", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         GoldenStore(tmp_path).get(GoldenRequest("qwen3-0.6b", "tiny", 0, 1))
     leftovers = [p for p in tmp_path.rglob("*") if p.is_dir() and p.name.startswith((".tmp", "seed"))]

@@ -23,6 +23,7 @@ import os
 import platform
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,7 +32,7 @@ import ml_dtypes  # noqa: F401  registers NumPy's "bfloat16" dtype, which safete
 import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
-from harness.fileio import sha256_file
+from harness.fileio import SafetensorsWriter, sha256_file, write_safetensors
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
 from harness.weights import WeightsSource, load_weights, weights_digest
@@ -41,6 +42,7 @@ MANIFEST = "manifest.json"
 LOCAL_DIR = "local"
 VARIANTS = ("fp32", "bf16")
 ENV_DIR = "NPU_HARNESS_GOLDEN_DIR"
+HASH_THREADS = 2
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -186,26 +188,29 @@ def verify_dir(path: Path) -> list[str]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             problems.append(f"{mpath}: manifest unreadable ({exc})")
             continue
-        for name, digest in files.items():
-            f = d / name
-            if not f.is_file():
-                problems.append(f"{f}: missing")
-            elif sha256_file(f) != digest:
-                problems.append(f"{f}: sha256 mismatch (truncated or edited)")
+        present = {name: d / name for name in files if (d / name).is_file()}
+        problems.extend(f"{d / name}: missing" for name in files if name not in present)
+        # hashlib releases the GIL on large buffers: two threads hash two files at once.
+        with ThreadPoolExecutor(HASH_THREADS) as pool:
+            digests = dict(zip(present, pool.map(sha256_file, present.values())))
+        problems.extend(f"{present[name]}: sha256 mismatch (truncated or edited)"
+                        for name, digest in files.items() if name in present and digests[name] != digest)
     return problems
 
 
 def _write_entry(tmp: Path, phases: dict[str, dict[str, np.ndarray]], manifest: dict) -> None:
-    """Write phase files (hashing the bytes as written) and the manifest into ``tmp``."""
-    from safetensors.numpy import save
+    """Write phase files (hashing the bytes as written, two at a time) and the manifest into ``tmp``."""
 
-    files = {}
-    for phase, tensors in phases.items():
-        blob = save(tensors)
+    def write(phase: str) -> tuple[str, str]:
         name = f"{phase}.safetensors"
-        (tmp / name).write_bytes(blob)
-        files[name] = hashlib.sha256(blob).hexdigest()
-    manifest["files"] = files
+        return name, write_safetensors(tmp / name, phases[phase])
+
+    with ThreadPoolExecutor(HASH_THREADS) as pool:  # hashing and writing release the GIL
+        manifest["files"] = dict(pool.map(write, list(phases)))
+    _write_manifest(tmp, manifest)
+
+
+def _write_manifest(tmp: Path, manifest: dict) -> None:
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -314,39 +319,64 @@ class GoldenStore:
         step("fp32 reference", 1, 4)
         golden = run_reference(build_hf_model(spec, weights, torch.float32), spec, ids,
                                decode_steps=request.decode_steps)
-        step("bf16 reference", 2, 4)
-        base = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, ids,
-                             decode_steps=request.decode_steps, decode_tokens=golden.decode_tokens, keep_bf16=True)
-        step("writing", 3, 4)
-        phases = {}
-        for phase in tapspec.phase_names(request.decode_steps):
-            tensors = {f"fp32/{k}": v for k, v in golden.taps[phase].items()}
-            tensors.update({f"bf16/{k}": _bf16(v) for k, v in base.taps[phase].items()})
-            phases[phase] = tensors
-        identity = request.identity()
-        manifest = {
-            "schema": 1,
-            "key": request.key(),
-            "model": request.model,
-            "scale": request.scale,
-            "seed": request.seed,
-            "weights": {"source": request.weights.describe(), "digest": identity["weights_digest"]},
-            "input_ids": ids.tolist(),
-            "decode_tokens": golden.decode_tokens.tolist(),
-            "phases": tapspec.phase_names(request.decode_steps),
-            "dtypes": {"fp32": "float32", "bf16": "bfloat16"},
-            "versions": _versions(),
-            "identity": identity,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+        phases = tapspec.phase_names(request.decode_steps)
         tmp = self._tmpdir(path)
+        pool = ThreadPoolExecutor(HASH_THREADS)
+        writers: list[SafetensorsWriter] = []
         try:
-            _write_entry(tmp, phases, manifest)
-            manifest["build_seconds"] = round(time.perf_counter() - t0, 3)
+            # Each phase file holds fp32/<tap> then bf16/<tap> (same shapes, bf16 dtype): its layout is
+            # known now, so the fp32 half streams to disk while the bf16 reference computes.
+            def start(phase: str) -> SafetensorsWriter:
+                taps = golden.taps[phase]
+                layout = [(f"fp32/{k}", np.float32, v.shape) for k, v in taps.items()]
+                layout += [(f"bf16/{k}", ml_dtypes.bfloat16, v.shape) for k, v in taps.items()]
+                writer = SafetensorsWriter(tmp / f"{phase}.safetensors", layout)
+                writers.append(writer)
+                for k, v in taps.items():
+                    writer.write(f"fp32/{k}", v)
+                return writer
+
+            started = [pool.submit(start, phase) for phase in phases]
+            step("bf16 reference", 2, 4)
+            base = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, ids,
+                                 decode_steps=request.decode_steps, decode_tokens=golden.decode_tokens,
+                                 keep_bf16=True)
+            step("writing", 3, 4)
+
+            def finish(i: int) -> tuple[str, str]:
+                writer = started[i].result()
+                for k in golden.taps[phases[i]]:
+                    writer.write(f"bf16/{k}", _bf16(base.taps[phases[i]][k]))
+                return f"{phases[i]}.safetensors", writer.close()
+
+            files = dict(pool.map(finish, range(len(phases))))
+            identity = request.identity()
+            manifest = {
+                "schema": 1,
+                "key": request.key(),
+                "model": request.model,
+                "scale": request.scale,
+                "seed": request.seed,
+                "weights": {"source": request.weights.describe(), "digest": identity["weights_digest"]},
+                "input_ids": ids.tolist(),
+                "decode_tokens": golden.decode_tokens.tolist(),
+                "phases": phases,
+                "dtypes": {"fp32": "float32", "bf16": "bfloat16"},
+                "versions": _versions(),
+                "identity": identity,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "build_seconds": round(time.perf_counter() - t0, 3),
+                "files": files,
+            }
+            _write_manifest(tmp, manifest)
             os.rename(tmp, path)
         except BaseException:
+            for w in writers:
+                w.abort()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            pool.shutdown(wait=True)
         step("done", 4, 4)
 
     def _build_local(self, golden: GoldenSet, progress: Progress | None) -> None:
