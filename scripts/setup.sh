@@ -9,6 +9,8 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# sed (not grep -v) drops pip's noise about absent local indexes and, under pipefail, keeps pip's exit code.
+quiet() { sed '/^WARNING: Location .* is ignored/d'; }
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0" 2>&1 | quiet
+.venv/bin/pip install -q -e ".[dev]" 2>&1 | quiet
 .venv/bin/python -c "import harness, torch, transformers; print('npu-harness', harness.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -33,12 +34,50 @@ def summarise_exception(exc: BaseException, frames: int = 3) -> str:
     return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
 
 
+_KNOBS_RE = re.compile(r"^emulator\[(.*)\]$")
+
+
+def _knob_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def emulator_with_knobs(target: str) -> Callable | None:
+    """``emulator[slowdown=1.15,acc_dtype=bf16]`` -> the emulator with those EmulatorConfig knobs
+    (``faults=a+b`` switches on faults), so a kernel design can be gated from the command line."""
+    m = _KNOBS_RE.match(target)
+    if m is None:
+        return None
+    from harness.deployment.emulator import make_factory
+
+    knobs, faults = {}, ()
+    for item in filter(None, (part.strip() for part in m.group(1).split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DeploymentError(f"--deployment {target!r}: {item!r} is not KNOB=VALUE")
+        if key.strip() == "faults":
+            faults = tuple(filter(None, value.split("+")))
+        else:
+            knobs[key.strip()] = _knob_value(value.strip())
+    factory = make_factory(faults=faults, **knobs)
+    factory.name = target
+    return factory
+
+
 def load_factory(target: str | Callable | None) -> Callable:
-    """A factory from ``pkg.module:factory``, a built-in short name, or a callable (returned as is)."""
+    """A factory from ``pkg.module:factory``, a built-in short name, ``emulator[KNOB=VALUE,...]``, or a
+    callable (returned as is)."""
     if target is None:
         target = DEFAULT_DEPLOYMENT
     if callable(target):
         return target
+    knobbed = emulator_with_knobs(target)
+    if knobbed is not None:
+        return knobbed
     target = BUILTIN.get(target, target)
     if ":" not in target:
         raise DeploymentError(f"--deployment {target!r}: expected MODULE:FACTORY (e.g. {DEFAULT_DEPLOYMENT})")
