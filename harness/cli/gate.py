@@ -3,7 +3,7 @@ pipeline can trust (0 pass, 1 correctness, 2 performance regression, 3 could not
 
 The console shows at most 20 lines (``render_gate_summary``); ``--json`` writes every phase's checks and
 the per-mode verdicts (schema 1 each); ``--junit`` writes one testcase per phase check (tap ids for
-phases 2, 3, 5). Default ``--phase 7``: the whole gate, as a reviewer or a nightly job runs it; an agent
+phases 2, 3, 5). Default ``--phase 7`` (5 with ``--trace``): the whole gate, as a reviewer or a nightly job runs it; an agent
 in phase N of its loop passes ``--phase N`` and gets only phases 0..N.
 """
 from __future__ import annotations
@@ -107,7 +107,9 @@ def gate(
                                     "`harness list`). Default: none."),
     trace: Optional[Path] = typer.Option(None, "--trace", help="Judge a trace directory instead of a live "
                                          "deployment (phases 0-5, cumulative). Default: none."),
-    phase: int = typer.Option(7, "--phase", min=0, max=7, help="Run the gates of phases 0..N. Default: 7."),
+    phase: Optional[int] = typer.Option(None, "--phase", min=0, max=7,
+                                        help="Run the gates of phases 0..N. Default: 7; 5 with --trace (a "
+                                             "trace holds one cumulative run: phases 6-7 need a live deployment)."),
     scale: str = ScaleOpt,
     seed: int = SeedOpt,
     weights: Optional[Path] = WeightsOpt,
@@ -129,6 +131,8 @@ def gate(
 
     console = Console()
     t0 = time.perf_counter()
+    if phase is None:
+        phase = 5 if trace is not None else 7
     try:
         if trace is not None and not (model or all_models):
             from harness.deployment.trace import read_trace
