@@ -102,3 +102,43 @@ def write_safetensors(path: Path, tensors: dict) -> str:
     for name, value in tensors.items():
         writer.write(name, value)
     return writer.close()
+
+
+class MappedSafetensors:
+    """A safetensors file memory-mapped once; ``get_tensor`` returns read-only zero-copy views.
+
+    safetensors' own numpy loader copies every tensor out of its map; golden sets are read whole by
+    the verifier anyway, so views keep a load at the cost of one sha256 pass.
+    """
+
+    _DTYPES = {"F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32", "U8": "uint8"}
+
+    def __init__(self, path: Path):
+        import json
+        import mmap
+        import struct
+
+        with open(path, "rb") as fh:
+            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            (n,) = struct.unpack("<Q", self._map[:8])
+            header = json.loads(self._map[8:8 + n])
+        except (struct.error, ValueError) as exc:
+            raise ValueError(f"{path}: not a safetensors file ({exc})") from None
+        header.pop("__metadata__", None)
+        self._start = 8 + n
+        self._header = header
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def get_tensor(self, key: str):
+        import ml_dtypes
+        import numpy as np
+
+        info = self._header[key]  # KeyError for an unknown key, as safe_open raises
+        dtype = ml_dtypes.bfloat16 if info["dtype"] == "BF16" else np.dtype(self._DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        flat = np.frombuffer(self._map, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize,
+                             offset=self._start + begin)
+        return flat.reshape(info["shape"])

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Optional, Sequence
 import click
 import typer
 from rich.console import Console
+from rich.text import Text
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -57,7 +58,8 @@ LastOpt = Annotated[int, typer.Option("--last", min=2, help="Runs of history to 
 
 
 def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: a long path must stay on one line (an agent greps the message for the file name).
+    Console(stderr=True).print(Text.assemble(("error:", "red"), " ", message), highlight=False, soft_wrap=True)
     return typer.Exit(EXIT_CANNOT_RUN)
 
 

@@ -49,7 +49,7 @@ class TapRecorder:
         forced = self.force.get(self.phase, {}).get(name)
         if forced is None:
             return None
-        return torch.from_numpy(np.ascontiguousarray(forced)).to(value.dtype)
+        return torch.from_numpy(np.array(forced, dtype=np.float32)).to(value.dtype)  # a copy: stores map read-only
 
     def numpy(self, keep_bf16: bool = False) -> dict[str, dict[str, np.ndarray]]:
         """Captured taps as float32 NumPy arrays (bf16 values are exact in float32); with ``keep_bf16`` a

@@ -32,7 +32,7 @@ import ml_dtypes  # noqa: F401  registers NumPy's "bfloat16" dtype, which safete
 import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
-from harness.fileio import SafetensorsWriter, sha256_file, write_safetensors
+from harness.fileio import MappedSafetensors, SafetensorsWriter, sha256_file, write_safetensors
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
 from harness.weights import WeightsSource, load_weights, weights_digest
@@ -138,13 +138,11 @@ class GoldenSet:
 
     # -- tensors ---------------------------------------------------------------------------------
     def _open(self, path: Path):
-        from safetensors import safe_open
-
         handle = self._handles.get(path)
         if handle is None:
             if not path.is_file():
                 raise GoldenCorrupt(f"golden file missing: {path}")
-            handle = self._handles[path] = safe_open(str(path), framework="numpy")
+            handle = self._handles[path] = MappedSafetensors(path)
         return handle
 
     def tap_names(self, phase: str) -> list[str]:
