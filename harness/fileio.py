@@ -21,6 +21,49 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+BLOCK = 1 << 24  # 16 MiB: golden files carry one sha256 per block, so several threads verify one file
+
+
+class BlockHasher:
+    """sha256 of every ``BLOCK`` bytes of a stream (the last block may be short)."""
+
+    def __init__(self, block: int = BLOCK):
+        self.block, self.digests, self.size = block, [], 0
+        self._h, self._filled = hashlib.sha256(), 0
+
+    def update(self, buf) -> None:
+        view = memoryview(buf).cast("B")
+        while len(view):
+            take = min(len(view), self.block - self._filled)
+            self._h.update(view[:take])
+            self._filled += take
+            self.size += take
+            view = view[take:]
+            if self._filled == self.block:
+                self.digests.append(self._h.hexdigest())
+                self._h, self._filled = hashlib.sha256(), 0
+
+    def result(self) -> dict:
+        """``{"size", "block", "sha256": [...]}``: what a manifest records for one file."""
+        digests = self.digests + ([self._h.hexdigest()] if self._filled or not self.digests else [])
+        return {"size": self.size, "block": self.block, "sha256": digests}
+
+
+def block_digest_tasks(path: Path, record: dict) -> list[tuple[Path, int, int, str]]:
+    """(path, offset, length, expected sha256) per block of ``record`` (see BlockHasher.result)."""
+    block, size = record["block"], record["size"]
+    return [(path, i * block, min(block, size - i * block), digest) for i, digest in enumerate(record["sha256"])]
+
+
+def block_matches(task: tuple[Path, int, int, str]) -> bool:
+    """Does one block of a file hash to its recorded sha256? (hashlib releases the GIL: run in threads)."""
+    path, offset, length, digest = task
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(length)
+    return len(data) == length and hashlib.sha256(data).hexdigest() == digest
+
+
 # -- safetensors, written zero-copy ------------------------------------------------------------------
 # The format (https://huggingface.co/docs/safetensors): an 8-byte little-endian header length, a JSON
 # header {name: {dtype, shape, data_offsets}} padded to 8 bytes, then the raw buffers back to back.
@@ -43,7 +86,7 @@ class SafetensorsWriter:
     """Write one safetensors file whose tensor list is known up front; arrays arrive in that order.
 
     ``layout``: [(name, dtype, shape), ...]. ``write(name, array)`` streams the array to the file and
-    into the running sha256; ``close()`` returns the file's sha256 hex digest.
+    into the running block hashes; ``close()`` returns the file's record (BlockHasher.result).
     """
 
     def __init__(self, path: Path, layout: list[tuple[str, object, tuple[int, ...]]]):
@@ -63,7 +106,7 @@ class SafetensorsWriter:
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        self._hash = hashlib.sha256()
+        self._hash = BlockHasher()
         self._fh = open(path, "wb")
         self._emit(struct.pack("<Q", len(text)) + text)
 
@@ -93,11 +136,11 @@ class SafetensorsWriter:
             self._fh.close()
             raise ValueError(f"safetensors writer: {len(self._order) - self._next} tensors never written")
         self._fh.close()
-        return self._hash.hexdigest()
+        return self._hash.result()
 
 
-def write_safetensors(path: Path, tensors: dict) -> str:
-    """Write ``tensors`` (name -> array) as a safetensors file; returns its sha256 hex digest."""
+def write_safetensors(path: Path, tensors: dict) -> dict:
+    """Write ``tensors`` (name -> array) as a safetensors file; returns its block-hash record."""
     writer = SafetensorsWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
     for name, value in tensors.items():
         writer.write(name, value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -154,6 +155,11 @@ class ReferenceRun:
     decode_tokens: np.ndarray
 
 
+def _finished(rec: TapRecorder, on_phase, keep_bf16: bool) -> None:
+    if on_phase is not None:
+        on_phase(rec.phase, {name: _to_numpy(t, keep_bf16) for name, t in rec.taps[rec.phase].items()})
+
+
 def run_reference(
     model,
     spec: ModelSpec,
@@ -163,12 +169,15 @@ def run_reference(
     decode_tokens: np.ndarray | None = None,
     force: dict[str, dict[str, np.ndarray]] | None = None,
     keep_bf16: bool = False,
+    on_phase: Callable[[str, dict[str, np.ndarray]], None] | None = None,
 ) -> ReferenceRun:
     """Prefill ``input_ids`` then decode with the KV cache, capturing every tap.
 
     Decode tokens are ``decode_tokens`` when given (the fp32 golden's greedy tokens, fed to every
     other run), else chosen greedily from this run's own logits. ``force`` maps phase -> tap -> value
     to teacher-force (each op then sees golden inputs). ``keep_bf16``: see ``TapRecorder.numpy``.
+    ``on_phase(phase, taps)`` is called as soon as each phase is captured (the store starts writing it
+    while later phases still compute).
     """
     from transformers import DynamicCache
 
@@ -182,6 +191,7 @@ def run_reference(
             ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))[None, :]
             out = model(input_ids=ids, cache=cache, use_cache=True)
             logits = out.logits
+            _finished(rec, on_phase, keep_bf16)
             for step in range(decode_steps):
                 if decode_tokens is not None:
                     nxt = int(decode_tokens[step])
@@ -191,6 +201,7 @@ def run_reference(
                 tokens.append(nxt)
                 rec.phase = f"decode.{step}"
                 out = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True)
+                _finished(rec, on_phase, keep_bf16)
             del logits, out
     finally:
         _ACTIVE.reset(token)

@@ -3,7 +3,7 @@
 Layout of one entry (``<root>/<model folder>/<scale>/seed<seed>-<key16>/``):
 
 - ``manifest.json``: model, scale, seed, weights digest, token ids, dtypes, library versions, the full key
-  and the sha256 of every file;
+  and, per file, its size and the sha256 of every 16 MiB block;
 - ``<phase>.safetensors`` per phase (``prefill``, ``decode.0`` ...), keys ``fp32/<tap>`` (the golden) and
   ``bf16/<tap>`` (the HF bf16 run: the cumulative-mode noise baseline, stored as bfloat16, lossless);
 - ``local/``: built on first use by isolated mode, the teacher-forced bf16 run (each op in bf16 on the
@@ -12,7 +12,7 @@ Layout of one entry (``<root>/<model folder>/<scale>/seed<seed>-<key16>/``):
 The key hashes everything that determines the tensors (model config, seed, weights digest, tokens,
 decode steps, library versions, capture version), so a stale golden is never reused. Builds happen in a
 temporary directory renamed into place under a file lock: parallel pytest-xdist workers build once, and a
-crash leaves nothing half-written. Every file's sha256 is checked on load: a truncated, edited or missing
+crash leaves nothing half-written. Every file's block sha256s are checked on load: a truncated, edited or missing
 file raises GoldenCorrupt naming the file, never a comparison.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 import platform
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,12 +32,12 @@ import ml_dtypes  # noqa: F401  registers NumPy's "bfloat16" dtype, which safete
 import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
-from harness.fileio import MappedSafetensors, SafetensorsWriter, sha256_file, write_safetensors
+from harness.fileio import MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, write_safetensors
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
 from harness.weights import WeightsSource, load_weights, weights_digest
 
-CAPTURE_VERSION = 1
+CAPTURE_VERSION = 2  # 2: block-wise sha256 in the manifest
 MANIFEST = "manifest.json"
 LOCAL_DIR = "local"
 VARIANTS = ("fp32", "bf16")
@@ -180,19 +180,23 @@ def verify_dir(path: Path) -> list[str]:
         try:
             manifest = json.loads(mpath.read_text())
             files = manifest["files"]
+            for record in files.values():  # {"size", "block", "sha256": [one per block]}
+                int(record["size"]), int(record["block"]), list(record["sha256"])
         except FileNotFoundError:
             problems.append(f"{mpath}: manifest missing")
             continue
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            problems.append(f"{mpath}: manifest unreadable ({exc})")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            problems.append(f"{mpath}: manifest unreadable ({type(exc).__name__}: {exc})")
             continue
         present = {name: d / name for name in files if (d / name).is_file()}
         problems.extend(f"{d / name}: missing" for name in files if name not in present)
-        # hashlib releases the GIL on large buffers: two threads hash two files at once.
+        wrong_size = {name for name in present if present[name].stat().st_size != files[name]["size"]}
+        tasks = [t for name in present if name not in wrong_size for t in block_digest_tasks(present[name], files[name])]
+        # One sha256 per 16 MiB block: both cores verify even the one big prefill file.
         with ThreadPoolExecutor(HASH_THREADS) as pool:
-            digests = dict(zip(present, pool.map(sha256_file, present.values())))
+            bad = {task[0] for task, ok in zip(tasks, pool.map(block_matches, tasks)) if not ok}
         problems.extend(f"{present[name]}: sha256 mismatch (truncated or edited)"
-                        for name, digest in files.items() if name in present and digests[name] != digest)
+                        for name in files if name in wrong_size or present.get(name) in bad)
     return problems
 
 
@@ -315,17 +319,16 @@ class GoldenStore:
         weights = load_weights(spec, request.weights, request.seed)
         ids = prompt_ids(spec, request.seed, request.tokens)
         step("fp32 reference", 1, 4)
-        golden = run_reference(build_hf_model(spec, weights, torch.float32), spec, ids,
-                               decode_steps=request.decode_steps)
         phases = tapspec.phase_names(request.decode_steps)
         tmp = self._tmpdir(path)
         pool = ThreadPoolExecutor(HASH_THREADS)
         writers: list[SafetensorsWriter] = []
+        started: dict[str, Future] = {}
         try:
             # Each phase file holds fp32/<tap> then bf16/<tap> (same shapes, bf16 dtype): its layout is
-            # known now, so the fp32 half streams to disk while the bf16 reference computes.
-            def start(phase: str) -> SafetensorsWriter:
-                taps = golden.taps[phase]
+            # known once the fp32 run has captured the phase, so the fp32 half streams to disk while the
+            # later phases and the whole bf16 reference still compute.
+            def start(phase: str, taps: dict[str, np.ndarray]) -> SafetensorsWriter:
                 layout = [(f"fp32/{k}", np.float32, v.shape) for k, v in taps.items()]
                 layout += [(f"bf16/{k}", ml_dtypes.bfloat16, v.shape) for k, v in taps.items()]
                 writer = SafetensorsWriter(tmp / f"{phase}.safetensors", layout)
@@ -334,15 +337,19 @@ class GoldenStore:
                     writer.write(f"fp32/{k}", v)
                 return writer
 
-            started = [pool.submit(start, phase) for phase in phases]
+            def begin(phase: str, taps: dict[str, np.ndarray]) -> None:
+                started[phase] = pool.submit(start, phase, taps)
+
+            golden = run_reference(build_hf_model(spec, weights, torch.float32), spec, ids,
+                                   decode_steps=request.decode_steps, on_phase=begin)
             step("bf16 reference", 2, 4)
             base = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, ids,
                                  decode_steps=request.decode_steps, decode_tokens=golden.decode_tokens,
                                  keep_bf16=True)
             step("writing", 3, 4)
 
-            def finish(i: int) -> tuple[str, str]:
-                writer = started[i].result()
+            def finish(i: int) -> tuple[str, dict]:
+                writer = started[phases[i]].result()
                 for k in golden.taps[phases[i]]:
                     writer.write(f"bf16/{k}", _bf16(base.taps[phases[i]][k]))
                 return f"{phases[i]}.safetensors", writer.close()
