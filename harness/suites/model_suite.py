@@ -169,24 +169,25 @@ class ModelSuite:
     @pytest.mark.perf
     @pytest.mark.phase4
     def test_prefill_perf(self, harness_session: HarnessSession, benchmark: Any) -> None:
-        from harness.deployment.loader import describe
         from harness.perf.timing import bench_prefill
 
-        golden = harness_session.golden(self.model_id, steps=PERF_GOLDEN_STEPS)
-        dep = harness_session.deployment(self.model_id, golden)
-        bench_prefill(benchmark, dep, golden.input_ids, model=self.model_id,
-                      deployment=describe(harness_session.settings.factory()))
+        self._bench(harness_session, benchmark, bench_prefill)
 
     @pytest.mark.perf
     @pytest.mark.phase5
     def test_decode_perf(self, harness_session: HarnessSession, benchmark: Any) -> None:
-        from harness.deployment.loader import describe
         from harness.perf.timing import bench_decode
+
+        self._bench(harness_session, benchmark, bench_decode)
+
+    def _bench(self, harness_session: HarnessSession, benchmark: Any, bench: Any) -> None:
+        """Time the deployment on the end-to-end golden's prompt with ``bench`` (harness.perf.timing)."""
+        from harness.deployment.loader import describe
 
         golden = harness_session.golden(self.model_id, steps=PERF_GOLDEN_STEPS)
         dep = harness_session.deployment(self.model_id, golden)
-        bench_decode(benchmark, dep, golden.input_ids, model=self.model_id,
-                     deployment=describe(harness_session.settings.factory()))
+        bench(benchmark, dep, golden.input_ids, model=self.model_id,
+              deployment=describe(harness_session.settings.factory()))
 
     # -- phase 6 -------------------------------------------------------------------------------------------
     def test_e2e(self, harness_session: HarnessSession, case: str) -> None:
