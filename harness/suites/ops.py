@@ -54,6 +54,11 @@ class OpCase:
         """Canonical identity, e.g. ``gemm[M=64,K=896,N=4864,acc=fp32]``."""
         return f"{self.op}[{','.join(f'{k}={v}' for k, v in self.params)}]"
 
+    def check_id(self) -> str:
+        """The phase-1 check id: the identity without the accumulator, which is the design under test
+        (the deployment's knob), not a property of the op case."""
+        return f"{self.op}[{','.join(f'{k}={v}' for k, v in self.params if k != 'acc')}]"
+
     @property
     def shape_key(self) -> str:
         """The shape part of the identity (what a compiled kernel is specialised for)."""

@@ -30,7 +30,7 @@ def op_ids(spec: ModelSpec) -> list[str]:
     from harness.suites.ops import op_cases_for
 
     cases = op_cases_for(spec)
-    return [c.vars() for c in cases] + [f"probe:{c.vars()}" for c in cases if c.gemm_dims()]
+    return [c.check_id() for c in cases] + [f"probe:{c.check_id()}" for c in cases if c.gemm_dims()]
 
 
 def run_ops(spec: ModelSpec, deployment: str | Callable | None, only: set[str] | None = None) -> list[Check]:
@@ -38,9 +38,12 @@ def run_ops(spec: ModelSpec, deployment: str | Callable | None, only: set[str] |
     from harness.suites.ops import R_LIMIT, exact_probe, judge, op_cases_for
 
     backend = backend_for(deployment)
+    # The cases carry the accumulator under test: the emulator backend's own knob, so a factory built
+    # with acc_dtype="bf16" is judged as the bf16-accumulating design it is (check ids leave it out).
+    acc = getattr(getattr(backend, "cfg", None), "acc_dtype", "fp32")
     checks: list[Check] = []
-    for case in op_cases_for(spec):
-        cid = case.vars()
+    for case in op_cases_for(spec, acc=acc):
+        cid = case.check_id()
         if only is None or cid in only:
             r = judge(case, backend)
             checks.append(Check(cid, r.passed, f"r {r.metrics.get('r', float('nan')):.3g} "
