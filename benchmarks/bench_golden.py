@@ -18,7 +18,6 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 

@@ -64,7 +64,6 @@ def _section(verdict: dict[str, Any], index: int, plot: bool) -> ModelSection:
     if plot and any(reading.tap_position(r["tap"])[0] < 1 << 30 for r in verdict["results"]):
         name = f"layers-{index:02d}-{_slug(reading.title(verdict))}.png"
         image = Image(name, f"R and 1 - cosine by layer: {reading.title(verdict)}", plots.layer_error_png(verdict))
-    ff = verdict.get("first_failure")
     return ModelSection(
         title=reading.title(verdict), status=reading.status(verdict),
         summary=tuple(summary.render_summary(verdict).splitlines()),
