@@ -9,6 +9,7 @@ is finite fails under every policy. One text syntax serves the API, the CLI and 
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ def _non_finite(metrics: dict[str, Any]) -> list[str]:
     return out
 
 
-class Policy:
+class Policy(abc.ABC):
     """Base of the policies: dataclass parameters, ``spec()`` text, the shared NaN/Inf rule."""
 
     name: ClassVar[str]
@@ -105,10 +106,10 @@ class Policy:
         thresholds, more, *measured = self._judge(dut, golden, baseline, metrics, kind=kind, phase=phase, mode=mode)
         return Judgement(not (reasons or more), self.name, reasons + more, thresholds, *measured)
 
+    @abc.abstractmethod
     def _judge(self, dut: np.ndarray, golden: np.ndarray, baseline: np.ndarray, metrics: dict[str, Any],
                *, kind: str, phase: str, mode: str) -> tuple[dict[str, float], list[str]] | tuple[dict, list, dict]:
         """(thresholds, failure reasons[, measured values when they differ from the metrics])."""
-        raise NotImplementedError
 
     def spec(self) -> str:
         """Canonical policy text: ``name:param=value,...`` with every parameter."""
