@@ -9,10 +9,11 @@ import sys
 
 import typer
 
+from harness.cli import gate, info, trace
 from harness.cli.golden import golden_app
-from harness.errors import HarnessError
-
-EXIT_PASS, EXIT_FAIL, EXIT_PERF, EXIT_ERROR = 0, 1, 2, 3
+from harness.cli.perf import perf_app
+from harness.cli.selftest import register as register_selftest
+from harness.errors import EXIT_ERROR, HarnessError
 
 app = typer.Typer(
     name="harness",
@@ -22,28 +23,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(golden_app, name="golden")
-
-
-def _mount_optional() -> None:
-    """Sub-apps that live in their own modules."""
-    from harness.cli import gate, info, trace
-
-    gate.register(app)
-    info.register(app)
-    app.add_typer(trace.trace_app, name="trace")
-    try:
-        from harness.cli.perf import perf_app
-    except ImportError:  # pragma: no cover - perf module is part of the package
-        return
-    app.add_typer(perf_app, name="perf")
-    try:
-        from harness.cli.selftest import register as register_selftest
-    except ImportError:
-        return
-    register_selftest(app)
-
-
-_mount_optional()
+app.add_typer(trace.trace_app, name="trace")
+app.add_typer(perf_app, name="perf")
+gate.register(app)
+info.register(app)
+register_selftest(app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,11 +20,11 @@ from rich.text import Text
 from rich.table import Table
 from typer.core import TyperGroup
 
-from harness.errors import HarnessError
+from harness.errors import EXIT_ERROR, EXIT_PASS, EXIT_PERF, HarnessError
 from harness.perf import benchjson, history, stats
 from harness.perf.stats import Comparison, Verdict
 
-EXIT_OK, EXIT_REGRESSION, EXIT_CANNOT_RUN = 0, 2, 3
+EXIT_OK, EXIT_REGRESSION, EXIT_CANNOT_RUN = EXIT_PASS, EXIT_PERF, EXIT_ERROR
 
 
 # typer >= 0.20 vendors its own click; its UsageError is the base of the public typer.BadParameter.

@@ -203,7 +203,7 @@ def verify_dir(path: Path) -> list[str]:
 def _write_entry(tmp: Path, phases: dict[str, dict[str, np.ndarray]], manifest: dict) -> None:
     """Write phase files (hashing the bytes as written, two at a time) and the manifest into ``tmp``."""
 
-    def write(phase: str) -> tuple[str, str]:
+    def write(phase: str) -> tuple[str, dict]:
         name = f"{phase}.safetensors"
         return name, write_safetensors(tmp / name, phases[phase])
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-EXIT_PASS, EXIT_FAIL, EXIT_PERF, EXIT_ERROR = 0, 1, 2, 3
+from harness.errors import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, EXIT_PERF  # noqa: F401  (re-exported)
 
 PHASES: dict[int, tuple[str, str]] = {
     0: ("sanity", "reference sanity: golden integrity, HF self-consistency, decode vs longer prefill, bf16 top-1"),
