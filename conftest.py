@@ -3,9 +3,10 @@ import os
 
 
 def pytest_configure(config):
-    # Under pytest-xdist each worker runs torch on one thread: two workers x two threads would
-    # oversubscribe two cores, and tiny models run several times faster without thread hand-off.
+    # Under pytest-xdist each worker runs on one thread (torch and the metrics kernels): two workers
+    # x two threads would oversubscribe two cores, and tiny models run several times faster without
+    # thread hand-off.
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        import torch
+        from harness.threads import use_one_thread
 
-        torch.set_num_threads(1)
+        use_one_thread()

@@ -7,6 +7,10 @@ All figures are measured side by side in one run and printed as ratios:
   sha256) against the two plain forward passes (HF models built the same way, no hooks). Target <= 1.3.
 - build / load: loading the set back (manifest + sha256 of every file + every tensor read). Target >= 10.
 - compare / build: judging every tap of every phase (metrics + default policy) against the build. Target <= 0.15.
+- assert_close / metrics: torch.testing.assert_close on every tap of the set against computing every
+  metric of every tap (tap_metrics), the same tensors. Target >= 3. Reported twice: at torch's bf16
+  defaults (rtol 1.6e-2, atol 1e-5; it fails on some taps and then builds its message, as a user
+  running it would see) and at a tolerance every tap passes (the check alone).
 
 Weights are generated once up front and shared by every measurement (they are the same input to all).
 Run: .venv/bin/python benchmarks/bench_golden.py [--model qwen2.5-0.5b] [--scale full] [--repeat 2]
@@ -18,6 +22,7 @@ import shutil
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 
@@ -104,6 +109,28 @@ def main() -> None:
             judge_tap(policies, phase, name, kind, b, g, b)
 
     compared = best(compare)
+
+    from harness.compare.metrics import tap_metrics
+
+    def metrics_only():
+        for _phase, _name, _kind, g, b in tensors:
+            tap_metrics(b, g, b)
+
+    pairs = [(torch.from_numpy(np.asarray(b)), torch.from_numpy(np.asarray(g))) for *_, g, b in tensors]
+
+    def assert_close(rtol, atol):
+        failed = 0
+        for b, g in pairs:
+            try:
+                torch.testing.assert_close(b, g, rtol=rtol, atol=atol)
+            except AssertionError:
+                failed += 1
+        return failed
+
+    metrics_s = best(metrics_only)
+    ac_default = best(lambda: assert_close(1.6e-2, 1e-5))
+    ac_pass = best(lambda: assert_close(1.0, 1.0))
+    n_failed = assert_close(1.6e-2, 1e-5)
     for r in roots:
         shutil.rmtree(r, ignore_errors=True)
     print(f"golden set: {size:.0f} MB on disk, {len(tensors)} taps over {len(golden.phases)} phases")
@@ -114,7 +141,12 @@ def main() -> None:
     print(f"{'compare every tap (metrics + policy)':<44}{compared:>9.2f}")
     print(f"build / plain   = {built / plain:5.2f}   (target <= 1.30)")
     print(f"build / load    = {built / loaded:5.1f}   (target >= 10)")
+    print(f"{'every metric of every tap (tap_metrics)':<44}{metrics_s:>9.2f}")
+    print(f"{'assert_close every tap, bf16 defaults':<44}{ac_default:>9.2f}   ({n_failed} of {len(pairs)} taps fail)")
+    print(f"{'assert_close every tap, passing tolerance':<44}{ac_pass:>9.2f}")
     print(f"compare / build = {compared / built:5.3f}  (target <= 0.15)")
+    print(f"assert_close / metrics = {ac_default / metrics_s:5.2f} at bf16 defaults, "
+          f"{ac_pass / metrics_s:5.2f} passing  (target >= 3)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Benchmark: every metric of tap_metrics vs torch.testing.assert_close on the same tensors.
 
-Tensor set at full qwen2.5-0.5b scale, 128 tokens: the [128, 151936] logits plus one layer's taps
-([128, 896] x 9, [128, 128] x 3, [128, 4864] x 3), float32. The dut is the golden rounded to bf16 (close
+Tensor set at full qwen2.5-0.5b scale: a 128-token prefill's [128, 151936] logits and one layer's taps
+([128, 896] x 9, [128, 128] x 3, [128, 4864] x 3), and one decode step's one-row taps of one layer
+plus its logits ([1, 896] x 9, [1, 128] x 3, [1, 4864] x 3, [1, 151936]), float32. For the whole
+golden set's mix (1,815 taps) see bench_golden.py. The dut is the golden rounded to bf16 (close
 but not equal, and passing assert_close at torch's bf16 tolerance); the baseline is a bf16 rounding
 of the golden with 0.3% noise. Both sides run interleaved, best of N repetitions, in one process.
 
@@ -18,7 +20,8 @@ import torch
 
 from harness.compare.metrics import tap_metrics
 
-SHAPES = [(128, 151936)] + [(128, 896)] * 9 + [(128, 128)] * 3 + [(128, 4864)] * 3
+LAYER = [(896,)] * 9 + [(128,)] * 3 + [(4864,)] * 3
+SHAPES = [(128, 151936)] + [(128, *f) for f in LAYER] + [(1, *f) for f in LAYER] + [(1, 151936)]
 
 
 def tensors(seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -47,7 +50,8 @@ def main() -> None:
         for d, g in pairs[items]:
             torch.testing.assert_close(d, g, rtol=1.6e-2, atol=1e-5)
 
-    rows = [("logits [128, 151936]", slice(0, 1)), ("layer taps (15)", slice(1, None)), ("all", slice(None))]
+    rows = [("logits [128, 151936]", slice(0, 1)), ("layer taps [128, *] (15)", slice(1, 16)),
+            ("decode taps [1, *] (16)", slice(16, None)), ("all", slice(None))]
     best = {(name, side): float("inf") for name, _ in rows for side in ("ours", "theirs")}
     ours(slice(None)), theirs(slice(None))                      # warm-up: scratch buffers, torch threads
     for _ in range(args.reps):
@@ -57,10 +61,10 @@ def main() -> None:
                 fn(items)
                 best[(name, side)] = min(best[(name, side)], time.perf_counter() - t0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.reps}")
-    print(f"{'tensor set':24s} {'tap_metrics ms':>15s} {'assert_close ms':>16s} {'speed-up':>9s}")
+    print(f"{'tensor set':26s} {'tap_metrics ms':>15s} {'assert_close ms':>16s} {'speed-up':>9s}")
     for name, _ in rows:
         a, b = best[(name, "ours")] * 1e3, best[(name, "theirs")] * 1e3
-        print(f"{name:24s} {a:15.1f} {b:16.1f} {b / a:8.2f}x")
+        print(f"{name:26s} {a:15.2f} {b:16.2f} {b / a:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,11 @@ class Case:
         return f"{self.model}/seed{self.seed}/{self.mode}/{self.fault}"
 
 
+# The metrics the calibrated policy's statistics are computed from (CalibratedPolicy.statistics).
+CALIBRATION_KEYS = ("rel_fro", "baseline_rel_fro", "ulp_p99", "baseline_ulp_p99", "r_bias", "bias_t",
+                    "baseline_bias_t")
+
+
 @dataclass
 class CaseResult:
     """What one case produced: per policy ``{"passed": bool, "first": "phase/tap" | None}``, the gate's
@@ -55,7 +60,7 @@ class CaseResult:
     hint: str | None = None
     error: str | None = None
     seconds: float = 0.0
-    # (phase, tap, kind, rel_fro, baseline_rel_fro, ulp_p99, baseline_ulp_p99, passed), for calibration only
+    # (phase, tap, kind, {CALIBRATION_KEYS: value}, passed), for calibration only
     taps: list[tuple] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,8 +162,7 @@ def run_case(case: Case, *, golden_dir: str | Path | None = None, decode_steps: 
         kind = parse(r.tap).kind
         if keep_taps and r.metrics:
             m = r.metrics
-            out.taps.append((r.phase, r.tap, kind, m["rel_fro"], m["baseline_rel_fro"], m["ulp_p99"],
-                             m["baseline_ulp_p99"], r.passed))
+            out.taps.append((r.phase, r.tap, kind, {k: m[k] for k in CALIBRATION_KEYS}, r.passed))
         if r.judgement is None:  # a contract problem (shape, dtype): a failure whatever the policy
             for name in CLASSIC:
                 judged[name].append(r)
@@ -198,9 +202,9 @@ def population(models: Iterable[str], seeds: Iterable[int], faults: Iterable[str
 
 
 def _init_worker() -> None:
-    import torch
+    from harness.threads import use_one_thread
 
-    torch.set_num_threads(1)
+    use_one_thread()
 
 
 def _run_one(args: tuple) -> CaseResult:
