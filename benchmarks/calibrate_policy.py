@@ -1,8 +1,8 @@
 """Reproduce the calibration of CALIBRATED_THRESHOLDS (harness/compare/policies.py, docs/policies.md).
 
 1. Clean emulator runs on the calibration seeds (default 100-139), all nine models, both modes, prefill
-   and 4 decode steps: R and r_tail of every tap -> count, max, p99.9 per phase kind.
-2. Thresholds = margin (default 1.5) x the maxima, rounded up (R to 0.25, tail to 0.5).
+   and 4 decode steps: R, r_tail and r_bias of every tap -> count, max, p99.9 per phase kind.
+2. Thresholds = margin (default 1.5) x the maxima, rounded up (R to 0.25, tail and bias to 0.5).
 3. Held out: the self-test's population (clean seeds 0-19 the calibration never saw, every fault on
    every applicable model) re-judged under the derived thresholds: false alarms, detection and exact
    localisation, scored as `harness selftest` scores them.
@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"calibration: {len(calib)} clean checks ({time.perf_counter() - t0:.0f} s)")
     for fam, row in summary.items():
         print(f"  {fam:15s} n={row['count']:7d}  R max {row['r_max']:.3f} (p99.9 {row['r_p999']:.3f})  "
-              f"r_tail max {row['tail_max']:.3f} (p99.9 {row['tail_p999']:.3f})")
-        print(f"          worst R at {row['r_max_at']}; worst tail at {row['tail_max_at']}")
+              f"r_tail max {row['tail_max']:.3f} (p99.9 {row['tail_p999']:.3f})  "
+              f"r_bias max {row['bias_max']:.3f} (p99.9 {row['bias_p999']:.3f})")
+        print(f"          worst R at {row['r_max_at']}; worst tail at {row['tail_max_at']}; "
+              f"worst bias at {row['bias_max_at']}")
     limits = [k for k in CALIBRATED_THRESHOLDS if k.endswith("_max")]
     print("derived thresholds:", {k: derived[k] for k in limits})
     print("current thresholds:", {k: CALIBRATED_THRESHOLDS[k] for k in limits})

@@ -35,12 +35,13 @@ def test_fp32_replay_passes_with_zero_error(golden_root):
 @given(data=st.data())
 def test_one_percent_perturbation_caught_exactly_there(data, golden_root):
     """Isolated mode: each tap's allowance is one op's bf16 rounding, so a 1% error shows, and only there
-    (downstream ops see the golden, not the perturbed value). Prefill: always caught. Decode: caught
-    unless HF's own teacher-forced bf16 row is itself that far off (decode attention can be ~1%: then 1%
-    is bf16 noise, docs/policies.md) - so the gate is never blind where the noise is small."""
-    from harness.compare.metrics import BF16_ROUNDING_REL_RMS
+    (downstream ops see the golden, not the perturbed value). Prefill: R catches it. Decode rows can be
+    ruled by a few outlier channels whose one rounding is ~0.35% of the norm (R ~3, inside the limit),
+    and there r_bias catches it: a scaling leans every element's error along the golden (t >= 13),
+    rounding noise does not. The one way through is a tap where HF bf16's own row leans along the
+    golden by more than 1/limit of that (its own scale error): none on seed 0 of the nine models
+    (checked for every tap and phase), and the assertion below names it if one appears."""
     from harness.compare.policies import CALIBRATED_THRESHOLDS as T
-    from harness.store import GoldenRequest, GoldenStore
 
     model = data.draw(st.sampled_from(IDS), label="model")
     spec = harness.models.get(model, "tiny")
@@ -54,11 +55,10 @@ def test_one_percent_perturbation_caught_exactly_there(data, golden_root):
         assert v.first_failure.localisation["kind"] in ("spike", "end")
         return
     assert phase != "prefill", f"a 1% error at prefill/{tap} passed"
-    golden = GoldenStore(golden_root).get(GoldenRequest(model, "tiny", 0, STEPS))
-    g, local = golden.tensor(phase, tap), golden.tensor(phase, tap, "local")
-    noise = np.linalg.norm(local - g) / np.linalg.norm(g)
-    assert 0.01 <= T["isolated_decode_r_max"] * max(noise, T["decode_r_floor"] * BF16_ROUNDING_REL_RMS), (
-        f"a 1% error at {phase}/{tap} passed although HF bf16's own error there is only {noise:.3%}")
+    m = next(r.metrics for r in v.results if (r.phase, r.tap) == (phase, tap))
+    assert abs(m["baseline_bias_t"]) * T["isolated_decode_bias_max"] >= abs(m["bias_t"]), (
+        f"a 1% error at {phase}/{tap} passed although HF bf16's own row leans along the golden only with "
+        f"t {m['baseline_bias_t']:.3g} (the dut's: {m['bias_t']:.3g})")
 
 
 def test_perturbation_in_cumulative_mode_is_caught_at_layer_zero(golden_root):

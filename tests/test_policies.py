@@ -63,6 +63,22 @@ def test_calibrated_tail_catches_local_corruption() -> None:
     assert not j and [r.split(" ")[0] for r in j.reasons] == ["r_tail"]  # ... not in the tail
 
 
+def test_calibrated_bias_catches_a_scaled_decode_row_that_r_misses() -> None:
+    """A decode row ruled by outlier channels: its one bf16 rounding is ~0.35% of the norm, so a 1%
+    scaling scores R ~3, inside the decode limit; every element leans along the golden, and r_bias
+    (the t statistic of that lean over the baseline's) says so."""
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((1, 256)).astype(np.float32)
+    g[0, [7, 91]] = [33.125, -33.125]         # two outlier channels, each rounded by half a bf16 ULP
+    b = _bf16(g)
+    d = (g * np.float32(1.01)).astype(np.float32)
+    m = tap_metrics(d, g, b)
+    j = CalibratedPolicy().judge(d, g, b, m, kind="attn", phase="decode.0", mode="isolated")
+    assert j.measured["r"] <= CALIBRATED_THRESHOLDS["isolated_decode_r_max"]      # R alone lets it through
+    assert not j and [r.split(" ")[0] for r in j.reasons] == ["r_bias"] and "lean along the golden" in j.reasons[0]
+    assert CalibratedPolicy().judge(b, g, b, tap_metrics(b, g, b), kind="attn", phase="decode.0", mode="isolated")
+
+
 def test_calibrated_decode_uses_decode_thresholds() -> None:
     d, g, b = _case(2, (1, 256))
     m = dict(tap_metrics(d, g, b), rel_fro=1.8 * tap_metrics(d, g, b)["baseline_rel_fro"])

@@ -56,16 +56,20 @@ def test_calibration_summary_and_derived_thresholds(quick: list[CaseResult]) -> 
         # the clean runs sit under the shipped thresholds (no false alarm) ...
         assert row["r_max"] <= CALIBRATED_THRESHOLDS[f"{prefix}r_max"]
         assert row["tail_max"] <= CALIBRATED_THRESHOLDS[f"{prefix}tail_max"]
+        assert 0 <= row["bias_p999"] <= row["bias_max"] <= CALIBRATED_THRESHOLDS[f"{prefix}bias_max"]
     th = derive(summary, margin=1.5)
     assert th["r_max"] >= 1.5 * summary["prefill"]["r_max"] and th["r_max"] % 0.25 == 0
     assert th["decode_tail_max"] >= 1.5 * summary["decode"]["tail_max"] and th["decode_tail_max"] % 0.5 == 0
     assert th["isolated_decode_r_max"] >= 1.5 * summary["isolated_decode"]["r_max"]
+    assert th["isolated_decode_bias_max"] >= 1.5 * summary["isolated_decode"]["bias_max"]
+    assert th["isolated_decode_bias_max"] % 0.5 == 0
     assert th["r_floor"] == CALIBRATED_THRESHOLDS["r_floor"]
     # ... and thresholds at the clean maximum itself still pass every clean run
     tight = dict(th)
     for fam, (mode, phase) in FAMILIES.items():
         prefix = threshold_prefix(phase, mode)
-        tight[f"{prefix}r_max"], tight[f"{prefix}tail_max"] = summary[fam]["r_max"], summary[fam]["tail_max"]
+        for key in ("r", "tail", "bias"):
+            tight[f"{prefix}{key}_max"] = summary[fam][f"{key}_max"]
     assert all(r.outcomes[OURS]["passed"] for r in rejudge(quick, tight) if r.case.fault == "clean")
 
 

@@ -20,7 +20,7 @@ from harness.report.reading import fmt, one_line
 MAX_LINES = 20
 # Metrics where higher is better; every other metric (R, errors, ULPs) is better when lower.
 _HIGHER_IS_BETTER = {"cosine", "snr_db", "top1_agreement", "topk_agreement"}
-_METRIC_ORDER = ("r", "r_tail", "cosine", "rel_fro", "max_abs", "ulp_p99")
+_METRIC_ORDER = ("r", "r_tail", "r_bias", "cosine", "rel_fro", "max_abs", "ulp_p99")
 _STATUS_STYLE = {"PASS": "bold green", "FAIL": "bold red", "PERF REGRESSION": "bold yellow",
                  "NOTHING COMPARED": "bold magenta"}
 _LOCALISATION = {"spike": "spike: the error returns to baseline downstream (a local fault in this op)",

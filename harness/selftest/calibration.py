@@ -1,9 +1,9 @@
 """Calibrate the default policy's thresholds on clean emulator runs, and verify them on held-out runs.
 
-The calibrated rule (harness.compare.policies.CalibratedPolicy) passes a tap while R and r_tail stay
-under a threshold per family: (cumulative | isolated) x (prefill | decode). Here: R and r_tail of every tap of clean runs (the floors of
-``CALIBRATED_THRESHOLDS`` applied, exact-baseline taps left out) -> count, max and p99.9 per family
--> thresholds = ``margin`` x max, rounded up (``derive``) -> every held-out run (clean seeds the
+The calibrated rule (harness.compare.policies.CalibratedPolicy) passes a tap while R, r_tail and
+r_bias stay under a threshold per family: (cumulative | isolated) x (prefill | decode). Here: those
+statistics of every tap of clean runs (the floors of ``CALIBRATED_THRESHOLDS`` applied, exact-baseline
+taps left out) -> count, max and p99.9 per family -> thresholds = ``margin`` x max, rounded up (``derive``) -> every held-out run (clean seeds the
 calibration never saw, plus the fault runs) re-judged offline under them (``rejudge``), scored with the
 self-test's own scoreboard.
 """
@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from harness.compare.metrics import BF16_ROUNDING_REL_RMS
 from harness.compare.policies import CALIBRATED_THRESHOLDS, CalibratedPolicy, threshold_prefix
 from harness.selftest.runner import CLEAN, OURS, CaseResult
 from harness.spec import taps as tapspec
@@ -24,7 +23,9 @@ from harness.spec.model_spec import get
 # A family is a (mode, phase kind) pair: each has its own limits, named by its key prefix.
 FAMILIES = {"prefill": ("cumulative", "prefill"), "decode": ("cumulative", "decode.0"),
             "isolated_prefill": ("isolated", "prefill"), "isolated_decode": ("isolated", "decode.0")}
-ROUNDING = {"r": 0.25, "tail": 0.5}     # thresholds are rounded up to these steps
+STATS = {"r": "r", "tail": "r_tail", "bias": "r_bias"}    # summary key -> CalibratedPolicy statistic
+ROUNDING = {"r": 0.25, "tail": 0.5, "bias": 0.5}           # thresholds are rounded up to these steps
+KEYS = {"r": "r_max", "tail": "tail_max", "bias": "bias_max"}  # threshold key after the family prefix
 
 
 def _family(phase: str, mode: str) -> str:
@@ -32,33 +33,31 @@ def _family(phase: str, mode: str) -> str:
 
 
 def ratios(results: list[CaseResult], floors: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
-    """R and r_tail of every compared tap of the *clean* results, per phase kind, with where each was."""
-    f = {**CALIBRATED_THRESHOLDS, **(floors or {})}
-    out: dict[str, dict[str, Any]] = {k: {"r": [], "tail": [], "where": []} for k in FAMILIES}
+    """R, r_tail and r_bias of every compared tap of the *clean* results, per family, with where each was."""
+    policy = CalibratedPolicy(**{**CALIBRATED_THRESHOLDS, **(floors or {})})
+    out: dict[str, dict[str, Any]] = {k: {**{s: [] for s in STATS}, "where": []} for k in FAMILIES}
     for res in results:
         if res.case.fault != CLEAN or res.error:
             continue
-        for phase, tap, _kind, rel, base_rel, ulp, base_ulp, _passed in res.taps:
-            if base_rel == 0.0:           # exact baseline (embedding lookup): judged exactly, no threshold
+        for phase, tap, _kind, metrics, _passed in res.taps:
+            if metrics["baseline_rel_fro"] == 0.0:   # exact baseline (embedding lookup): judged exactly
                 continue
-            fam = _family(phase, res.case.mode)
-            decode = phase.startswith("decode")
-            r_floor = (f["decode_r_floor"] if decode else f["r_floor"]) * BF16_ROUNDING_REL_RMS
-            t_floor = f["decode_tail_floor"] if decode else f["tail_floor"]
-            out[fam]["r"].append(0.0 if rel == 0 else rel / max(base_rel, r_floor))
-            out[fam]["tail"].append(0.0 if ulp == 0 else ulp / max(base_ulp, t_floor))
-            out[fam]["where"].append(f"{res.case.id} {phase}/{tap}")
-    return {k: {"r": np.asarray(v["r"]), "tail": np.asarray(v["tail"]), "where": v["where"]} for k, v in out.items()}
+            fam = out[_family(phase, res.case.mode)]
+            stats = policy.statistics(metrics, phase)
+            for key, name in STATS.items():
+                fam[key].append(stats[name])
+            fam["where"].append(f"{res.case.id} {phase}/{tap}")
+    return {k: {**{s: np.asarray(v[s]) for s in STATS}, "where": v["where"]} for k, v in out.items()}
 
 
 def summarise(data: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Count, max (and where) and p99.9 of R and r_tail per family."""
+    """Count, max (and where) and p99.9 of each statistic per family."""
     out = {}
     for fam, d in data.items():
         if not len(d["r"]):
             continue
         row: dict[str, Any] = {"count": int(len(d["r"]))}
-        for key in ("r", "tail"):
+        for key in STATS:
             i = int(np.argmax(d[key]))
             row[f"{key}_max"] = float(d[key][i])
             row[f"{key}_p999"] = float(np.quantile(d[key], 0.999))
@@ -72,14 +71,14 @@ def _round_up(x: float, step: float) -> float:
 
 
 def derive(summary: dict[str, dict[str, Any]], margin: float = 1.5) -> dict[str, float]:
-    """Thresholds = ``margin`` x the clean maximum per family, rounded up (R to 0.25, tail to 0.5);
-    floors unchanged. A family without data keeps its current thresholds."""
+    """Thresholds = ``margin`` x the clean maximum per family, rounded up (``ROUNDING``); floors
+    unchanged. A family without data keeps its current thresholds."""
     th = dict(CALIBRATED_THRESHOLDS)
     for fam, (mode, phase) in FAMILIES.items():
         prefix = threshold_prefix(phase, mode)
         if fam in summary:
-            th[f"{prefix}r_max"] = _round_up(margin * summary[fam]["r_max"], ROUNDING["r"])
-            th[f"{prefix}tail_max"] = _round_up(margin * summary[fam]["tail_max"], ROUNDING["tail"])
+            for key, step in ROUNDING.items():
+                th[prefix + KEYS[key]] = _round_up(margin * summary[fam][f"{key}_max"], step)
     return th
 
 
@@ -95,9 +94,8 @@ def rejudge(results: list[CaseResult], thresholds: dict[str, float]) -> list[Cas
         spec = get(res.case.model, "tiny")
         order = {name: i for i, name in enumerate(tapspec.tap_names(spec))}
         failing = []
-        for phase, tap, kind, rel, base_rel, ulp, base_ulp, passed in res.taps:
-            if base_rel != 0.0:
-                m = {"rel_fro": rel, "baseline_rel_fro": base_rel, "ulp_p99": ulp, "baseline_ulp_p99": base_ulp}
+        for phase, tap, kind, m, passed in res.taps:
+            if m["baseline_rel_fro"] != 0.0:
                 passed = not policy._judge(None, None, None, m, kind=kind, phase=phase, mode=res.case.mode)[1]
             if not passed:
                 step = -1 if phase == "prefill" else int(phase.split(".")[1])
