@@ -5,7 +5,8 @@ Tensor set at full qwen2.5-0.5b scale: a 128-token prefill's [128, 151936] logit
 plus its logits ([1, 896] x 9, [1, 128] x 3, [1, 4864] x 3, [1, 151936]), float32. For the whole
 golden set's mix (1,815 taps) see bench_golden.py. The dut is the golden rounded to bf16 (close
 but not equal, and passing assert_close at torch's bf16 tolerance); the baseline is a bf16 rounding
-of the golden with 0.3% noise. Both sides run interleaved, best of N repetitions, in one process.
+of the golden with 0.3% noise. Both sides run interleaved, set by set, best of N repetitions, in one
+process.
 
     .venv/bin/python benchmarks/bench_metrics.py [--reps 7]
 """
@@ -54,8 +55,8 @@ def main() -> None:
             ("decode taps [1, *] (16)", slice(16, None)), ("all", slice(None))]
     best = {(name, side): float("inf") for name, _ in rows for side in ("ours", "theirs")}
     ours(slice(None)), theirs(slice(None))                      # warm-up: scratch buffers, torch threads
-    for _ in range(args.reps):
-        for name, items in rows:
+    for name, items in rows:             # one set at a time: the logits' threads spin on after them
+        for _ in range(args.reps):
             for side, fn in (("ours", ours), ("theirs", theirs)):
                 t0 = time.perf_counter()
                 fn(items)

@@ -25,7 +25,7 @@ from harness.selftest.runner import CLASSIC, CLEAN, OURS, POLICIES, CaseResult
 
 TARGETS = {"detection": 1.0, "localisation": 0.95, "false_alarms": 0.0}
 POLICY_TEXT = {
-    OURS: "calibrated R / tail (default)",
+    OURS: "calibrated R / tail / bias (default)",
     "torch-bf16": "allclose rtol 1.6e-2 atol 1e-5",
     "cosine-0.99": "cosine >= 0.99 per tap",
     "nmse-llamacpp": "NMSE <= 5e-4",
