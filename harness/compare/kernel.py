@@ -7,8 +7,8 @@ one-row decode taps of a golden set.
 
 Numerics: sums are float64 (float32 inputs cannot overflow them, so no rescaling is needed). The
 loops vectorise: ``fastmath`` reassociates the sums (changing only their last bits) and assumes no
-NaN/Inf, so the pre-pass detects special values from the exponent bits and the caller then takes its
-plain float64 path; maxima are integer maxima of the float bits (non-negative floats order as their
+NaN/Inf, so each row's norm pass detects special values from the exponent bits and the caller then
+takes its plain float64 path; maxima are integer maxima of the float bits (non-negative floats order as their
 bits do) because LLVM does not vectorise a floating-point max.
 
 ULP of a golden element: its bf16 spacing 2^(E - 134) for float32 exponent field E, with E raised to
@@ -17,8 +17,9 @@ float32; harness.compare.metrics explains the floor), built from the exponent bi
 
 The p99 ULP errors are exact: a seeded sample gives a threshold a little below them, the main pass
 keeps the elements above it as candidates (scanning only the 8-element words it flagged), and a
-selection among the candidates gives the quantile; when the sample misjudged, a second pass keeps
-every element. Small taps keep every element from the start.
+selection among the candidates gives the quantile; when the sample misjudged (or more candidates
+came than the buffers hold), a second pass keeps every element. Small taps keep every element from
+the start.
 """
 from __future__ import annotations
 
@@ -295,11 +296,12 @@ def _select(a, k):  # type: ignore[no-untyped-def]
 @numba.njit(**_JIT)
 def _kth_pair(a, k):  # type: ignore[no-untyped-def]
     """(k-th, (k+1)-th) smallest values of ``a`` (0-based; the k-th twice when k is the last), ``a``
-    being reordered. Near the top, one pass keeps the largest values. Otherwise: quickselect mispredicts a branch on every other element of random data, so
+    being reordered. Near the top (the p99 of a small tap), one pass keeps the largest values.
+    Otherwise quickselect, which mispredicts a branch on every other element of random data, so
     large arrays first narrow the search: a strided sample of 256 brackets the k-th value with a
     window of +-4 standard deviations of its sample rank, one branch-free pass counts the elements
-    below the window and copies those inside, and quickselect runs on the window alone (the whole
-    array when the window missed)."""
+    below the window and copies those inside, and quickselect runs on the window alone (on the
+    whole array when the window missed)."""
     n = a.size
     top_m = n - k                                       # the k-th smallest is the top_m-th largest
     if top_m <= 32:                                     # near the top (a p99 of a small tap): keep the
@@ -371,9 +373,7 @@ def _top(values, index):  # type: ignore[no-untyped-def]
     best_i = np.full(TOP, -1, np.int64)
     for k in range(values.size):
         v = values[k]
-        if v <= best_v[TOP - 1] and not (v > 0.0 and best_i[TOP - 1] < 0):
-            continue
-        if v <= 0.0:
+        if not v > 0.0 or (best_i[TOP - 1] >= 0 and v <= best_v[TOP - 1]):
             continue
         p = TOP - 1
         while p > 0 and (v > best_v[p - 1] or best_i[p - 1] < 0):
@@ -386,14 +386,17 @@ def _top(values, index):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(**_JIT)
-def _finish(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, n, q, scalars):  # type: ignore[no-untyped-def]
-    """Combine the blocks: scalars (SCALARS order) and the worst flat indices; False when the
-    candidates overflowed their buffers or do not hold the quantiles (the caller reruns keeping
-    every element)."""
+def _conclude(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, n, q, scalars):  # type: ignore[no-untyped-def]  # noqa: E501
+    """Combine the blocks into scalars (SCALARS order) and the worst flat indices: (0, worst); (1, -)
+    when an input held NaN or Inf; (-1, -) when the candidates overflowed their buffers or do not
+    hold the quantiles (the caller reruns keeping every element)."""
     nb = starts.size
+    none = np.zeros(0, np.int64)
+    if accs[:, 7].sum() > 0:
+        return 1, none
     for blk in range(nb):
         if max(accs[blk, 5], accs[blk, 6]) > ends[blk] - starts[blk]:
-            return False, np.zeros(0, np.int64)
+            return -1, none
     s0, k_d0, k_b0 = starts[0], int(accs[0, 5]), int(accs[0, 6])
     cd, ci, cb = cand_d[s0:s0 + k_d0], cand_idx[s0:s0 + k_d0], cand_b[s0:s0 + k_b0]
     if nb == 2:                                         # the second block's candidates follow
@@ -404,7 +407,7 @@ def _finish(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, n, q, scalar
     p99_d, ok_d = _quantile(cd, t_d, n, q)
     p99_b, ok_b = _quantile(cb, t_b, n, q)
     if not (ok_d and ok_b):
-        return False, np.zeros(0, np.int64)
+        return -1, none
     scalars[0] = accs[:, 0].sum()
     scalars[1] = accs[:, 1].max()
     scalars[2] = accs[:, 2].sum()
@@ -412,7 +415,7 @@ def _finish(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, n, q, scalar
     scalars[4] = accs[:, 4].sum()
     scalars[5] = p99_d
     scalars[6] = p99_b
-    return True, _top(cd, ci)
+    return 0, _top(cd, ci)
 
 
 @numba.njit(**_JIT)
@@ -426,11 +429,11 @@ def _thresholds(dut, g, base, sample_ptr, sample_cols, k, floor_fraction, min_ma
 
 
 @numba.njit(**_JIT)
-def _regions(bounds, f, keep_all):  # type: ignore[no-untyped-def]
-    """Each row block's [start, end) in the candidate buffers: every element when keeping all, else
-    4% of them plus 1024 (the sampled threshold keeps ~1.5-2%; more means the sample misjudged,
-    and the pass reruns keeping all). Sized to need, because touching a buffer the size of a large
-    tap costs more than the pass (fresh pages are zeroed)."""
+def _buffers(bounds, f, keep_all):  # type: ignore[no-untyped-def]
+    """Candidate buffers for the row blocks ``bounds`` and each block's [start, end) in them (every
+    element when keeping all, else 4% of them plus 1024: the sampled threshold keeps ~1.5-2%, and
+    more means the sample misjudged, so the pass reruns keeping all; sized to need, because touching
+    a buffer the size of a large tap costs more than the pass), and the blocks' partials."""
     nb = bounds.size - 1
     starts = np.zeros(nb, np.int64)
     ends = np.zeros(nb, np.int64)
@@ -440,7 +443,7 @@ def _regions(bounds, f, keep_all):  # type: ignore[no-untyped-def]
         starts[blk] = pos
         pos += elements if keep_all else min(elements, elements // 25 + 1024)
         ends[blk] = pos
-    return starts, ends
+    return starts, ends, np.empty(pos), np.empty(pos, np.int64), np.empty(pos), np.zeros((nb, 8))
 
 
 @numba.njit(fastmath=_FAST, parallel=True, **_JIT)
@@ -457,17 +460,13 @@ def tap_pass_parallel(dut, g, base, sample_ptr, sample_cols, k, q, floor_fractio
     t_d, t_b = _thresholds(dut, g, base, sample_ptr, sample_cols, k, floor_fraction, min_magnitude)
     bounds = np.array([0, r // 2, r])
     for _attempt in range(2):
-        starts, ends = _regions(bounds, f, t_d < 0.0)
-        cand_d, cand_idx, cand_b = np.empty(ends[-1]), np.empty(ends[-1], np.int64), np.empty(ends[-1])
-        accs = np.zeros((2, 8))
+        starts, ends, cand_d, cand_idx, cand_b, accs = _buffers(bounds, f, t_d < 0.0)
         for blk in numba.prange(2):
             _rows(dut, g, base, bounds[blk], bounds[blk + 1], floor_fraction, min_magnitude, beyond_ulp, t_d,
                   t_b, rows, accs[blk], cand_d, cand_idx, cand_b, starts[blk], ends[blk])
-        if accs[:, 7].sum() > 0:
-            return 1, rows, scalars, np.zeros(0, np.int64)
-        ok, worst = _finish(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, r * f, q, scalars)
-        if ok:
-            return 0, rows, scalars, worst
+        status, worst = _conclude(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, r * f, q, scalars)
+        if status >= 0:
+            return status, rows, scalars, worst
         t_d = t_b = -1.0                                # the sample misjudged: keep every element
     raise AssertionError("a pass keeping every element always covers the quantile")
 
@@ -483,16 +482,12 @@ def tap_pass_serial(dut, g, base, sample_ptr, sample_cols, k, q, floor_fraction,
     t_d, t_b = _thresholds(dut, g, base, sample_ptr, sample_cols, k, floor_fraction, min_magnitude)
     bounds = np.array([0, r])
     for _attempt in range(2):
-        starts, ends = _regions(bounds, f, t_d < 0.0)
-        cand_d, cand_idx, cand_b = np.empty(ends[-1]), np.empty(ends[-1], np.int64), np.empty(ends[-1])
-        accs = np.zeros((1, 8))
+        starts, ends, cand_d, cand_idx, cand_b, accs = _buffers(bounds, f, t_d < 0.0)
         _rows(dut, g, base, 0, r, floor_fraction, min_magnitude, beyond_ulp, t_d, t_b, rows, accs[0], cand_d,
               cand_idx, cand_b, 0, ends[0])
-        if accs[0, 7] > 0:
-            return 1, rows, scalars, np.zeros(0, np.int64)
-        ok, worst = _finish(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, r * f, q, scalars)
-        if ok:
-            return 0, rows, scalars, worst
+        status, worst = _conclude(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, r * f, q, scalars)
+        if status >= 0:
+            return status, rows, scalars, worst
         t_d = t_b = -1.0                                # the sample misjudged: keep every element
     raise AssertionError("a pass keeping every element always covers the quantile")
 

@@ -156,13 +156,13 @@ def _slow(dut: np.ndarray, g: np.ndarray, base: np.ndarray) -> _Raw:
         gg = np.einsum("ij,ij->i", g64, g64)
         inv = _inv_ulp_f32(g, _floor_bits(gg, g.shape[1])[:, None]).astype(np.float64)
         u, ub = np.abs(d) * inv, np.abs(bd) * inv
-        along = np.where(g64 >= 0, inv, -inv)
+        along = np.where(g64 >= 0, inv, -inv)       # ULP errors signed along the golden
+        e_d, e_b = d * along, bd * along
         key = np.where(np.isnan(u), np.inf, u).ravel()  # NaN elements are the worst of all
         top = np.argsort(-key, kind="stable")[: TOP]
-        rows = np.stack([gg, np.einsum("ij,ij->i", d, d), np.einsum("ij,ij->i", g64, d),
-                         np.einsum("ij,ij->i", bd, bd), np.einsum("ij,ij->i", g64, bd), np.einsum("ij,ij->i", d, along),
-                         np.einsum("ij,ij->i", bd, along), np.einsum("ij,ij->i", d * along, d * along),
-                         np.einsum("ij,ij->i", bd * along, bd * along)])
+        dot = functools.partial(np.einsum, "ij,ij->i")
+        rows = np.stack([gg, dot(d, d), dot(g64, d), dot(bd, bd), dot(g64, bd), e_d.sum(axis=1), e_b.sum(axis=1),
+                         dot(e_d, e_d), dot(e_b, e_b)])
         return _Raw(rows,
                     float(np.abs(d).sum()), float(np.abs(d).max()) if d.size else 0.0, float(u.sum()),
                     float(u.max()) if u.size else 0.0, int(np.count_nonzero(u > ULP_BEYOND)),
@@ -193,8 +193,8 @@ def tap_metrics(dut: Any, golden: Any, baseline: Any) -> dict[str, Any]:
     Inputs are 2-D ``[tokens, features]`` arrays of one shape (converted to float32). Keys: max_abs,
     mean_abs, rmse, rel_fro, nmse, cosine, snr_db, ulp_mean, ulp_p99, ulp_max, beyond_4ulp, nan, inf,
     n, r, r_tail, baseline_rel_fro, baseline_ulp_p99, gain, baseline_gain, ulp_bias, baseline_ulp_bias,
-    bias_t, baseline_bias_t, r_bias, token_rel_err,
-    token_r, worst_tokens, worst_elements ([token, feature, dut, golden], worst ULP error first).
+    bias_t, baseline_bias_t, r_bias, token_rel_err, token_r, worst_tokens, worst_elements ([token,
+    feature, dut, golden], worst ULP error first).
     """
     d, g, b = _as_2d(dut, "dut"), _as_2d(golden, "golden"), _as_2d(baseline, "baseline")
     if d.shape != g.shape or b.shape != g.shape:
