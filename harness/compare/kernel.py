@@ -152,10 +152,11 @@ def _rows(dut, g, base, r0, r1, floor_fraction, min_magnitude, beyond_ulp, t_d, 
     f = g.shape[1]
     dbits, gbits, bbits = dut.view(np.uint32), g.view(np.uint32), base.view(np.uint32)
     special = 0
-    su = np.empty(_CHUNK)                               # ULP errors of one chunk of a row (stays in cache)
-    sb = np.empty(_CHUNK)
-    flag_d = np.zeros(_CHUNK, np.bool_)                # candidates of the chunk, read 8 at a time
-    flag_b = np.zeros(_CHUNK, np.bool_)
+    width = min(_CHUNK, (f + 7) // 8 * 8)               # a chunk of a row: its scratch stays in cache
+    su = np.empty(width)                                # ULP errors of the chunk
+    sb = np.empty(width)
+    flag_d = np.zeros(width, np.bool_)                 # its candidates, read 8 at a time
+    flag_b = np.zeros(width, np.bool_)
     words_d = flag_d.view(np.uint64)
     words_b = flag_b.view(np.uint64)
     k_d = start
