@@ -133,10 +133,10 @@ class Policy(abc.ABC):
 
 @dataclass(frozen=True)
 class CalibratedPolicy(Policy):
-    """The default: R, the tail ratio and the bias ratio under ``CALIBRATED_THRESHOLDS``, with limits per mode
-    (cumulative: the end-to-end bf16 baseline; isolated: the teacher-forced one, far sharper) and per
-    phase kind (prefill; decode, whose one-row baselines are noisier); exact when the baseline error
-    is exactly zero (the embedding lookup)."""
+    """The default: R, the tail ratio and the bias ratio under ``CALIBRATED_THRESHOLDS``, with limits
+    per mode (cumulative: the end-to-end bf16 baseline; isolated: the teacher-forced one, far sharper)
+    and per phase kind (prefill; decode, whose one-row baselines are noisier); exact when the baseline
+    error is exactly zero (the embedding lookup)."""
 
     name: ClassVar[str] = "calibrated"
     r_max: float = CALIBRATED_THRESHOLDS["r_max"]
@@ -176,10 +176,11 @@ class CalibratedPolicy(Policy):
 
     def statistics(self, metrics: dict[str, Any], phase: str) -> dict[str, float]:
         """The judged statistics of one tap, denominators floored: R (relative Frobenius error over the
-        baseline's), r_tail (p99 ULP error over the baseline's) and r_bias (the mean ULP error along the
-        golden over the baseline's, per row, floored at one bf16 rounding's: tap_metrics)."""
+        baseline's), r_tail (p99 ULP error over the baseline's) and r_bias (the worst row's t statistic
+        of ULP errors signed along the golden over the baseline's, at least 3: tap_metrics)."""
         decode = phase.startswith("decode")
-        base_rel = max(metrics["baseline_rel_fro"], (self.decode_r_floor if decode else self.r_floor) * BF16_ROUNDING_REL_RMS)
+        r_floor = (self.decode_r_floor if decode else self.r_floor) * BF16_ROUNDING_REL_RMS
+        base_rel = max(metrics["baseline_rel_fro"], r_floor)
         tail_floor = self.decode_tail_floor if decode else self.tail_floor
         return {"r": _div(metrics["rel_fro"], base_rel),
                 "r_tail": _div(metrics["ulp_p99"], max(metrics["baseline_ulp_p99"], tail_floor)),

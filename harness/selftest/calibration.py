@@ -3,9 +3,9 @@
 The calibrated rule (harness.compare.policies.CalibratedPolicy) passes a tap while R, r_tail and
 r_bias stay under a threshold per family: (cumulative | isolated) x (prefill | decode). Here: those
 statistics of every tap of clean runs (the floors of ``CALIBRATED_THRESHOLDS`` applied, exact-baseline
-taps left out) -> count, max and p99.9 per family -> thresholds = ``margin`` x max, rounded up (``derive``) -> every held-out run (clean seeds the
-calibration never saw, plus the fault runs) re-judged offline under them (``rejudge``), scored with the
-self-test's own scoreboard.
+taps left out) -> count, max and p99.9 per family -> thresholds = ``margin`` x max, rounded up
+(``derive``) -> every held-out run (clean seeds the calibration never saw, plus the fault runs)
+re-judged offline under them (``rejudge``), scored with the self-test's own scoreboard.
 """
 from __future__ import annotations
 
