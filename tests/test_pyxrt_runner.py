@@ -313,7 +313,8 @@ def test_registered_gemm_on_the_npu():
     registry = KernelRegistry(path)
     gemms = [k for k in registry.keys() if k.startswith("gemm/")]
     if not gemms:
-        pytest.skip(f"no gemm/* artifact registered in {path}")
+        pytest.skip(f"no gemm/* artifact registered in {path}: add one with KernelRegistry.register (docs/npu.md) "
+                    "or set NPU_HARNESS_REGISTRY to a registry that has one")
     op, shape_key = gemms[0].split("/", 1)
     backend = NpuOpBackend(registry)
     art = registry.resolve(op, shape_key)

@@ -53,7 +53,7 @@ BF16_ROUNDING_REL_RMS = 2.0 ** -7.5 / math.sqrt(12.0)
 R_FLOOR_ROUNDINGS = 0.5             # R's denominator >= half of one bf16 rounding of the golden
 TAIL_FLOOR_ULP = 0.5                # r_tail's denominator >= 0.5 ULP, the worst error of one rounding
 TAIL_QUANTILE = 0.99
-TOP = 5                             # worst_tokens / worst_elements length
+TOP = kernel.TOP                    # worst_tokens / worst_elements length (the kernel selects them)
 
 _SMALL = 1 << 11                    # up to this many elements every element is a quantile candidate
 _SAMPLE = 1 << 14                   # at most this many sampled elements set the candidate threshold
