@@ -2,14 +2,84 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import stat
+import struct
 from pathlib import Path
+
+from harness.errors import HarnessError
 
 CHUNK = 1 << 24
 
 
+# -- refusing what is not a regular file --------------------------------------------------------------
+# Inputs come from users and from files passed around (traces, checkpoints): a FIFO blocks open() and
+# read() forever, /dev/zero never ends, a directory or socket is no tensor file. Everything the harness
+# reads from such places goes through ``open_regular``: stat first, open non-blocking, fstat again (the
+# path may have been swapped between the two), refuse anything but a regular file.
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _label(path, what: str) -> str:
+    return f"{what} {path}" if what else str(path)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def unreadable(path: Path | str, exc: OSError, what: str = "file") -> HarnessError:
+    """One line naming ``path``, what went wrong and the fix, for an OSError raised reading it."""
+    fix = {13: "make it readable by this user", 2: "check the path", 20: "a parent of it is not a directory",
+           21: "name a file, not a directory"}.get(exc.errno or 0, "check the path and its permissions")
+    return HarnessError(f"{_label(path, what)}: cannot read ({exc.strerror or exc}); {fix}")
+
+
+def require_regular(path: Path | str, what: str = "file") -> os.stat_result:
+    """``os.stat(path)`` (symlinks followed); HarnessError unless it is a readable regular file."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise unreadable(path, exc, what) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise HarnessError(f"{_label(path, what)} is {_kind(st.st_mode)}, not a regular file: refused")
+    return st
+
+
+def open_regular(path: Path | str, what: str = "file") -> int:
+    """A read-only descriptor of ``path``, which must be a regular file (never blocks on a FIFO)."""
+    require_regular(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise unreadable(path, exc, what) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # swapped for something else since the stat
+        os.close(fd)
+        raise HarnessError(f"{_label(path, what)} is {_kind(mode)}, not a regular file: refused")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_bounded(path: Path | str, limit: int, what: str = "file") -> bytes:
+    """The bytes of regular file ``path``, refused when it is larger than ``limit``."""
+    fd = open_regular(path, what)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise HarnessError(f"{_label(path, what)} is {size} bytes, more than the {limit} allowed: refused")
+        data = fh.read(limit + 1)
+    if len(data) > limit:  # grew while read
+        raise HarnessError(f"{_label(path, what)} is more than the {limit} bytes allowed: refused")
+    return data
+
+
 def hash_file_into(h, path: Path) -> None:
-    """Feed a file's bytes into hash object ``h`` in chunks (files may be GBs)."""
-    with open(path, "rb") as fh:
+    """Feed a regular file's bytes into hash object ``h`` in chunks (files may be GBs)."""
+    with os.fdopen(open_regular(path), "rb") as fh:
         for chunk in iter(lambda: fh.read(CHUNK), b""):
             h.update(chunk)
 
@@ -147,33 +217,93 @@ def write_safetensors(path: Path, tensors: dict) -> dict:
     return writer.close()
 
 
+# Bytes per element of the safetensors dtypes the harness reads (others are refused by name).
+ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+               "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def safetensors_header(path: Path | str, what: str = "safetensors file", fd: int | None = None) -> tuple[dict, int]:
+    """(tensor name -> {dtype, shape, data_offsets}, start of the data) of a safetensors file.
+
+    The file must be a regular file whose size is exactly what its header describes: tensors
+    contiguous, each ``data_offsets`` span equal to its shape times its element size. Anything else
+    (a file padded with extra bytes, a header claiming more data than the file holds, a /dev/zero
+    stand-in) raises HarnessError naming the file, before any tensor byte is read.
+    """
+    label = _label(path, what)
+    own = fd is None
+    fd = open_regular(path, what) if own else fd
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise HarnessError(f"{label}: not a readable safetensors file ({size} bytes, shorter than its header)")
+        (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if n > MAX_HEADER or 8 + n > size:
+            raise HarnessError(f"{label}: not a readable safetensors file (header of {n} bytes in a {size}-byte file)")
+        raw = os.pread(fd, n, 8)
+    finally:
+        if own:
+            os.close(fd)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HarnessError(f"{label}: not a readable safetensors file (header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise HarnessError(f"{label}: not a readable safetensors file (header is not an object)")
+    header.pop("__metadata__", None)
+    end = 0
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, stop) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            count = 1
+            for d in shape:
+                if d < 0:
+                    raise ValueError("negative dimension")
+                count *= d
+            if ST_ITEMSIZE[dtype] * count != stop - begin or begin < 0:
+                raise ValueError(f"data_offsets {[begin, stop]} do not hold {dtype} {shape}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HarnessError(f"{label}: tensor {name!r} has an invalid header entry ({exc})") from None
+        spans.append((begin, stop))
+    for begin, stop in sorted(spans):
+        if begin != end:
+            raise HarnessError(f"{label}: not a readable safetensors file (tensor data not contiguous at byte {begin})")
+        end = stop
+    if size != 8 + n + end:
+        raise HarnessError(f"{label} is {size} bytes, its header describes {8 + n + end}: refused")
+    return header, 8 + n
+
+
 class MappedSafetensors:
     """A safetensors file memory-mapped once; ``get_tensor`` returns read-only zero-copy views.
 
     safetensors' own numpy loader copies every tensor out of its map; golden sets are read whole by
-    the verifier anyway, so views keep a load at the cost of one sha256 pass.
+    the verifier anyway, so views keep a load at the cost of one sha256 pass. The file must be a
+    regular file whose size matches its header (``safetensors_header``).
     """
 
-    _DTYPES = {"F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32", "U8": "uint8"}
+    _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+               "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
-    def __init__(self, path: Path):
-        import json
+    def __init__(self, path: Path, what: str = "safetensors file"):
         import mmap
-        import struct
 
-        with open(path, "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        fd = open_regular(path, what)
         try:
-            (n,) = struct.unpack("<Q", self._map[:8])
-            header = json.loads(self._map[8:8 + n])
-        except (struct.error, ValueError) as exc:
-            raise ValueError(f"{path}: not a safetensors file ({exc})") from None
-        header.pop("__metadata__", None)
-        self._start = 8 + n
-        self._header = header
+            self._header, self._start = safetensors_header(path, what, fd=fd)
+            self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
 
     def keys(self) -> list[str]:
         return list(self._header)
+
+    def dtype_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype, shape) of one tensor, from the header."""
+        info = self._header[key]
+        return info["dtype"], tuple(int(d) for d in info["shape"])
 
     def get_tensor(self, key: str):
         import ml_dtypes

@@ -263,6 +263,7 @@ def test_any_valid_trace_round_trips(tmp_path_factory, tokens: int, steps: int, 
 
 def test_weights_may_be_a_checkpoint_folder_inside_the_trace(trace_dir: Path):
     (trace_dir / "ckpt").mkdir()
+    (trace_dir / "ckpt" / "config.json").write_text(json.dumps(SPEC.config))
     save_file({"a": np.ones((2, 2), np.float32)}, trace_dir / "ckpt" / "model-00001.safetensors")
     save_file({"b": np.zeros(3, np.float32)}, trace_dir / "ckpt" / "model-00002.safetensors")
     meta = json.loads((trace_dir / "trace.json").read_text())

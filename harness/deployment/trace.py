@@ -25,10 +25,10 @@ from typing import Any
 
 import ml_dtypes  # noqa: F401  registers numpy's "bfloat16" dtype, which safetensors.numpy needs
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from harness.errors import HarnessError, TapError
+from harness.fileio import MappedSafetensors, read_bounded, require_regular, safetensors_header
 from harness.spec import model_spec, taps
 
 TRACE_JSON = "trace.json"
@@ -37,6 +37,7 @@ WEIGHTS_FILE = "weights.safetensors"
 # Formats that unpickle on load (torch.save, pickle, joblib, HF *.bin): loading one runs arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TAP_DTYPES = ("F32", "BF16")
+MAX_JSON_BYTES = 16 << 20  # trace.json, config.json, a checkpoint index: far above any real one
 
 Tap = Callable[[str, np.ndarray], np.ndarray]
 
@@ -55,17 +56,24 @@ def _inside(root: Path, name: str, what: str) -> Path:
     resolved = path.resolve()
     if not resolved.is_relative_to(root.resolve()):
         raise HarnessError(
-            f"trace {root}: {what} {path.name} resolves to {resolved}, outside the trace directory"
+            f"trace {root}: {what} {rel} resolves to {resolved}, outside the trace directory"
         )
+    return path
+
+
+def _regular_inside(root: Path, name: str, what: str) -> Path:
+    """``_inside`` and a regular file (never a FIFO, device, socket or directory)."""
+    path = _inside(root, name, what)
+    require_regular(path, f"trace {root}: {what}")
     return path
 
 
 def _read_json(root: Path) -> dict[str, Any]:
     path = _inside(root, TRACE_JSON, "file")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise HarnessError(f"trace {root}: {TRACE_JSON} is missing (see docs/trace-format.md)")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(read_bounded(path, MAX_JSON_BYTES, f"trace {root}: file"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HarnessError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(meta, dict):
@@ -92,22 +100,22 @@ def _refuse_pickles(root: Path) -> None:
             )
 
 
+def _open(path: Path) -> MappedSafetensors:
+    """A validated safetensors file: regular, its size exactly what its header describes."""
+    return MappedSafetensors(path, what="")
+
+
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (safetensors dtype, shape), read from the header only."""
-    try:
-        with safe_open(path, framework="np") as f:
-            out = {}
-            for key in f.keys():
-                sl = f.get_slice(key)
-                out[key] = (sl.get_dtype(), tuple(int(d) for d in sl.get_shape()))
-            return out
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise HarnessError(f"{path}: not a readable safetensors file: {exc}") from None
+    header, _ = safetensors_header(path, what="")
+    return {k: (v["dtype"], tuple(int(d) for d in v["shape"])) for k, v in header.items()}
 
 
-def _check_phase(spec: model_spec.ModelSpec, path: Path, phase: str) -> tuple[list[str], int]:
-    """Validate one phase file; return its taps in canonical order and its token count."""
-    header = _header(path)
+def _check_phase(spec: model_spec.ModelSpec, path: Path, phase: str,
+                 header: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> tuple[list[str], int]:
+    """Validate one phase file (or its already-read ``header``); its taps in canonical order and
+    its token count."""
+    header = _header(path) if header is None else header
     order = {name: i for i, name in enumerate(taps.tap_names(spec))}
     for name in header:
         try:
@@ -163,37 +171,79 @@ class Trace:
         """The recorded taps of ``phase`` as float32 arrays, in canonical execution order."""
         if phase not in self.phase_taps:
             raise HarnessError(f"trace {self.path}: no phase {phase!r}; it has {', '.join(self.phases)}")
-        path = _inside(self.path, phase_file(phase), "phase file")
-        names, _ = _check_phase(self.spec, path, phase)  # re-check: the files may have changed since
+        path = _regular_inside(self.path, phase_file(phase), "phase file")
+        f = _open(path)  # re-checked on the very bytes read: the files may have changed since
+        names, _ = _check_phase(self.spec, path, phase, {k: f.dtype_shape(k) for k in f.keys()})
         if tuple(names) != self.phase_taps[phase]:
             raise HarnessError(f"{path}: changed since the trace was read (its taps differ)")
-        with safe_open(path, framework="np") as f:
-            return {name: np.asarray(f.get_tensor(name), dtype=np.float32) for name in names}
+        return {name: np.array(f.get_tensor(name), dtype=np.float32) for name in names}
 
     def inputs(self) -> dict[str, np.ndarray] | None:
         """``input_ids`` and ``decode_tokens`` from inputs.safetensors, or None when absent."""
         if self.inputs_path is None:
             return None
-        with safe_open(self.inputs_path, framework="np") as f:
-            return {k: np.asarray(f.get_tensor(k), dtype=np.int64) for k in f.keys()}
+        f = _open(_regular_inside(self.path, INPUTS_FILE, "file"))
+        return {k: np.array(f.get_tensor(k), dtype=np.int64) for k in f.keys()}
 
     def load_weights(self) -> dict[str, np.ndarray] | None:
         """The weights the trace names (HF parameter names -> float32; a checkpoint folder's
         ``*.safetensors`` shards are merged), or None."""
         if self.weights_path is None:
             return None
-        files = sorted(self.weights_path.glob("*.safetensors")) if self.weights_path.is_dir() else [self.weights_path]
         out: dict[str, np.ndarray] = {}
-        for path in files:
-            with safe_open(_inside(self.path, str(path.relative_to(self.path)), "weights file"), framework="np") as f:
-                out.update({k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()})
+        for path in _weights_files(self.path, self.weights_path):
+            f = _open(path)
+            out.update({k: np.array(f.get_tensor(k), dtype=np.float32) for k in f.keys()})
         return out
+
+
+def _shard_names(root: Path, folder: Path) -> list[str]:
+    """The safetensors shards of a checkpoint folder (through its index when sharded), as names
+    relative to the trace root; the index itself is read bounded."""
+    rel = folder.relative_to(root)
+    index = folder / "model.safetensors.index.json"
+    if os.path.lexists(index):
+        _regular_inside(root, str(rel / index.name), "checkpoint index")
+        try:
+            weight_map = json.loads(read_bounded(index, MAX_JSON_BYTES, "checkpoint index"))["weight_map"]
+            names = sorted({str(rel / Path(str(n))) for n in weight_map.values()})
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise HarnessError(f"{index}: not a safetensors index ({exc})") from None
+    else:
+        names = sorted(str(rel / p.name) for p in folder.glob("*.safetensors"))
+    if not names:
+        raise HarnessError(f"trace {root}: checkpoint folder {rel} holds no *.safetensors shard")
+    return names
+
+
+def _weights_files(root: Path, weights: Path) -> list[Path]:
+    """Every file the trace's weights consist of, each inside the trace and a regular file, its size
+    what its safetensors header describes (a checkpoint folder: config.json and every shard, found by
+    globbing or through the index)."""
+    rel = str(weights.relative_to(root))
+    if not weights.is_dir():
+        path = _regular_inside(root, rel, "weights file")
+        _header(path)
+        return [path]
+    if weights.resolve() == root.resolve():
+        raise HarnessError(f"trace {root}: 'weights' names the trace directory itself; name a checkpoint folder in it")
+    _refuse_pickles(weights)
+    if not os.path.lexists(weights / "config.json"):
+        raise HarnessError(f"trace {root}: checkpoint folder {rel} has no config.json (a Hugging Face checkpoint "
+                           "folder holds config.json and *.safetensors)")
+    _regular_inside(root, str(Path(rel) / "config.json"), "checkpoint config")
+    read_bounded(weights / "config.json", MAX_JSON_BYTES, "checkpoint config")
+    shards = [_regular_inside(root, name, "checkpoint shard") for name in _shard_names(root, weights)]
+    for shard in shards:
+        _header(shard)
+    return shards
 
 
 def _check_inputs(root: Path, meta: dict[str, Any], prefill_tokens: int) -> Path | None:
     path = _inside(root, INPUTS_FILE, "file")
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
+    _regular_inside(root, INPUTS_FILE, "file")
     header = _header(path)
     expected = {"input_ids": (prefill_tokens,), "decode_tokens": (meta["decode_steps"],)}
     for key, shape in expected.items():
@@ -221,8 +271,9 @@ def read_trace(directory: str | os.PathLike) -> Trace:
     prefill_tokens = 0
     for phase in phases:
         path = _inside(root, phase_file(phase), "phase file")
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise HarnessError(f"trace {root}: {path.name} is missing (trace.json says decode_steps={meta['decode_steps']})")
+        _regular_inside(root, phase_file(phase), "phase file")
         names, tokens = _check_phase(spec, path, phase)
         phase_taps[phase] = tuple(names)
         if phase == "prefill":
@@ -239,12 +290,9 @@ def read_trace(directory: str | os.PathLike) -> Trace:
     if meta.get("weights"):
         # A safetensors file (what prepare_inputs writes) or a HF checkpoint folder inside the trace.
         weights = _inside(root, meta["weights"], "weights file")
-        if weights.is_dir():
-            _refuse_pickles(weights)
-        elif weights.is_file():
-            _header(weights)
-        else:
+        if not os.path.lexists(weights):
             raise HarnessError(f"{root / TRACE_JSON}: weights {meta['weights']!r} does not exist")
+        _weights_files(root, weights)
     return Trace(
         path=root, model=meta["model"], scale=meta["scale"], seed=meta["seed"],
         decode_steps=meta["decode_steps"], spec=spec, phase_taps=phase_taps,

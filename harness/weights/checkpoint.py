@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.fileio import hash_file_into
+from harness.fileio import hash_file_into, read_bounded, require_regular, safetensors_header
 from harness.spec.model_spec import ModelSpec
 from harness.weights.synthetic import bf16_round
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Config keys that must agree between the checkpoint and the spec (they fix every tensor shape and
 # the numerics that matter).
+MAX_JSON_BYTES = 16 << 20  # config.json, the shard index: far above any real one
 MATCH_KEYS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta",
@@ -27,11 +28,11 @@ MATCH_KEYS = (
 
 def _config(path: Path) -> dict:
     cfg_path = path / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise HarnessError(f"--weights {path}: no config.json (expected a Hugging Face checkpoint directory)")
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(read_bounded(cfg_path, MAX_JSON_BYTES, "--weights config"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HarnessError(f"{cfg_path}: not valid JSON ({exc})") from None
 
 
@@ -56,12 +57,13 @@ def check_config(spec: ModelSpec, path: Path) -> None:
 
 
 def shard_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint (through the index when sharded)."""
+    """The safetensors files of a checkpoint (through the index when sharded); each must be a regular
+    file (a FIFO or device would block or never end), wherever a symlink leads."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            weight_map = json.loads(read_bounded(index, MAX_JSON_BYTES, "--weights index"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise HarnessError(f"{index}: not a safetensors index ({exc})") from None
         files = sorted({path / name for name in weight_map.values()})
         for f in files:
@@ -69,6 +71,8 @@ def shard_files(path: Path) -> list[Path]:
                 raise HarnessError(f"{index}: shard {f.name} is missing or outside {path}")
         return files
     files = sorted(path.glob("*.safetensors"))
+    for f in files:
+        require_regular(f, "--weights shard")
     if files:
         return files
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -90,6 +94,7 @@ def load_checkpoint(spec: ModelSpec, path: str | Path) -> dict[str, np.ndarray]:
     check_config(spec, path)
     weights: dict[str, np.ndarray] = {}
     for f in shard_files(path):
+        safetensors_header(f, "--weights shard")  # a regular file whose size its header describes
         try:
             with safe_open(str(f), framework="numpy") as st:
                 for name in st.keys():
