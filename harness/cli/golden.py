@@ -75,23 +75,59 @@ def verify(
     golden_dir: Optional[Path] = GoldenDirOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model. Default: all."),
 ) -> None:
-    """Check every file of every entry against its manifest's sha256; exit 3 naming each bad file."""
+    """Check every file of every entry against its manifest's sha256 (and, with a signing key set, each
+    manifest's signature); exit 3 naming each bad file or untrusted entry."""
     from harness.models import folder_name
     from harness.store import GoldenStore, verify_dir
+    from harness.store.signing import SignatureProblem, signing_key
 
     store = GoldenStore(golden_dir)
+    key = signing_key()
     bad = checked = 0
     for path, _ in store.entries():
         if model and path.parent.parent.name != folder_name(model):
             continue
         checked += 1
-        for problem in verify_dir(path):
+        for problem in verify_dir(path, key):
             bad += 1
-            typer.echo(f"CORRUPT {problem}")
+            typer.echo(f"{'UNTRUSTED' if isinstance(problem, SignatureProblem) else 'CORRUPT'} {problem}")
     if checked == 0:
         typer.echo(f"no golden entries under {store.root}", err=True)
         raise typer.Exit(3)
     typer.echo(f"{checked} entries checked, {bad} problems")
+    if bad:
+        raise typer.Exit(3)
+
+
+@golden_app.command("sign")
+def sign(
+    golden_dir: Optional[Path] = GoldenDirOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model. Default: all."),
+) -> None:
+    """Sign entries built without a key (NPU_HARNESS_GOLDEN_KEY or _KEY_FILE must be set). Only entries
+    whose files match their sha256 are signed; signing vouches for them, so sign only a store you trust."""
+    from harness.models import folder_name
+    from harness.store import GoldenStore, verify_dir
+    from harness.store.golden import LOCAL_DIR
+    from harness.store.signing import KEY_ENV, KEY_FILE_ENV, sign as sign_dir, signing_key
+
+    key = signing_key()
+    if key is None:
+        typer.echo(f"error: set {KEY_ENV} or {KEY_FILE_ENV} to sign", err=True)
+        raise typer.Exit(3)
+    signed = bad = 0
+    for path, _ in GoldenStore(golden_dir).entries():
+        if model and path.parent.parent.name != folder_name(model):
+            continue
+        problems = verify_dir(path, None)  # the file hashes only: an entry is signed as it is
+        if problems:
+            bad += 1
+            typer.echo(f"NOT SIGNED {problems[0]}")
+            continue
+        for d in [path] + ([path / LOCAL_DIR] if (path / LOCAL_DIR).is_dir() else []):
+            sign_dir(d, key)
+        signed += 1
+    typer.echo(f"{signed} entries signed, {bad} refused")
     if bad:
         raise typer.Exit(3)
 

@@ -35,6 +35,7 @@ from harness.errors import GoldenCorrupt, HarnessError
 from harness.fileio import MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, write_safetensors
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
+from harness.store import signing
 from harness.weights import WeightsSource, load_weights, weights_digest
 
 CAPTURE_VERSION = 2  # 2: block-wise sha256 in the manifest
@@ -171,19 +172,31 @@ class GoldenSet:
         self._handles.clear()
 
 
-def verify_dir(path: Path) -> list[str]:
-    """Problems of one entry directory (and its local baseline): each names the file. Empty = intact."""
+_KEY_FROM_ENV = object()
+
+
+def verify_dir(path: Path, key: bytes | None | object = _KEY_FROM_ENV) -> list[str]:
+    """Problems of one entry directory (and its local baseline): each names the file. Empty = intact.
+
+    With a signing key (``key``, by default the configured one: harness.store.signing) each manifest
+    must also carry a valid signature; those problems are ``signing.SignatureProblem`` strings.
+    """
+    key = signing.signing_key() if key is _KEY_FROM_ENV else key
     problems: list[str] = []
     dirs = [path] + ([path / LOCAL_DIR] if (path / LOCAL_DIR).exists() else [])
     for d in dirs:
         mpath = d / MANIFEST
         try:
-            manifest = json.loads(mpath.read_text())
+            raw = mpath.read_bytes()
+            manifest = json.loads(raw)
             files = manifest["files"]
             for record in files.values():  # {"size", "block", "sha256": [one per block]}
                 int(record["size"]), int(record["block"]), list(record["sha256"])
         except FileNotFoundError:
             problems.append(f"{mpath}: manifest missing")
+            continue
+        except OSError as exc:
+            problems.append(f"{mpath}: cannot read ({exc.strerror or exc}); make the store readable by this user")
             continue
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             problems.append(f"{mpath}: manifest unreadable ({type(exc).__name__}: {exc})")
@@ -197,6 +210,7 @@ def verify_dir(path: Path) -> list[str]:
             bad = {task[0] for task, ok in zip(tasks, pool.map(block_matches, tasks)) if not ok}
         problems.extend(f"{present[name]}: sha256 mismatch (truncated or edited)"
                         for name in files if name in wrong_size or present.get(name) in bad)
+        problems.extend(signing.problems(d, raw, key))
     return problems
 
 
@@ -243,10 +257,15 @@ class GoldenStore:
     def load(self, path: str | Path) -> GoldenSet:
         """Load and verify an entry; raises GoldenCorrupt naming the first bad file."""
         path = Path(path)
-        problems = verify_dir(path)
+        key = signing.signing_key()
+        problems = verify_dir(path, key)
         if problems:
-            raise GoldenCorrupt("golden entry is corrupt: " + "; ".join(problems))
-        golden = GoldenSet(path, json.loads((path / MANIFEST).read_text()))
+            what = "not trusted" if all(isinstance(p, signing.SignatureProblem) for p in problems) else "corrupt"
+            raise GoldenCorrupt(f"golden entry is {what}: " + "; ".join(problems))
+        raw = (path / MANIFEST).read_bytes()
+        if signing.problems(path, raw, key):  # the manifest used is the one whose signature was checked
+            raise GoldenCorrupt(f"golden entry is not trusted: {path / MANIFEST} changed while it was verified")
+        golden = GoldenSet(path, json.loads(raw))
         golden._local_ok = golden.has_local
         return golden
 
@@ -314,6 +333,7 @@ class GoldenStore:
 
         step = progress or (lambda stage, done, total: None)
         t0 = time.perf_counter()
+        key = signing.signing_key()  # an unusable key fails before the build, not after
         spec = request.spec
         step("weights", 0, 4)
         weights = load_weights(spec, request.weights, request.seed)
@@ -374,6 +394,8 @@ class GoldenStore:
                 "files": files,
             }
             _write_manifest(tmp, manifest)
+            if key is not None:
+                signing.sign(tmp, key)
             os.rename(tmp, path)
         except BaseException:
             for w in writers:
@@ -391,6 +413,7 @@ class GoldenStore:
         from harness.reference.hf_model import build_hf_model
 
         step = progress or (lambda stage, done, total: None)
+        key = signing.signing_key()
         spec = golden.spec
         source = WeightsSource(golden.manifest["weights"]["source"].removeprefix("checkpoint:")
                                if golden.manifest["weights"]["source"].startswith("checkpoint:") else None)
@@ -407,6 +430,8 @@ class GoldenStore:
         tmp.mkdir()
         try:
             _write_entry(tmp, phases, {"schema": 1, "kind": "teacher-forced bf16 baseline", "key": golden.manifest["key"]})
+            if key is not None:
+                signing.sign(tmp, key)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
