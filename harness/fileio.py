@@ -128,9 +128,12 @@ def block_digest_tasks(path: Path, record: dict) -> list[tuple[Path, int, int, s
 def block_matches(task: tuple[Path, int, int, str]) -> bool:
     """Does one block of a file hash to its recorded sha256? (hashlib releases the GIL: run in threads)."""
     path, offset, length, digest = task
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read(length)
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+    except OSError as exc:
+        raise unreadable(path, exc, "golden file") from None
     return len(data) == length and hashlib.sha256(data).hexdigest() == digest
 
 

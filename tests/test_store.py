@@ -152,3 +152,65 @@ def test_clean_and_list(tmp_path):
     manifests = [m for _, m in s.entries()]
     assert [m["model"] for m in manifests] == ["smollm2-1.7b"]
     assert json.loads(json.dumps(manifests[0]))["seed"] == 0
+
+
+# -- errors a user can fix: one line naming the path and the fix (exit 3 from the CLI) -----------------
+# As root, chmod stops nothing, so a read-only store is simulated two ways: a golden directory under a
+# regular file (the OS really refuses: ENOTDIR), and a monkeypatched PermissionError (proves the mapping
+# of EACCES to the message, not that the OS raises it).
+
+def test_golden_dir_under_a_regular_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    store = GoldenStore(tmp_path / "file" / "golden")
+    with pytest.raises(HarnessError, match=r"golden store .*file/golden: cannot write to .*\(Not a directory\); "
+                                           r"use a writable directory: --golden-dir DIR or NPU_HARNESS_GOLDEN_DIR"):
+        store.get(REQ)
+
+
+def test_golden_dir_under_a_regular_file_through_the_cli(tmp_path):
+    (tmp_path / "file").write_text("x")
+    harness_bin = os.path.join(os.path.dirname(sys.executable), "harness")
+    res = subprocess.run([harness_bin, "golden", "build", "--model", "qwen3-0.6b", "--decode-steps", "1",
+                          "--golden-dir", str(tmp_path / "file" / "golden")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 3
+    lines = (res.stdout + res.stderr).strip().splitlines()
+    assert len(lines) == 1 and "cannot write to" in lines[0] and "--golden-dir DIR" in lines[0], lines
+
+
+def test_permission_denied_while_building_and_cleaning(tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import harness.store.golden as golden_mod
+
+    def denied(path, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(golden_mod.GoldenStore, "_tmpdir", lambda self, final: denied(final.parent / ".tmp-x"))
+    with pytest.raises(HarnessError, match=r"cannot write to .*\.tmp-x \(Permission denied\); use a writable"):
+        GoldenStore(tmp_path).get(REQ)
+    entry = tmp_path / "qwen3-0_6b" / "tiny" / "seed0-0123456789abcdef"
+    entry.mkdir(parents=True)
+    (entry / "manifest.json").write_text("{}")
+    monkeypatch.setattr(shutil, "rmtree", denied)
+    with pytest.raises(HarnessError, match=r"cannot remove .*seed0-0123456789abcdef \(Permission denied\)"):
+        GoldenStore(tmp_path).clean()
+
+
+def test_unreadable_golden_files_are_named(store, monkeypatch):
+    import builtins
+    import errno
+
+    g = store.get(REQ)
+    real_open = builtins.open
+
+    def deny(path, *a, **k):
+        if str(path).endswith(".safetensors"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    with pytest.raises(HarnessError, match=r"golden file .*\.safetensors: cannot read \(Permission denied\); "
+                                           r"make it readable by this user"):
+        verify_dir(g.path)

@@ -239,6 +239,45 @@ def test_prepare_inputs_writes_what_an_external_program_needs(tmp_path: Path):
     assert list(t.inputs()["decode_tokens"]) == [3, 4]
 
 
+def test_prepare_writes_the_scaled_config_and_the_expected_files_with_trace_json_last(tmp_path: Path, monkeypatch):
+    w = {"model.norm.weight": np.ones(SPEC.hidden_size, np.float32)}
+    order = []  # file timestamps are too coarse to order files written within a few ms: record the renames
+    real_replace = os.replace
+    monkeypatch.setattr(tr.os, "replace", lambda a, b: (order.append(Path(b).name), real_replace(a, b)))
+    d = tr.prepare_inputs(tmp_path / "p", SPEC, 4, 2, np.arange(T), np.array([3, 4]), w)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg == SPEC.config
+    for key in ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "num_hidden_layers",
+                "vocab_size", "rope_theta", "rope_scaling", "rms_norm_eps", "tie_word_embeddings"):
+        assert key in cfg, key
+    assert model_spec.ModelSpec(MODEL, "tiny", cfg).head_dim == SPEC.head_dim
+    expected = json.loads((d / "expected.json").read_text())
+    assert [f["file"] for f in expected["write"]] == ["prefill.safetensors", "decode.0.safetensors",
+                                                      "decode.1.safetensors"]
+    prefill, decode0 = expected["write"][0], expected["write"][1]
+    assert [t["name"] for t in prefill["taps"]] == taps.tap_names(SPEC)
+    assert {t["name"] for t in prefill["taps"] if t["required"]} == set(taps.required_taps(SPEC))
+    assert all(tuple(t["shape"]) == taps.shape(SPEC, t["name"], T) for t in prefill["taps"])
+    assert all(t["shape"][0] == 1 for t in decode0["taps"])
+    assert expected["read"]["weights.safetensors"] == {"model.norm.weight": {"dtype": "BF16", "shape": [SPEC.hidden_size]}}
+    assert expected["read"]["inputs.safetensors"]["input_ids"]["shape"] == [T]
+    assert order == ["inputs.safetensors", "weights.safetensors", "config.json", "expected.json", "trace.json"]
+    # A program that writes exactly what expected.json lists produces a valid trace.
+    for f in expected["write"]:
+        save_file({t["name"]: np.zeros(t["shape"], np.float32) for t in f["taps"]}, d / f["file"])
+    assert tr.read_trace(d).phases == ["prefill", "decode.0", "decode.1"]
+    # Preparing again over the finished trace would leave stale phase files: refused.
+    with pytest.raises(HarnessError, match="already holds phase files .*prepare into an empty directory"):
+        tr.prepare_inputs(d, SPEC, 5, 2, np.arange(T), np.array([3, 4]), w)
+
+
+def test_prepare_into_an_unwritable_place_is_one_line(tmp_path: Path):
+    """As root chmod stops nothing: a path under a regular file is unwritable for anyone (ENOTDIR)."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HarnessError, match=r"trace prepare: cannot write .*file/p .*choose a directory this user can write"):
+        tr.prepare_inputs(tmp_path / "file" / "p", SPEC, 0, 0, np.arange(3), [], {})
+
+
 def test_prepare_inputs_refuses_lossy_weights_and_bad_tokens(tmp_path: Path):
     with pytest.raises(HarnessError, match="'w' is not bf16-representable"):
         tr.prepare_inputs(tmp_path, SPEC, 0, 0, np.arange(3), [], {"w": np.array([1.0 + 2**-12], np.float32)})

@@ -22,7 +22,8 @@ def _golden(model, scale, seed, decode_steps, prompt_len, weights, golden_dir):
 
 @trace_app.command("prepare")
 def prepare(
-    out: Path = typer.Argument(..., help="Directory to write inputs.safetensors, weights.safetensors, trace.json."),
+    out: Path = typer.Argument(..., help="Directory to write inputs.safetensors, weights.safetensors, config.json, "
+                               "expected.json and (last) trace.json."),
     model: str = typer.Option(..., "--model", "-m", help="Model id."),
     scale: str = ScaleOpt,
     seed: int = SeedOpt,
@@ -31,15 +32,16 @@ def prepare(
     weights: Optional[Path] = WeightsOpt,
     golden_dir: Optional[Path] = GoldenDirOpt,
 ) -> None:
-    """Write the token ids, decode tokens and weights an external program needs to produce a trace."""
+    """Write the token ids, decode tokens, weights, model config and expected files an external program
+    needs to produce a trace."""
     from harness.deployment.trace import prepare_inputs
     from harness.weights import WeightsSource, load_weights
 
     golden = _golden(model, scale, seed, decode_steps, prompt_len, weights, golden_dir)
     w = load_weights(golden.spec, WeightsSource(path_or_none(weights)), seed)
     root = prepare_inputs(out, golden.spec, seed, decode_steps, golden.input_ids, golden.decode_tokens, w)
-    typer.echo(f"wrote {root}/inputs.safetensors, weights.safetensors, trace.json; add prefill.safetensors "
-               f"and decode.<i>.safetensors, then run: harness gate --trace {root}")
+    typer.echo(f"wrote {root}/inputs.safetensors, weights.safetensors, config.json, expected.json, trace.json; "
+               f"add the phase files expected.json lists, then run: harness gate --trace {root}")
 
 
 @trace_app.command("dump")

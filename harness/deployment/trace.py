@@ -34,6 +34,8 @@ from harness.spec import model_spec, taps
 TRACE_JSON = "trace.json"
 INPUTS_FILE = "inputs.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"  # written by prepare: the scaled model's Hugging Face config
+EXPECTED_FILE = "expected.json"  # written by prepare: every file, tap and shape the trace must hold
 # Formats that unpickle on load (torch.save, pickle, joblib, HF *.bin): loading one runs arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TAP_DTYPES = ("F32", "BF16")
@@ -452,6 +454,35 @@ def write_trace(
     return read_trace(root)
 
 
+def expected_files(spec: model_spec.ModelSpec, seed: int, decode_steps: int, prompt_tokens: int,
+                   weights: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """What a trace of ``spec`` must hold, as ``prepare`` writes it to expected.json: the files to
+    read (inputs, weights, config) and, per phase file, every tap in execution order with its shape and
+    whether the contract requires it."""
+    required = set(taps.required_taps(spec))
+
+    def phase(name: str) -> dict[str, Any]:
+        tokens = prompt_tokens if name == "prefill" else 1
+        return {"file": phase_file(name), "phase": name, "tokens": tokens,
+                "taps": [{"name": t, "shape": list(taps.shape(spec, t, tokens)), "required": t in required}
+                         for t in taps.tap_names(spec)]}
+
+    return {
+        "schema": 1,
+        "model": spec.id, "scale": spec.scale, "seed": seed, "decode_steps": decode_steps,
+        "prompt_tokens": prompt_tokens,
+        "config": CONFIG_FILE,
+        "read": {
+            INPUTS_FILE: {"input_ids": {"dtype": "I64", "shape": [prompt_tokens]},
+                          "decode_tokens": {"dtype": "I64", "shape": [decode_steps]}},
+            WEIGHTS_FILE: {name: {"dtype": "BF16", "shape": list(np.shape(v))} for name, v in (weights or {}).items()},
+        },
+        "write": [phase(name) for name in taps.phase_names(decode_steps)],
+        "tap_dtypes": list(TAP_DTYPES),
+        "layout": "2-D [tokens, features]; per-head taps flattened head-major (head * head_dim + d)",
+    }
+
+
 def prepare_inputs(
     directory: str | os.PathLike,
     spec: model_spec.ModelSpec,
@@ -464,12 +495,15 @@ def prepare_inputs(
     """Write what an external program needs to produce a trace of ``spec``.
 
     Writes inputs.safetensors (``input_ids`` int64 [T], ``decode_tokens`` int64 [N]),
-    weights.safetensors (HF parameter names, bf16) and a trace.json skeleton naming them; the program
-    then adds one safetensors file per phase. Weights must be bf16-representable (the harness's always
-    are), else the program would run other weights than the golden: that raises HarnessError.
+    weights.safetensors (HF parameter names, bf16), config.json (the scaled model's Hugging Face
+    config: heads, head_dim, rope theta, eps ...), expected.json (every file, tap and shape the
+    program must write) and, last, a trace.json skeleton naming them; the program then adds one
+    safetensors file per phase. Each file is written to a temporary name and renamed. Weights must be
+    bf16-representable (the harness's always are), else the program would run other weights than the
+    golden: that raises HarnessError. A directory already holding phase files is refused (they would
+    be stale).
     """
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
     tokens = _inputs_tensors(input_ids, decode_tokens)
     if len(tokens["decode_tokens"]) != decode_steps:
         raise HarnessError(
@@ -484,10 +518,22 @@ def prepare_inputs(
         if not np.array_equal(w16.astype(np.float32), w32, equal_nan=True):
             raise HarnessError(f"prepare_inputs({root}): weight {name!r} is not bf16-representable")
         bf16[name] = np.ascontiguousarray(w16)
-    _save(root / INPUTS_FILE, tokens)
-    _save(root / WEIGHTS_FILE, bf16)
-    _write_json(
-        root / TRACE_JSON,
-        {"model": spec.id, "scale": spec.scale, "seed": seed, "decode_steps": decode_steps, "weights": WEIGHTS_FILE},
-    )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        stale = sorted(p.name for p in root.glob("*.safetensors") if p.name.startswith(("prefill.", "decode.")))
+        if stale:
+            raise HarnessError(f"trace prepare {root}: already holds phase files ({', '.join(stale[:3])}"
+                               f"{' ...' if len(stale) > 3 else ''}) from an earlier run; remove them or "
+                               "prepare into an empty directory")
+        _save(root / INPUTS_FILE, tokens)
+        _save(root / WEIGHTS_FILE, bf16)
+        _write_json(root / CONFIG_FILE, spec.config)
+        _write_json(root / EXPECTED_FILE, expected_files(spec, seed, decode_steps, len(tokens["input_ids"]), bf16))
+        _write_json(  # last: the skeleton names files that now exist
+            root / TRACE_JSON,
+            {"model": spec.id, "scale": spec.scale, "seed": seed, "decode_steps": decode_steps, "weights": WEIGHTS_FILE},
+        )
+    except OSError as exc:
+        raise HarnessError(f"trace prepare: cannot write {exc.filename or root} ({exc.strerror or exc}); "
+                           "choose a directory this user can write") from None
     return root

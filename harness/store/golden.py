@@ -24,6 +24,7 @@ import platform
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -230,6 +231,18 @@ def _write_manifest(tmp: Path, manifest: dict) -> None:
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+@contextmanager
+def _store_errors(root: Path, action: str = "write to"):
+    """An OSError while building or cleaning (read-only store, a parent that is a file, disk full)
+    becomes one HarnessError naming the path and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or root
+        raise HarnessError(f"golden store {root}: cannot {action} {where} ({exc.strerror or exc}); use a writable "
+                           f"directory: --golden-dir DIR or {ENV_DIR}") from None
+
+
 def _bf16(x: np.ndarray) -> np.ndarray:
     if x.dtype == ml_dtypes.bfloat16:
         return x
@@ -277,7 +290,7 @@ class GoldenStore:
         if not build:
             raise HarnessError(f"no golden for {request.model}/{request.scale} seed {request.seed} in {self.root} "
                                f"(run `harness golden build --model {request.model} --scale {request.scale}`)")
-        with self._lock(path):
+        with _store_errors(self.root), self._lock(path):
             if not (path / MANIFEST).is_file():
                 self._build(request, path, progress)
         return self.load(path)
@@ -287,7 +300,7 @@ class GoldenStore:
         if golden.has_local:
             golden._local_ok = True
             return golden
-        with self._lock(golden.path):
+        with _store_errors(self.root), self._lock(golden.path):
             if not golden.has_local:
                 self._build_local(golden, progress)
         return self.load(golden.path)
@@ -310,7 +323,8 @@ class GoldenStore:
         n = 0
         for path, _ in list(self.entries()):
             if model is None or path.parent.parent.name == folder_name(model):
-                shutil.rmtree(path)
+                with _store_errors(self.root, "remove"):
+                    shutil.rmtree(path)
                 n += 1
         for tmp in self.root.glob("*/*/.tmp-*") if self.root.is_dir() else []:
             shutil.rmtree(tmp, ignore_errors=True)
