@@ -194,7 +194,7 @@ class SafetensorsWriter:
             raise ValueError(f"safetensors writer: got {name!r}, expected "
                              f"{self._order[self._next] if self._next < len(self._order) else 'no more tensors'}")
         dtype, shape = self._dtypes[name]
-        arr = np.ascontiguousarray(array)
+        arr = np.asarray(array, order="C")  # ascontiguousarray would make a 0-d array 1-d
         if arr.dtype != dtype or arr.shape != shape:
             raise ValueError(f"safetensors writer: {name} is {arr.dtype}{arr.shape}, layout says {dtype}{shape}")
         self._emit(memoryview(arr.reshape(-1).view(np.uint8)))
@@ -215,8 +215,12 @@ class SafetensorsWriter:
 def write_safetensors(path: Path, tensors: dict) -> dict:
     """Write ``tensors`` (name -> array) as a safetensors file; returns its block-hash record."""
     writer = SafetensorsWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
-    for name, value in tensors.items():
-        writer.write(name, value)
+    try:
+        for name, value in tensors.items():
+            writer.write(name, value)
+    except BaseException:
+        writer.abort()
+        raise
     return writer.close()
 
 

@@ -46,3 +46,7 @@ def test_prepare_writes_inputs_of_the_golden(tmp_path, golden_root):
     assert inputs["input_ids"].tolist() == golden.input_ids.tolist()
     assert inputs["decode_tokens"].tolist() == golden.decode_tokens.tolist()
     assert json.loads((tmp_path / "t" / "trace.json").read_text())["model"] == "qwen3-0.6b"
+    assert "config.json, expected.json" in res.output
+    assert json.loads((tmp_path / "t" / "config.json").read_text()) == golden.spec.config
+    expected = json.loads((tmp_path / "t" / "expected.json").read_text())
+    assert [f["tokens"] for f in expected["write"]] == [len(golden.input_ids), 1, 1]
