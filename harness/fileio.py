@@ -1,6 +1,7 @@
 """File helpers shared by the store, checkpoints and kernel artifacts."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -36,6 +37,13 @@ def unreadable(path: Path | str, exc: OSError, what: str = "file") -> HarnessErr
     fix = {13: "make it readable by this user", 2: "check the path", 20: "a parent of it is not a directory",
            21: "name a file, not a directory"}.get(exc.errno or 0, "check the path and its permissions")
     return HarnessError(f"{_label(path, what)}: cannot read ({exc.strerror or exc}); {fix}")
+
+
+def os_reason(exc: OSError) -> str:
+    """The OS's reason for ``exc``, worded for a path that should have been a directory to write in."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir over a file, or a file in the path
+        return "it or a parent is a file, not a directory"
+    return exc.strerror or str(exc)
 
 
 def require_regular(path: Path | str, what: str = "file") -> os.stat_result:

@@ -162,7 +162,7 @@ def test_clean_and_list(tmp_path):
 def test_golden_dir_under_a_regular_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     store = GoldenStore(tmp_path / "file" / "golden")
-    with pytest.raises(HarnessError, match=r"golden store .*file/golden: cannot write to .*\(Not a directory\); "
+    with pytest.raises(HarnessError, match=r"golden store .*file/golden: cannot write to .*\(it or a parent is a file, not a directory\); "
                                            r"use a writable directory: --golden-dir DIR or NPU_HARNESS_GOLDEN_DIR"):
         store.get(REQ)
 

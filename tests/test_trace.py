@@ -276,6 +276,8 @@ def test_prepare_into_an_unwritable_place_is_one_line(tmp_path: Path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(HarnessError, match=r"trace prepare: cannot write .*file/p .*choose a directory this user can write"):
         tr.prepare_inputs(tmp_path / "file" / "p", SPEC, 0, 0, np.arange(3), [], {})
+    with pytest.raises(HarnessError, match=r"trace: cannot write .*file \(it or a parent is a file, not a directory\); choose a directory this user can write"):
+        tr.write_trace(tmp_path / "file" / "t", MODEL, "tiny", 0, 0, make_phases(decode_steps=0))
 
 
 def test_prepare_inputs_refuses_lossy_weights_and_bad_tokens(tmp_path: Path):

@@ -28,7 +28,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from harness.errors import HarnessError, TapError
-from harness.fileio import MappedSafetensors, read_bounded, require_regular, safetensors_header
+from harness.fileio import MappedSafetensors, os_reason, read_bounded, require_regular, safetensors_header
 from harness.spec import model_spec, taps
 
 TRACE_JSON = "trace.json"
@@ -378,6 +378,11 @@ def trace_factory(directory: str | os.PathLike) -> Callable[[model_spec.ModelSpe
 # -- writing ------------------------------------------------------------------------------------
 
 
+def _unwritable(root: Path, exc: OSError, what: str = "trace") -> HarnessError:
+    return HarnessError(f"{what}: cannot write {exc.filename or root} ({os_reason(exc)}); "
+                        "choose a directory this user can write")
+
+
 def _tap_array(value: np.ndarray) -> np.ndarray:
     arr = np.asarray(value)
     if arr.dtype != np.dtype(ml_dtypes.bfloat16):
@@ -432,8 +437,11 @@ def write_trace(
             f"write_trace({root}): phases {sorted(phases)} do not match decode_steps={decode_steps} "
             f"(expected {sorted(expected)})"
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    except OSError as exc:
+        raise _unwritable(root, exc) from None
     try:
         _write_json(tmp / TRACE_JSON, {"model": model, "scale": scale, "seed": seed, "decode_steps": decode_steps})
         for phase, tensors in phases.items():
@@ -448,6 +456,9 @@ def write_trace(
             shutil.rmtree(old)
         else:
             os.rename(tmp, root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(root, exc) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -534,6 +545,5 @@ def prepare_inputs(
             {"model": spec.id, "scale": spec.scale, "seed": seed, "decode_steps": decode_steps, "weights": WEIGHTS_FILE},
         )
     except OSError as exc:
-        raise HarnessError(f"trace prepare: cannot write {exc.filename or root} ({exc.strerror or exc}); "
-                           "choose a directory this user can write") from None
+        raise _unwritable(root, exc, "trace prepare") from None
     return root

@@ -33,7 +33,8 @@ import ml_dtypes  # noqa: F401  registers NumPy's "bfloat16" dtype, which safete
 import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
-from harness.fileio import MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, write_safetensors
+from harness.fileio import (MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, os_reason,
+                            write_safetensors)
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
 from harness.store import signing
@@ -239,7 +240,7 @@ def _store_errors(root: Path, action: str = "write to"):
         yield
     except OSError as exc:
         where = exc.filename or root
-        raise HarnessError(f"golden store {root}: cannot {action} {where} ({exc.strerror or exc}); use a writable "
+        raise HarnessError(f"golden store {root}: cannot {action} {where} ({os_reason(exc)}); use a writable "
                            f"directory: --golden-dir DIR or {ENV_DIR}") from None
 
 
