@@ -167,14 +167,17 @@ def test_golden_dir_under_a_regular_file_is_one_line(tmp_path):
         store.get(REQ)
 
 
-def test_golden_dir_under_a_regular_file_through_the_cli(tmp_path):
+def test_golden_dir_under_a_regular_file_through_the_cli(tmp_path, capsys):
+    """Through the CLI's entry point (harness.cli.main, what the `harness` script runs), in-process."""
+    from harness.cli import main
+
     (tmp_path / "file").write_text("x")
-    harness_bin = os.path.join(os.path.dirname(sys.executable), "harness")
-    res = subprocess.run([harness_bin, "golden", "build", "--model", "qwen3-0.6b", "--decode-steps", "1",
-                          "--golden-dir", str(tmp_path / "file" / "golden")],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 3
-    lines = (res.stdout + res.stderr).strip().splitlines()
+    with pytest.raises(SystemExit) as info:
+        main(["golden", "build", "--model", "qwen3-0.6b", "--decode-steps", "1",
+              "--golden-dir", str(tmp_path / "file" / "golden")])
+    assert info.value.code == 3
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
     assert len(lines) == 1 and "cannot write to" in lines[0] and "--golden-dir DIR" in lines[0], lines
 
 
