@@ -330,3 +330,56 @@ class MappedSafetensors:
         flat = np.frombuffer(self._map, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize,
                              offset=self._start + begin)
         return flat.reshape(info["shape"])
+
+
+class SafetensorsReader:
+    """A safetensors file from an untrusted place, read tensor by tensor with ``pread`` on one open
+    descriptor: the file was checked (regular, size what its header describes) on that descriptor, so
+    swapping the path afterwards changes nothing, and a file truncated meanwhile gives a short read and
+    a HarnessError where a memory map would crash the process with SIGBUS. Use as a context manager.
+    """
+
+    _MAX_READ = 1 << 30  # one pread call reads at most ~2 GiB on Linux
+
+    def __init__(self, path: Path | str, what: str = "safetensors file"):
+        self.path, self._what = path, what
+        self._fd = open_regular(path, what)
+        try:
+            self._header, self._start = safetensors_header(path, what, fd=self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def dtype_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
+        info = self._header[key]
+        return info["dtype"], tuple(int(d) for d in info["shape"])
+
+    def get_tensor(self, key: str):
+        import ml_dtypes
+        import numpy as np
+
+        info = self._header[key]
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [view[done:done + self._MAX_READ]], self._start + begin + done)
+            if n == 0:
+                raise HarnessError(f"{_label(self.path, self._what)}: shorter than its header says (changed while read)")
+            done += n
+        dtype = ml_dtypes.bfloat16 if info["dtype"] == "BF16" else np.dtype(MappedSafetensors._DTYPES[info["dtype"]])
+        return np.frombuffer(buf, dtype=dtype).reshape(info["shape"])

@@ -121,3 +121,21 @@ def test_any_written_file_reads_and_any_size_change_is_refused(tmp_path_factory,
     f.write_bytes(data + b"\0" * change if change > 0 else data[:change])
     with pytest.raises(HarnessError):
         safetensors_header(f)
+
+
+def test_reader_reads_the_checked_descriptor_and_reports_truncation(tmp_path: Path):
+    from harness.fileio import SafetensorsReader
+
+    f = tmp_path / "t.safetensors"
+    _write(f, {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, ml_dtypes.bfloat16)})
+    with SafetensorsReader(f) as r:
+        f.unlink()
+        os.mkfifo(f)  # the path now names a FIFO: the open descriptor still reads the checked file
+        np.testing.assert_array_equal(r.get_tensor("a"), np.arange(6).reshape(2, 3))
+        assert r.dtype_shape("b") == ("BF16", (4,)) and r.get_tensor("b").dtype == ml_dtypes.bfloat16
+    g = tmp_path / "g.safetensors"
+    _write(g, {"a": np.zeros(64, np.float32)})
+    with SafetensorsReader(g) as r:
+        os.truncate(g, g.stat().st_size - 200)  # cut short while open: a short read, not a SIGBUS
+        with pytest.raises(HarnessError, match="shorter than its header says"):
+            r.get_tensor("a")

@@ -28,7 +28,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from harness.errors import HarnessError, TapError
-from harness.fileio import MappedSafetensors, os_reason, read_bounded, require_regular, safetensors_header
+from harness.fileio import SafetensorsReader, os_reason, read_bounded, require_regular, safetensors_header
 from harness.spec import model_spec, taps
 
 TRACE_JSON = "trace.json"
@@ -102,9 +102,10 @@ def _refuse_pickles(root: Path) -> None:
             )
 
 
-def _open(path: Path) -> MappedSafetensors:
-    """A validated safetensors file: regular, its size exactly what its header describes."""
-    return MappedSafetensors(path, what="")
+def _open(path: Path) -> SafetensorsReader:
+    """A validated safetensors file (regular, its size exactly what its header describes), read with
+    pread on the descriptor that was checked."""
+    return SafetensorsReader(path, what="")
 
 
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -174,18 +175,18 @@ class Trace:
         if phase not in self.phase_taps:
             raise HarnessError(f"trace {self.path}: no phase {phase!r}; it has {', '.join(self.phases)}")
         path = _regular_inside(self.path, phase_file(phase), "phase file")
-        f = _open(path)  # re-checked on the very bytes read: the files may have changed since
-        names, _ = _check_phase(self.spec, path, phase, {k: f.dtype_shape(k) for k in f.keys()})
-        if tuple(names) != self.phase_taps[phase]:
-            raise HarnessError(f"{path}: changed since the trace was read (its taps differ)")
-        return {name: np.array(f.get_tensor(name), dtype=np.float32) for name in names}
+        with _open(path) as f:  # re-checked on the very descriptor read: the files may have changed since
+            names, _ = _check_phase(self.spec, path, phase, {k: f.dtype_shape(k) for k in f.keys()})
+            if tuple(names) != self.phase_taps[phase]:
+                raise HarnessError(f"{path}: changed since the trace was read (its taps differ)")
+            return {name: f.get_tensor(name).astype(np.float32) for name in names}
 
     def inputs(self) -> dict[str, np.ndarray] | None:
         """``input_ids`` and ``decode_tokens`` from inputs.safetensors, or None when absent."""
         if self.inputs_path is None:
             return None
-        f = _open(_regular_inside(self.path, INPUTS_FILE, "file"))
-        return {k: np.array(f.get_tensor(k), dtype=np.int64) for k in f.keys()}
+        with _open(_regular_inside(self.path, INPUTS_FILE, "file")) as f:
+            return {k: f.get_tensor(k).astype(np.int64) for k in f.keys()}
 
     def load_weights(self) -> dict[str, np.ndarray] | None:
         """The weights the trace names (HF parameter names -> float32; a checkpoint folder's
@@ -194,8 +195,8 @@ class Trace:
             return None
         out: dict[str, np.ndarray] = {}
         for path in _weights_files(self.path, self.weights_path):
-            f = _open(path)
-            out.update({k: np.array(f.get_tensor(k), dtype=np.float32) for k in f.keys()})
+            with _open(path) as f:
+                out.update({k: f.get_tensor(k).astype(np.float32) for k in f.keys()})
         return out
 
 
