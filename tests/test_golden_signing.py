@@ -91,9 +91,9 @@ def test_rehashed_tamper_passes_sha256_alone_but_not_the_signature(store_copy: P
     assert golden.tensor("decode.0", "logits")[0, 0] == 5.0 != old
     # With the key, the edit is refused, naming the entry.
     problems = verify_dir(path, KEY.encode())
-    assert problems == [f"{path}: manifest.json does not match its signature: edited after it was signed "
-                        "(do not trust this entry; rebuild the entry (harness golden clean), or vouch for it "
-                        "with `harness golden sign`)"]
+    assert problems == [f"{path}: manifest.json does not match its signature: edited after it was signed; do "
+                        "not trust it (`harness golden clean` and rebuild it, or vouch for it with `harness golden "
+                        "sign`)"]
     monkeypatch.setenv(KEY_ENV, KEY)
     with pytest.raises(GoldenCorrupt, match="not trusted: .*does not match its signature"):
         GoldenStore(store_copy).get(REQ)
@@ -108,8 +108,8 @@ def test_unsigned_entry_is_refused_when_a_key_is_set_until_signed(store_copy: Pa
     key_file.write_text(KEY + "\n")
     monkeypatch.setenv(KEY_FILE_ENV, str(key_file))  # the key file form; trailing newline ignored
     problems = verify_dir(path)
-    assert problems == [SignatureProblem(f"{path}: not signed, and {KEY_ENV} is set (rebuild the entry "
-                                         "(harness golden clean), or vouch for it with `harness golden sign`)")]
+    assert problems == [SignatureProblem(f"{path}: not signed, and {KEY_ENV} is set (`harness golden clean` and "
+                                         "rebuild it, or vouch for it with `harness golden sign`)")]
     signing.sign(path, signing.signing_key())
     assert verify_dir(path) == []
 
@@ -139,8 +139,8 @@ def test_cli_verify_and_sign(store_copy: Path, monkeypatch, capsys):
     code, out, err = run("verify")
     assert code == 3
     assert [ln for ln in out.splitlines() if ln.startswith("UNTRUSTED")] == [
-        f"UNTRUSTED {path}: manifest.json does not match its signature: edited after it was signed (do not trust "
-        "this entry; rebuild the entry (harness golden clean), or vouch for it with `harness golden sign`)"]
+        f"UNTRUSTED {path}: manifest.json does not match its signature: edited after it was signed; do not trust "
+        "it (`harness golden clean` and rebuild it, or vouch for it with `harness golden sign`)"]
     # `golden sign` vouches for what is there (the hashes match): the key holder's decision, explicit.
     code, out, err = run("sign")
     assert code == 0 and "1 entries signed" in out, out + err

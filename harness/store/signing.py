@@ -77,7 +77,7 @@ def problems(directory: Path, manifest: bytes, key: bytes | None) -> list[Signat
     if key is None:
         return []
     path = directory / SIGNATURE
-    fix = f"rebuild the entry (harness golden clean), or vouch for it with `harness golden sign`"
+    fix = "`harness golden clean` and rebuild it, or vouch for it with `harness golden sign`"
     if not os.path.lexists(path):
         return [SignatureProblem(f"{directory}: not signed, and {KEY_ENV} is set ({fix})")]
     try:
@@ -92,5 +92,5 @@ def problems(directory: Path, manifest: bytes, key: bytes | None) -> list[Signat
                                  f"{key_id(key)})")]
     if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, manifest)):
         return [SignatureProblem(f"{directory}: manifest.json does not match its signature: edited after "
-                                 f"it was signed (do not trust this entry; {fix})")]
+                                 f"it was signed; do not trust it ({fix})")]
     return []
