@@ -304,6 +304,19 @@ def read_trace(directory: str | os.PathLike) -> Trace:
     )
 
 
+def gate_settings(directory: str | os.PathLike, model: str, scale: str, weights=None) -> dict[str, Any]:
+    """Validate the trace and check it records ``model`` at ``scale`` (HarnessError otherwise, before any
+    golden is built); the gate settings that select the golden it is judged against: its seed, decode
+    steps, prompt length and, when it names a checkpoint folder, those weights (else ``weights``)."""
+    trace = read_trace(directory)
+    if (trace.model, trace.scale) != (model, scale):
+        raise HarnessError(f"--trace {directory}: trace.json records {trace.model} at scale {trace.scale}, not "
+                           f"{model} at scale {scale} (pass --model {trace.model} --scale {trace.scale})")
+    folder = trace.weights_path if trace.weights_path is not None and trace.weights_path.is_dir() else None
+    return {"seed": trace.seed, "decode_steps": trace.decode_steps, "prompt_len": trace.prefill_tokens,
+            "weights": folder or weights}
+
+
 class TraceDeployment:
     """A contract deployment that replays a trace's recorded tensors through ``tap``.
 

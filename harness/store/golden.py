@@ -33,11 +33,10 @@ import ml_dtypes  # noqa: F401  registers NumPy's "bfloat16" dtype, which safete
 import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
-from harness.fileio import (MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, os_reason,
-                            write_safetensors)
+from harness.store import signing  # optional keyed signatures over manifests
+from harness.fileio import MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, write_safetensors
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
-from harness.store import signing
 from harness.weights import WeightsSource, load_weights, weights_digest
 
 CAPTURE_VERSION = 2  # 2: block-wise sha256 in the manifest
@@ -236,6 +235,8 @@ def _write_manifest(tmp: Path, manifest: dict) -> None:
 def _store_errors(root: Path, action: str = "write to"):
     """An OSError while building or cleaning (read-only store, a parent that is a file, disk full)
     becomes one HarnessError naming the path and the fix."""
+    from harness.fileio import os_reason
+
     try:
         yield
     except OSError as exc:
@@ -260,12 +261,17 @@ class GoldenStore:
     def entry_dir(self, request: GoldenRequest) -> Path:
         return self.root / folder_name(request.model) / request.scale / f"seed{request.seed}-{request.key()[:16]}"
 
+    @contextmanager
     def _lock(self, path: Path):
+        """Hold the entry's file lock; an OSError from here to the end of the block (the lock, the
+        build's writes) is one HarnessError naming the path and the fix (``_store_errors``)."""
         from filelock import FileLock
 
-        lock_dir = self.root / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(lock_dir / (path.name + "-" + path.parent.parent.name + ".lock")))
+        with _store_errors(self.root):
+            lock_dir = self.root / ".locks"
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(lock_dir / (path.name + "-" + path.parent.parent.name + ".lock"))):
+                yield
 
     # -- public API --------------------------------------------------------------------------------
     def load(self, path: str | Path) -> GoldenSet:
@@ -291,7 +297,7 @@ class GoldenStore:
         if not build:
             raise HarnessError(f"no golden for {request.model}/{request.scale} seed {request.seed} in {self.root} "
                                f"(run `harness golden build --model {request.model} --scale {request.scale}`)")
-        with _store_errors(self.root), self._lock(path):
+        with self._lock(path):
             if not (path / MANIFEST).is_file():
                 self._build(request, path, progress)
         return self.load(path)
@@ -301,7 +307,7 @@ class GoldenStore:
         if golden.has_local:
             golden._local_ok = True
             return golden
-        with _store_errors(self.root), self._lock(golden.path):
+        with self._lock(golden.path):
             if not golden.has_local:
                 self._build_local(golden, progress)
         return self.load(golden.path)

@@ -244,22 +244,6 @@ def _phase7(run: _Run, result: GateResult, modes: tuple[str, ...]) -> PhaseOutco
     return outcome(7, checks)
 
 
-def _trace_options(model: str, opts: GateOptions) -> GateOptions:
-    """Validate ``opts.trace`` and check it records ``model`` at ``opts.scale`` before any golden is
-    built; phase 0 then checks the golden the trace is judged against (its seed, steps and prompt)."""
-    from dataclasses import replace
-
-    from harness.deployment.trace import read_trace
-
-    trace = read_trace(opts.trace)
-    if (trace.model, trace.scale) != (model, opts.scale):
-        raise HarnessError(f"--trace {opts.trace}: trace.json records {trace.model} at scale {trace.scale}, not "
-                           f"{model} at scale {opts.scale} (pass --model {trace.model} --scale {trace.scale})")
-    folder = trace.weights_path if trace.weights_path is not None and trace.weights_path.is_dir() else None
-    return replace(opts, seed=trace.seed, decode_steps=trace.decode_steps, prompt_len=trace.prefill_tokens,
-                   weights=folder or opts.weights)
-
-
 def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> GateResult:
     """The gates of phases 0..``opts.phase`` for ``model`` (keyword arguments override GateOptions fields).
 
@@ -281,8 +265,12 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
         if opts.trace is not None and opts.phase > 5:
             raise HarnessError(f"--trace {opts.trace}: a trace records one cumulative run; it can gate phases "
                                f"0-5, not {opts.phase} (phases 6-7 need a live deployment)")
-        if opts.trace is not None:
-            opts = _trace_options(model, opts)
+        if opts.trace is not None:  # refuse another model before any golden is built; judge the trace's golden
+            from dataclasses import replace
+
+            from harness.deployment.trace import gate_settings
+
+            opts = replace(opts, **gate_settings(opts.trace, model, opts.scale, opts.weights))
         run = _Run(model, opts)
         result.deployment = run.factory.name if opts.trace is None else f"trace:{opts.trace}"
     except HarnessError as exc:
