@@ -6,11 +6,8 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import harness
@@ -23,7 +20,6 @@ from harness.store.signing import KEY_ENV, KEY_FILE_ENV, SignatureProblem
 REQ = GoldenRequest("qwen3-0.6b", "tiny", seed=0, decode_steps=1)
 KEY = "k" * 32
 OTHER_KEY = "o" * 32
-HARNESS = os.path.join(os.path.dirname(sys.executable), "harness")
 
 
 @pytest.fixture(scope="module")
