@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from harness.cli import gate, info, trace
+from harness.cli import gate, info, report, trace
 from harness.cli.golden import golden_app
 from harness.cli.perf import perf_app
 from harness.cli.selftest import register as register_selftest
@@ -28,6 +28,7 @@ app.add_typer(perf_app, name="perf")
 gate.register(app)
 info.register(app)
 register_selftest(app)
+report.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

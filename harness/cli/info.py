@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from harness.cli.console import make_console
 from harness.errors import HarnessError
 
 
@@ -96,46 +97,85 @@ def explain_text(tap: str, model: str | None = None, scale: str = "tiny") -> lis
     return lines
 
 
-def list_cmd() -> None:
-    """Models with their tiny dimensions, the phases, built-in deployments and emulator faults."""
+def _table(title: str, *columns: str) -> Table:
+    """A table whose cells are text, never markup (fault descriptions hold brackets), and that wraps
+    rather than cuts names in an 80-column CI log."""
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, overflow="fold")
+    return t
+
+
+def _row(t: Table, *cells: str) -> None:
+    t.add_row(*(Text(c) for c in cells))
+
+
+def taps_listing(model: str, scale: str, prompt_len: int | None, as_json: bool) -> None:
+    """``harness list --taps``: every tap of one model, in order, with shapes and layout."""
+    import json
+
+    from harness.spec import taps as tapspec
+    from harness.spec.model_spec import get
+
+    spec = get(model, scale)
+    tokens = prompt_len or spec.default_prompt_len
+    rows = tapspec.table(spec, tokens)
+    if as_json:
+        typer.echo(json.dumps({"model": model, "scale": scale, "prompt_len": tokens, "config": spec.config,
+                               "taps": rows}, indent=1))
+        return
+    t = _table(f"taps of {model} ({scale}), execution order; prefill of {tokens} tokens, decode 1 row",
+               "#", "tap", "shape", "prefill", "layout", "required")
+    for r in rows:
+        _row(t, str(r["order"]), r["name"], r["shape"], "x".join(map(str, r["prefill_shape"])), r["layout"],
+             "yes" if r["required"] else "")
+    make_console().print(t)
+
+
+def list_cmd(
+    taps: bool = typer.Option(False, "--taps", help="List one model's taps (name, order, shape, layout, required)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="The model whose taps --taps lists."),
+    scale: str = typer.Option("tiny", "--scale", help="Scale for --taps. Default: tiny."),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", help="Prompt tokens for --taps' prefill shapes."),
+    as_json: bool = typer.Option(False, "--json", help="With --taps: JSON on stdout."),
+) -> None:
+    """Models with their tiny dimensions, the phases, built-in deployments and emulator faults; with
+    ``--taps --model ID`` the taps a deployment of that model hands over."""
     from harness.deployment.emulator.faults import FAULTS
     from harness.deployment.loader import BUILTIN, DEFAULT_DEPLOYMENT
     from harness.spec.model_spec import get, names
     from harness.suites.phases import PHASES
 
-    console = Console()
-    t = Table(title="models (tiny scale dimensions)")
-    for col in ("model", "hidden", "layers", "heads/kv", "head_dim", "ffn", "vocab", "features"):
-        t.add_column(col)
+    if taps or as_json:
+        if not model:
+            raise HarnessError("harness list --taps needs --model ID")
+        taps_listing(model, scale, prompt_len, as_json)
+        return
+    console = make_console()
+    t = _table("models (tiny scale dimensions)", "model", "hidden", "layers", "heads/kv", "head_dim", "ffn", "vocab",
+               "features")
     for m in names():
         s = get(m, "tiny")
         feats = [f for f, on in (("qkv-bias", s.has_qkv_bias), ("qk-norm", s.has_qk_norm),
                                  ("tied", s.tied_embeddings), ("rope-scaling", bool(s.rope_scaling)),
                                  ("gqa", s.gqa_groups > 1)) if on]
-        t.add_row(m, str(s.hidden_size), str(s.num_layers), f"{s.num_heads}/{s.num_kv_heads}", str(s.head_dim),
-                  str(s.intermediate_size), str(s.vocab_size), ",".join(feats))
+        _row(t, m, str(s.hidden_size), str(s.num_layers), f"{s.num_heads}/{s.num_kv_heads}", str(s.head_dim),
+             str(s.intermediate_size), str(s.vocab_size), ",".join(feats))
     console.print(t)
-    p = Table(title="phases (harness gate --phase N runs 0..N)")
-    p.add_column("N")
-    p.add_column("name")
-    p.add_column("what")
+    p = _table("phases (harness gate --phase N runs 0..N)", "N", "name", "what")
     for n, (name, what) in PHASES.items():
-        p.add_row(str(n), name, what)
+        _row(p, str(n), name, what)
     console.print(p)
-    d = Table(title="deployments (--deployment NAME or MODULE:FACTORY)")
-    d.add_column("name")
-    d.add_column("factory")
+    d = _table("deployments (--deployment NAME, MODULE:FACTORY or FILE.py:FACTORY, [key=value,...] for its "
+               "keyword arguments)", "name", "factory")
     for name, target in BUILTIN.items():
-        d.add_row(name + (" (default)" if target == DEFAULT_DEPLOYMENT else ""), target)
+        _row(d, name + (" (default)" if target == DEFAULT_DEPLOYMENT else ""), target)
     console.print(d)
-    f = Table(title="emulator faults (harness gate --fault NAME)")
-    f.add_column("fault")
-    f.add_column("first failing tap")
-    f.add_column("description")
+    f = _table("emulator faults (harness gate --fault NAME)", "fault", "first failing tap", "description")
     spec = get("qwen3-0.6b", "tiny")
     for fault in FAULTS.values():
         where = "/".join(fault.expected_tap(spec)) if fault.applies(spec) else "(not on qwen3)"
-        f.add_row(fault.name, where, fault.description)
+        _row(f, fault.name, where, fault.description)
     console.print(f)
 
 

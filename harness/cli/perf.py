@@ -20,6 +20,7 @@ from rich.text import Text
 from rich.table import Table
 from typer.core import TyperGroup
 
+from harness.cli.console import make_console
 from harness.errors import EXIT_ERROR, EXIT_PASS, EXIT_PERF, HarnessError
 from harness.perf import benchjson, history, stats
 from harness.perf.stats import Comparison, Verdict
@@ -107,21 +108,21 @@ def history_cmd(model: Annotated[str, typer.Option("--model", help="Model id, e.
         raise _fail(str(exc))
     if not points:
         raise _fail(f"no history for model {model!r}" + (f" metric {metric!r}" if metric else ""))
-    console = Console()
+    console = make_console()
     table = Table(title=f"{model}: last {last} runs per series")
     for col in ("run", "time", "commit", "deployment", "metric", "median", "n", "verdict"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for p in points:
         commit = (p.commit or "-")[:10] + ("*" if p.dirty else "")
-        table.add_row(str(p.run_id), p.time.strftime("%Y-%m-%d %H:%M"), commit, p.deployment, p.metric,
-                      _fmt(statistics.median(p.samples), p.unit), str(len(p.samples)), p.verdict or "-")
+        table.add_row(*map(Text, (str(p.run_id), p.time.strftime("%Y-%m-%d %H:%M"), commit, p.deployment, p.metric,
+                                  _fmt(statistics.median(p.samples), p.unit), str(len(p.samples)), p.verdict or "-")))
     console.print(table)
     for (dep, met), pts in history.group(points).items():
         for cp in stats.change_points([p.samples for p in pts], pts[0].direction):  # type: ignore[arg-type]
             at = pts[cp.index]
             console.print(f"change point {dep}/{met}: at run {at.run_id} ({(at.commit or '-')[:10]}), "
                           f"median {_fmt(cp.before_median)} -> {_fmt(cp.after_median)} {pts[0].unit} "
-                          f"({cp.slowdown:+.1%} slower), {cp.verdict.value}, p_adj={cp.p_adjusted:.2g}",
+                          f"({stats.change_words(cp.slowdown)}), {cp.verdict.value}, p_adj={cp.p_adjusted:.2g}",
                           highlight=False)
 
 
@@ -197,7 +198,7 @@ def compare_cmd(
     last: LastOpt = 10,
 ) -> None:
     """Decide regression / improvement / unchanged / inconclusive; exit 0, 2 (regression) or 3."""
-    console = Console()
+    console = make_console()
     unmatched: tuple[list[str], list[str]] = ([], [])
     try:
         thr, alp = parse_fraction(threshold, "--threshold"), parse_fraction(alpha, "--alpha")
@@ -214,13 +215,13 @@ def compare_cmd(
         raise _fail(str(exc))
     verdict, code = overall(rows)
     table = Table(title=f"perf compare: {verdict} (threshold {thr:.1%}, alpha {alp})")
-    for col in ("model", "deployment", "metric", "base median", "cand median", "slower", "p", "n", "verdict"):
-        table.add_column(col)
+    for col in ("model", "deployment", "metric", "base median", "cand median", "change", "p", "n", "verdict"):
+        table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["model"], r["deployment"], r["metric"], _fmt(r["base_median"], r["unit"]),
-                      _fmt(r["cand_median"], r["unit"]), _fmt(100 * r["slowdown"]) + "%",
-                      _fmt(r["p_worse"] if r["p_worse"] is not None else float("nan")),
-                      f"{r['n_base']}/{r['n_cand']}", r["verdict"])
+        table.add_row(*map(Text, (r["model"], r["deployment"], r["metric"], _fmt(r["base_median"], r["unit"]),
+                                  _fmt(r["cand_median"], r["unit"]), stats.change_words(r["slowdown"]),
+                                  _fmt(r["p_worse"] if r["p_worse"] is not None else float("nan")),
+                                  f"{r['n_base']}/{r['n_cand']}", r["verdict"])))
     console.print(table)
     for r in rows:
         if r["verdict"] != Verdict.UNCHANGED.value:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import re
+import sys
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -78,14 +81,14 @@ def load_factory(target: str | Callable | None) -> Callable:
     knobbed = emulator_with_knobs(target)
     if knobbed is not None:
         return knobbed
+    given = target
+    target, kwargs = _split_kwargs(target)
     target = BUILTIN.get(target, target)
     if ":" not in target:
-        raise DeploymentError(f"--deployment {target!r}: expected MODULE:FACTORY (e.g. {DEFAULT_DEPLOYMENT})")
-    module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise DeploymentError(f"--deployment {target!r}: cannot import {module_name}: {summarise_exception(exc)}") from exc
+        raise DeploymentError(f"--deployment {given!r}: expected MODULE:FACTORY or FILE.py:FACTORY "
+                              f"(e.g. {DEFAULT_DEPLOYMENT})")
+    module_name, _, attr = target.rpartition(":")
+    module = _import(given, module_name)
     obj = module
     for part in attr.split("."):
         try:
@@ -94,7 +97,62 @@ def load_factory(target: str | Callable | None) -> Callable:
             raise DeploymentError(f"--deployment {target!r}: {module_name} has no attribute {attr!r}") from None
     if not callable(obj):
         raise DeploymentError(f"--deployment {target!r}: {attr} is not callable")
+    if kwargs:
+        return _with_kwargs(obj, kwargs, given)
     return obj
+
+
+_KWARGS_RE = re.compile(r"^(.*)\[(.*)\]$")
+
+
+def _split_kwargs(target: str) -> tuple[str, dict]:
+    """``pkg.mod:factory[dtype=float32,block=16]`` -> (``pkg.mod:factory``, {"dtype": "float32", "block": 16})."""
+    m = _KWARGS_RE.match(target)
+    if m is None:
+        return target, {}
+    kwargs = {}
+    for item in filter(None, (part.strip() for part in m.group(2).split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise DeploymentError(f"--deployment {target!r}: {item!r} is not KEY=VALUE")
+        kwargs[key.strip()] = _knob_value(value.strip())
+    return m.group(1), kwargs
+
+
+def _with_kwargs(factory: Callable, kwargs: dict, given: str) -> Callable:
+    """The factory with its keyword arguments bound; a wrong keyword is named when it is called."""
+    def bound(spec, weights):  # type: ignore[no-untyped-def]
+        try:
+            return factory(spec, weights, **kwargs)
+        except TypeError as exc:
+            if "keyword argument" in str(exc):
+                raise DeploymentError(f"--deployment {given!r}: {exc}") from None
+            raise
+
+    bound.name = given  # type: ignore[attr-defined]
+    return bound
+
+
+def _import(given: str, module_name: str):  # type: ignore[no-untyped-def]
+    """A module by dotted name (the current directory is searched too, as ``python -m`` does) or a
+    ``.py`` file by path."""
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).resolve()
+            if not path.is_file():
+                raise DeploymentError(f"--deployment {given!r}: no file {path}")
+            spec = importlib.util.spec_from_file_location(f"_harness_deployment_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            sys.modules[spec.name] = module  # type: ignore[union-attr]
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+            return module
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())
+        return importlib.import_module(module_name)
+    except DeploymentError:
+        raise
+    except Exception as exc:
+        raise DeploymentError(f"--deployment {given!r}: cannot import {module_name}: {summarise_exception(exc)}") from exc
 
 
 def describe(target: str | Callable | None) -> str:

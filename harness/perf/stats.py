@@ -108,6 +108,15 @@ def _check_direction(direction: str) -> Direction:
     return direction  # type: ignore[return-value]
 
 
+def change_words(slowdown: float) -> str:
+    """A direction-adjusted change in words: 0.095 -> "slower by 9.5%", -0.095 -> "faster by 9.5%"."""
+    if not math.isfinite(slowdown):
+        return "change unknown"
+    if abs(slowdown) < 0.0005:
+        return "unchanged"
+    return f"{'slower' if slowdown > 0 else 'faster'} by {abs(slowdown):.1%}"
+
+
 def _slowdown(ratio: float, direction: Direction) -> float:
     return ratio - 1.0 if direction == "lower" else 1.0 / ratio - 1.0
 
@@ -157,13 +166,12 @@ def compare(
         return Comparison(Verdict.INCONCLUSIVE, base_median=mb, cand_median=mc, ratio=ratio,
                           slowdown=slow, p_worse=nan, p_better=nan,
                           reason=(f"{label}: need >= {min_samples} samples per side, have base {b.size}, "
-                                  f"candidate {c.size}; rerun with more rounds"), **common)
+                                  f"candidate {c.size}; rerun with more rounds (--rounds N)"), **common)
     # "worse" is cand > base for latency, cand < base for throughput.
     p_worse = _mwu_greater(c, b) if direction == "lower" else _mwu_greater(b, c)
     p_better = _mwu_greater(b, c) if direction == "lower" else _mwu_greater(c, b)
     speedup = _slowdown(1.0 / ratio, direction)
-    pct = f"{slow:+.1%}".replace("+-", "-")
-    where = f"{label}: median {mb:.6g} -> {mc:.6g} ({pct} slower)"
+    where = f"{label}: median {mb:.6g} -> {mc:.6g} ({change_words(slow)})"
     if slow >= threshold and p_worse < alpha:
         verdict, why = Verdict.REGRESSION, f"regression: {where}, p={p_worse:.2g} < {alpha}"
     elif speedup >= threshold and p_better < alpha:
@@ -171,7 +179,7 @@ def compare(
     elif slow >= threshold and p_worse < suspect_alpha:
         verdict, why = Verdict.INCONCLUSIVE, (
             f"suspected regression: {where} but p={p_worse:.2g} >= {alpha}; "
-            "more samples needed (rerun both sides with more rounds)")
+            "more samples needed (rerun both sides with more rounds: --rounds N)")
     elif slow >= threshold:
         verdict, why = Verdict.UNCHANGED, f"unchanged: {where} is noise (p={p_worse:.2g})"
     else:

@@ -69,7 +69,7 @@ img { max-width: 100%; height: auto; }
 
 _TABLE = """{% macro table(rows) %}<table>
 <tr>{% for h in table_header %}<th>{{ h }}</th>{% endfor %}</tr>
-{% for r in rows %}<tr{% if r.first %} class="first"{% endif %}><td>{{ r.model }}</td><td>{{ r.phase }}</td><td>{{ r.tap }}{% if r.first %} (first failure){% endif %}</td><td class="{{ 'PASS' if r.passed else 'FAIL' }}">{{ 'pass' if r.passed else 'FAIL' }}</td><td class="num">{{ r.r }}</td><td class="num">{{ r.r_tail }}</td><td class="num">{{ r.cosine }}</td></tr>
+{% for r in rows %}<tr{% if r.first %} class="first"{% endif %}><td>{{ r.model }}</td><td>{{ r.phase }}</td><td>{{ r.tap }}{% if r.first %} (first failure){% endif %}</td><td class="{{ 'PASS' if r.passed else 'FAIL' }}">{{ 'pass' if r.passed else 'FAIL' }}</td><td class="num">{{ r.r }}</td><td class="num">{{ r.r_tail }}</td><td class="num">{{ r.r_bias }}</td><td class="num">{{ r.cosine }}</td></tr>
 {% endfor %}</table>{% endmacro %}"""
 
 _ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)

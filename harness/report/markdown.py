@@ -25,7 +25,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> list[str]:
 
 def _row_cells(r: Row) -> tuple[str, ...]:
     tap = f"{r.tap} (first failure)" if r.first else r.tap
-    return (r.model, r.phase, tap, "pass" if r.passed else "FAIL", r.r, r.r_tail, r.cosine)
+    return (r.model, r.phase, tap, "pass" if r.passed else "FAIL", r.r, r.r_tail, r.r_bias, r.cosine)
 
 
 def _image(assets: str, name: str, caption: str) -> str:

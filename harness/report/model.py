@@ -55,6 +55,7 @@ class Row:
     passed: bool
     r: str
     r_tail: str
+    r_bias: str
     cosine: str
     first: bool = False  # the verdict's first failure
 
@@ -97,5 +98,5 @@ class ReportContent:
 
 
 OVERVIEW_HEADER = ("model", "verdict", "compared", "failed taps", "first failure")
-TABLE_HEADER = ("model", "phase", "tap", "result", "R", "R tail", "cosine")
+TABLE_HEADER = ("model", "phase", "tap", "result", "R", "R tail", "R bias", "cosine")
 PERF_HEADER = ("model", "metric", "verdict", "base median", "cand median", "ratio", "p", "reason")

@@ -70,8 +70,23 @@ def _threshold(verdict: dict[str, Any], metric: str) -> float | None:
     return None
 
 
+# Metrics the calibrated policy judges: key in the results' metrics -> (short name, axis label).
+METRIC_LABELS = {"r": ("R", "R = |dut - fp32| / |bf16 - fp32|"),
+                 "r_tail": ("r_tail", "r_tail = p99 ULP error / bf16's"),
+                 "r_bias": ("r_bias", "r_bias = lean along the golden (t) / bf16's")}
+
+
+def failing_metric(verdict: dict[str, Any]) -> str:
+    """The metric that failed the first failing tap (``r``, ``r_tail`` or ``r_bias``; ``r`` by default),
+    read from the judgement's first reason: the plot shows that metric against its own limit."""
+    reasons = ((verdict.get("first_failure") or {}).get("judgement") or {}).get("reasons") or []
+    first = str(reasons[0]).split(" ", 1)[0] if reasons else ""
+    return {"R": "r", "r_tail": "r_tail", "r_bias": "r_bias"}.get(first, "r")
+
+
 def layer_error_png(verdict: dict[str, Any], *, all_taps: bool = True) -> bytes:
-    """R and 1 - cosine by layer for prefill and every decode phase, as PNG bytes.
+    """The failing metric (R unless the first failure failed on r_tail or r_bias) and 1 - cosine by
+    layer for prefill and every decode phase, as PNG bytes, the metric against its limit.
 
     Lines follow the residual stream (embed, ``layers.i.out``, final_norm, logits); with ``all_taps``
     (default True) every other tap is a light point inside its layer, in execution order. Failing
@@ -88,7 +103,8 @@ def layer_error_png(verdict: dict[str, Any], *, all_taps: bool = True) -> bytes:
 
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     axes = fig.subplots(2, 1, sharex=True)
-    for ax, metric, label in ((axes[0], "r", "R = |dut - fp32| / |bf16 - fp32|"),
+    lead = failing_metric(verdict)
+    for ax, metric, label in ((axes[0], lead, METRIC_LABELS[lead][1]),
                               (axes[1], "cosine", "1 - cosine")):
         all_vals = _values(results, metric)
         top = _top(all_vals)
@@ -114,7 +130,7 @@ def layer_error_png(verdict: dict[str, Any], *, all_taps: bool = True) -> bytes:
                         color="red", fontsize=8)
         thr = _threshold(verdict, metric)
         if thr is not None and thr > 0:
-            ax.axhline(thr, color="red", ls="--", lw=0.8, label=f"{metric} threshold")
+            ax.axhline(thr, color="red", ls="--", lw=0.8, label=f"{METRIC_LABELS.get(metric, (metric,))[0]} limit {thr:g}")
         ax.set_yscale("log")
         ax.set_ylabel(label)
         ax.grid(True, which="major", alpha=0.3)

@@ -23,16 +23,48 @@ _NON_FINITE = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math
                "-infinity": -math.inf}
 
 
-def load_verdict(path: str | Path) -> dict[str, Any]:
-    """Read and validate a verdict JSON file; errors name the file."""
-    p = Path(path)
+def _read_json(p: Path) -> Any:
     try:
-        data = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except FileNotFoundError:
         raise HarnessError(f"verdict file not found: {p}") from None
+    except IsADirectoryError:
+        raise HarnessError(f"verdict file {p} is a directory; give the JSON file") from None
+    except PermissionError:
+        raise HarnessError(f"verdict file {p} is not readable (permission denied)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HarnessError(f"verdict file {p} is not valid JSON: {exc}") from None
-    return validate(data, source=str(p))
+
+
+def verdicts_of(data: Any, source: str = "verdict") -> list[dict[str, Any]]:
+    """Every verdict in a JSON document the CLI writes: a verdict (``harness.check(...).to_dict()``) or
+    a ``harness gate --json`` document (each model's verdicts per mode, the gate's perf attached)."""
+    if isinstance(data, dict) and data.get("kind") == "gate":
+        out = []
+        for i, model in enumerate(data.get("models") or []):
+            for key, v in (model.get("verdicts") or {}).items():
+                v = dict(validate(v, source=f"{source}: models[{i}].verdicts[{key}]"))
+                if model.get("perf") and not v.get("perf"):
+                    v["perf"] = model["perf"]
+                out.append(v)
+        return out
+    return [validate(data, source=source)]
+
+
+def load_verdicts(path: str | Path) -> list[dict[str, Any]]:
+    """Every verdict of a verdict or ``harness gate --json`` file; errors name the file."""
+    p = Path(path)
+    return verdicts_of(_read_json(p), source=str(p))
+
+
+def load_verdict(path: str | Path) -> dict[str, Any]:
+    """Read and validate one verdict JSON file; errors name the file. A ``harness gate --json`` file
+    gives its first failing verdict (else its first): the one its console summary shows."""
+    p = Path(path)
+    found = load_verdicts(p)
+    if not found:
+        raise HarnessError(f"{p}: a gate document without verdicts (the gate could not run: see its 'errors')")
+    return next((v for v in found if not v["passed"]), found[0])
 
 
 def validate(verdict: Any, source: str = "verdict") -> dict[str, Any]:

@@ -42,7 +42,7 @@ def _rows(verdict: dict[str, Any]) -> list[Row]:
     for r in reading.sorted_results(verdict):
         m = r.get("metrics") or {}
         rows.append(Row(model=str(verdict["model"]), phase=str(r["phase"]), tap=str(r["tap"]), passed=bool(r["passed"]),
-                        r=reading.fmt(m.get("r")), r_tail=reading.fmt(m.get("r_tail")),
+                        r=reading.fmt(m.get("r")), r_tail=reading.fmt(m.get("r_tail")), r_bias=reading.fmt(m.get("r_bias")),
                         cosine=reading.fmt_cos(m.get("cosine")),
                         first=(r["phase"], r["tap"]) == (ff.get("phase"), ff.get("tap"))))
     return rows
@@ -63,7 +63,9 @@ def _section(verdict: dict[str, Any], index: int, plot: bool) -> ModelSection:
     image = None
     if plot and any(reading.tap_position(r["tap"])[0] < 1 << 30 for r in verdict["results"]):
         name = f"layers-{index:02d}-{_slug(reading.title(verdict))}.png"
-        image = Image(name, f"R and 1 - cosine by layer: {reading.title(verdict)}", plots.layer_error_png(verdict))
+        lead = plots.failing_metric(verdict)
+        image = Image(name, f"{plots.METRIC_LABELS[lead][0]} and 1 - cosine by layer: {reading.title(verdict)}",
+                      plots.layer_error_png(verdict))
     return ModelSection(
         title=reading.title(verdict), status=reading.status(verdict),
         summary=tuple(summary.render_summary(verdict).splitlines()),

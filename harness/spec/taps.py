@@ -128,3 +128,35 @@ def head_of(spec: ModelSpec, kind: str, feature: int) -> tuple[int | None, int]:
 def phase_names(decode_steps: int) -> list[str]:
     """``prefill``, then ``decode.0`` ... ``decode.{n-1}``."""
     return ["prefill", *(f"decode.{i}" for i in range(decode_steps))]
+
+
+# How each kind's features are laid out (docs/contract.md).
+def layout(spec: ModelSpec, kind: str) -> str:
+    """The feature layout of a tap kind in words: head-major for per-head taps."""
+    head, _ = head_of(spec, kind, 0)
+    if head is not None:
+        return f"{features(spec, kind) // spec.head_dim} heads x head_dim {spec.head_dim}, head-major (head * {spec.head_dim} + d)"
+    return "vocabulary" if kind == "logits" else "features"
+
+
+def width_formula(kind: str) -> str:
+    """The second dimension of a tap kind in config terms."""
+    if kind in ("q", "q_norm", "q_rope", "attn"):
+        return "num_attention_heads * head_dim"
+    if kind in ("k", "v", "k_norm", "k_rope"):
+        return "num_key_value_heads * head_dim"
+    if kind in ("gate", "up", "act"):
+        return "intermediate_size"
+    return "vocab_size" if kind == "logits" else "hidden_size"
+
+
+def table(spec: ModelSpec, tokens: int) -> list[dict]:
+    """Every tap of ``spec`` in execution order, as ``harness list --taps`` and docs/contract.md show them:
+    order, name, kind, shape formula, shape for a prefill of ``tokens`` (decode steps: 1 row), layout,
+    whether the contract requires it."""
+    required = set(required_taps(spec))
+    return [{"order": k, "name": name, "kind": parse(name).kind,
+             "shape": f"[tokens, {width_formula(parse(name).kind)}]",
+             "prefill_shape": list(shape(spec, name, tokens)), "decode_shape": list(shape(spec, name, 1)),
+             "layout": layout(spec, parse(name).kind), "required": name in required}
+            for k, name in enumerate(tap_names(spec))]
