@@ -130,6 +130,7 @@ class Phase7Accounting:
         self.config = config
         self.outcomes: dict[str, str] = {}
         self.problems: list[str] = []
+        self.not_applicable: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(p for p in report.user_properties if isinstance(p, tuple) and len(p) == 2)
@@ -138,6 +139,8 @@ class Phase7Accounting:
             return
         if "npu_harness_optional_skip" in props:
             self.outcomes[key] = "optional"
+        elif "npu_harness_not_applicable" in props:  # model_suite.NOT_APPLICABLE_PROPERTY
+            self.outcomes[key] = f"not run ({props['npu_harness_not_applicable']})"
         elif hasattr(report, "wasxfail"):
             self.outcomes[key] = "xfailed" if report.skipped else "failed"
         elif report.failed:
@@ -148,16 +151,20 @@ class Phase7Accounting:
             self.outcomes.setdefault(key, "passed")
 
     def problems_now(self) -> list[str]:
-        """Required tests of re-checked models that did not pass: skipped, xfailed or never run."""
+        """Required tests of re-checked models that did not pass: skipped, xfailed or never run. Tests
+        not applicable to the deployment (phase 1 without an op backend) go to ``not_applicable``: listed
+        as not run, not failing, as the gate's phase 7 treats phase 1 n/a."""
         from harness.suites.model_suite import required_keys
 
         rechecked = {k.split("::", 1)[0] for k in self.outcomes if "::test_recheck[" in k}
-        problems = []
+        problems, self.not_applicable = [], []
         for model in sorted(rechecked):
             for key in sorted(required_keys(model, settings_of(self.config))):
                 state = self.outcomes.get(key, "not run (deselected)")
                 if state in ("skipped", "xfailed", "not run (deselected)"):
                     problems.append(f"{key}: {state}")
+                elif state.startswith("not run ("):
+                    self.not_applicable.append(f"{key}: {state}")
         return problems
 
     @pytest.hookimpl(trylast=True)
@@ -169,6 +176,10 @@ class Phase7Accounting:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.not_applicable:
+            terminalreporter.section("npu-harness phase 7: required tests not run (not applicable)", yellow=True)
+            terminalreporter.write_line(f"{len(self.not_applicable)} not run, not failing: "
+                                        f"{self.not_applicable[0]}{' ...' if len(self.not_applicable) > 1 else ''}")
         if not self.problems:
             return
         terminalreporter.section("npu-harness phase 7: required tests that did not pass", red=True)

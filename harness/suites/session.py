@@ -118,12 +118,12 @@ class HarnessSession:
         return self._get(("sanity", model), lambda: {c.id: c for c in sanity_checks(
             self.golden(model), self.weights(model))})
 
-    def ops(self, model: str) -> dict[str, Check]:
+    def ops(self, model: str) -> Any:
+        """Phase 1's OpRun of ``model``: checks judged on the deployment's op backend, ids not run."""
         from harness.spec.model_spec import get
         from harness.suites.ops_phase import run_ops
 
-        return self._get(("ops", model), lambda: {c.id: c for c in run_ops(
-            get(model, self.settings.scale), self.settings.factory())})
+        return self._get(("ops", model), lambda: run_ops(get(model, self.settings.scale), self.settings.factory()))
 
     def deployment(self, model: str, golden) -> Any:
         """A fresh deployment of ``model`` (replays get their golden)."""
