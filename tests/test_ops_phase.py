@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.deployment.emulator import make_factory
+from harness.errors import HarnessError
 from harness.spec import model_spec
 from harness.suites.ops_phase import NO_OP_BACKEND, op_backend_of, op_ids, run_ops
 
@@ -223,3 +224,29 @@ def test_registered_kernels_judged_on_the_npu() -> None:
     if not run.checks:
         pytest.skip(f"no kernel in {path} for a {MODEL} tiny op case (register one under its case id, docs/npu.md)")
     assert all(c.passed for c in run.checks), [f"{c.id}: {c.message}" for c in run.checks if not c.passed]
+
+
+def test_kernel_registry_is_keyed_by_case_id(tmp_path: Path) -> None:
+    """A compiled kernel registered under a case's id is the kernel phase 1 runs for that case."""
+    import numpy as np
+
+    from harness.deployment.pyxrt import ArgSpec, KernelRegistry, NpuOpBackend
+    from harness.suites.op_registry import OpCase
+
+    case = OpCase.of("gemm", M=64, K=128, N=256)
+    (tmp_path / "gemm.py").write_text("print('module {}')\n")
+    (tmp_path / "final.xclbin").write_bytes(b"xclbin")
+    (tmp_path / "insts.bin").write_bytes(np.arange(4, dtype="<u4").tobytes())
+    fp = {"mlir_aie": "1.2.0", "llvm_aie": "19.1.0", "pyxrt": None, "xrt": "2.19.0"}
+    reg = KernelRegistry(tmp_path / "registry.json", fingerprint=fp, builder=None)
+    args = [ArgSpec("a", "in", (64, 128)), ArgSpec("w", "in", (256, 128)), ArgSpec("out", "out", (64, 256))]
+    reg.register(case.id, None, args, {"xclbin": tmp_path / "final.xclbin", "insts": tmp_path / "insts.bin"},
+                 design=tmp_path / "gemm.py")
+    reg = KernelRegistry(tmp_path / "registry.json", fingerprint=fp, builder=None)
+    assert reg.keys() == ["gemm[M=64,K=128,N=256]"]
+    art = reg.resolve(case.id)
+    assert (art.op, art.shape_key) == ("gemm", "M=64,K=128,N=256")
+    backend = NpuOpBackend(reg)
+    assert backend.supports(case) and not backend.supports(OpCase.of("gemm", M=63, K=128, N=256))
+    with pytest.raises(HarnessError, match=r"no artifact 'gemm\[M=63,K=128,N=256\]'; gemm has gemm\[M=64"):
+        reg.resolve("gemm[M=63,K=128,N=256]")

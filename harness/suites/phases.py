@@ -14,7 +14,7 @@ from harness.errors import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, EXIT_PERF  # noqa: 
 
 PHASES: dict[int, tuple[str, str]] = {
     0: ("sanity", "reference sanity: golden integrity, HF self-consistency, decode vs longer prefill, bf16 top-1"),
-    1: ("ops", "op-level kernel suites (emulator kernels; compiled kernels where an NPU is present)"),
+    1: ("ops", "op-level kernel suites on the deployment's own op backend (n/a without one)"),
     2: ("block", "one decoder block, isolated: embed and every prefill tap of layer 0"),
     3: ("prefill", "full-model prefill, every layer, cumulative and isolated"),
     4: ("prefill-perf", "prefill performance: time to first token"),
