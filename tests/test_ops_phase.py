@@ -155,10 +155,11 @@ def test_gate_phase_1_says_not_applicable_without_an_op_backend(golden_root: Pat
     assert not ET.parse(xml).getroot().findall(".//testcase[@name='ops']/failure")
 
 
-@pytest.mark.xfail(strict=True, reason="the gate's no-vacuous-pass exit rule (phases judged nothing of the "
-                                       "deployment -> not 0) lands with the integrity branch (issue 12.6)")
 def test_gate_phase_1_never_exits_0_for_a_deployment_that_returns_zeros(golden_root: Path, silent: str) -> None:
-    assert _gate(golden_root, "-d", silent).exit_code != 0
+    """Phase 0 judges only the reference and phase 1 is n/a: nothing of the deployment was judged."""
+    res = _gate(golden_root, "-d", silent)
+    assert res.exit_code == 3, res.output
+    assert "COULD NOT RUN gate phases 0-1: exit 3" in res.output
 
 
 def test_phase7_accounting_lists_not_applicable_without_failing() -> None:
@@ -250,3 +251,15 @@ def test_kernel_registry_is_keyed_by_case_id(tmp_path: Path) -> None:
     assert backend.supports(case) and not backend.supports(OpCase.of("gemm", M=63, K=128, N=256))
     with pytest.raises(HarnessError, match=r"no artifact 'gemm\[M=63,K=128,N=256\]'; gemm has gemm\[M=64"):
         reg.resolve("gemm[M=63,K=128,N=256]")
+
+
+def test_a_gate_that_judged_nothing_of_the_deployment_is_not_a_pass() -> None:
+    from harness.suites.phases import GateResult, PhaseOutcome
+
+    def gate(*statuses: str) -> GateResult:
+        return GateResult(MODEL, "d", len(statuses) - 1, {n: PhaseOutcome(n, s) for n, s in enumerate(statuses)})
+
+    assert gate("pass").exit_code == 0  # phase 0 alone judges the reference, as asked
+    assert gate("pass", "n/a").exit_code == 3 and gate("pass", "n/a").judged_nothing
+    assert gate("pass", "n/a", "pass").exit_code == 0  # judged tap by tap from phase 2
+    assert gate("pass", "n/a", "fail").exit_code == 1

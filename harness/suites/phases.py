@@ -116,13 +116,20 @@ class GateResult:
     def exit_code(self) -> int:
         """3 could not run (or compared nothing), 1 correctness failure, 2 perf regression, 0 pass."""
         statuses = {o.status for o in self.outcomes.values()}
-        if self.error is not None or ERROR in statuses or not self.outcomes:
+        if self.error is not None or ERROR in statuses or not self.outcomes or self.judged_nothing:
             return EXIT_ERROR
         if FAIL in statuses:
             return EXIT_FAIL
         if REGRESSION in statuses:
             return EXIT_PERF
         return EXIT_PASS
+
+    @property
+    def judged_nothing(self) -> bool:
+        """Phases past 0 ran and every one was n/a (``--phase 1`` without an op backend): nothing of the
+        deployment was judged, which is never a pass (phase 0 judges only the reference)."""
+        later = [o for n, o in self.outcomes.items() if n > 0]
+        return bool(later) and all(o.status == NOT_APPLICABLE for o in later)
 
     @property
     def passed(self) -> bool:
