@@ -201,6 +201,10 @@ def compare_cmd(
     unmatched: tuple[list[str], list[str]] = ([], [])
     try:
         thr, alp = parse_fraction(threshold, "--threshold"), parse_fraction(alpha, "--alpha")
+        if json_out is not None:  # refused before the comparison prints anything
+            from harness.cli.gate import ensure_writable
+
+            ensure_writable(json_out, "--json")
         if use_history:
             if model is None or base is not None or cand is not None:
                 raise HarnessError("--history takes --model ID and no files")
