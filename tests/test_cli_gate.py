@@ -193,9 +193,12 @@ def test_trace_without_decode_is_not_judged_pass_on_decode(golden_root: Path, tm
     dumped = runner.invoke(app, ["trace", "dump", str(out), "--model", MODEL, "--decode-steps", "0",
                                  "--golden-dir", str(golden_root)])
     assert dumped.exit_code == 0, dumped.output
-    js = tmp_path / "v.json"
-    res = runner.invoke(app, ["gate", "--trace", str(out), "--golden-dir", str(golden_root), "--json", str(js)])
+    js, xml = tmp_path / "v.json", tmp_path / "r.xml"
+    res = runner.invoke(app, ["gate", "--trace", str(out), "--golden-dir", str(golden_root), "--json", str(js),
+                              "--junit", str(xml)])
     assert res.exit_code == 3, res.output
     phases = {p["phase"]: p for p in json.loads(js.read_text())["models"][0]["phases"]}
     assert phases[3]["status"] == "pass" and phases[5]["status"] == "not run"
     assert "PASS" not in res.output.splitlines()[0]
+    errors = ET.parse(xml).getroot().findall(".//testcase[error]")
+    assert any(c.get("name") == "decode" for c in errors)  # JUnit: an error, never a silent pass
