@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from harness.suites.session import HarnessSession, Settings
+from harness.suites.session import SESSION, SETTINGS, HarnessSession, Settings, settings_of
 
-SETTINGS = pytest.StashKey[Settings]()
-SESSION = pytest.StashKey[HarnessSession]()
+__all__ = ["SESSION", "SETTINGS", "settings_of"]
 ACCOUNTING = pytest.StashKey["Phase7Accounting"]()
 REQUIRED = "npu_harness_required"
 _MARKERS = [f"phase{n}: npu-harness phase {n} gate" for n in range(8)] + [
@@ -45,12 +44,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--decode-steps", type=int, default=4, metavar="N",
                     help="Decode steps judged per tap (phase 5). Default: 4.")
     group.addoption("--recheck-seed", type=int, default=None, metavar="N",
-                    help="Pin phase 7's seed (to reproduce a re-check). Default: drawn at run time.")
-
-
-def settings_of(config: pytest.Config) -> Settings:
-    """The session's Settings (built at configure time)."""
-    return config.stash[SETTINGS]
+                    help="Pin phase 7's seed (to reproduce a re-check). Default: derived from the deployment "
+                         "and the golden key.")
+    group.addoption("--recheck-prompt-len", type=int, default=None, metavar="N",
+                    help="Pin phase 7's prompt length. Default: derived from the deployment and the golden key.")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,8 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
         deployment=config.getoption("deployment"), trace=config.getoption("trace_dir"),
         scale=config.getoption("scale"), seed=config.getoption("seed"), weights=config.getoption("weights"),
         mode=config.getoption("mode"), phase=config.getoption("phase"), golden_dir=config.getoption("golden_dir"),
-        decode_steps=config.getoption("decode_steps"), fault=tuple(config.getoption("fault")),
-        recheck_seed=config.getoption("recheck_seed"))
+        decode_steps=config.getoption("decode_steps"), faults=tuple(config.getoption("fault")),
+        recheck_seed=config.getoption("recheck_seed"), recheck_prompt_len=config.getoption("recheck_prompt_len"))
     config.stash[ACCOUNTING] = Phase7Accounting(config)
     config.pluginmanager.register(config.stash[ACCOUNTING], "npu-harness-phase7")
 

@@ -92,7 +92,7 @@ def test_help_lists_options_with_defaults(pytester: pytest.Pytester) -> None:
     res = pytester.runpytest_subprocess("--help")
     text = res.stdout.str()
     for opt in ("--deployment", "--trace-dir", "--scale", "--seed", "--weights", "--mode", "--phase",
-                "--golden-dir", "--decode-steps", "--fault"):
+                "--golden-dir", "--decode-steps", "--fault", "--recheck-seed", "--recheck-prompt-len"):
         assert opt in text
     assert text.count("Default:") >= 10
 
@@ -104,3 +104,16 @@ def test_plugin_import_is_light() -> None:
     code = "import sys, harness.pytest_plugin; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_plugin_and_gate_share_one_run_state() -> None:
+    """The plugin's session hands out the gate's ModelRun: same options type, same derived re-check."""
+    from harness.suites.run import ModelRun, RunOptions
+    from harness.suites.session import HarnessSession, Settings
+
+    assert Settings is RunOptions
+    opts = RunOptions(deployment="replay-fp32", mode="cumulative")
+    session = HarnessSession(opts)
+    run = session.run("qwen3-0.6b")
+    assert isinstance(run, ModelRun) and session.run("qwen3-0.6b") is run
+    assert run.recheck_params() == ModelRun("qwen3-0.6b", opts).recheck_params()

@@ -26,7 +26,7 @@ import pytest
 
 from harness.spec import taps as tapspec
 from harness.suites.phases import gate_phase_of
-from harness.suites.session import HarnessSession, Settings
+from harness.suites.session import HarnessSession, Settings, settings_of
 
 E2E_CHECKS = ("topk_walk", "logprob_tie", "kl", "top1", "deterministic")
 SANITY_CHECKS = ("golden_integrity", "residual_identity", "decode_matches_prefill", "bf16_top1")
@@ -122,8 +122,6 @@ class ModelSuite:
 
     # -- parametrisation (pytest calls this for each test method of the class) ---------------------------
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
-        from harness.pytest_plugin import settings_of
-
         test = metafunc.function.__name__
         if "case" not in metafunc.fixturenames:
             return
@@ -215,8 +213,8 @@ class ModelSuite:
             assert not problems, "golden integrity: " + "; ".join(problems)
             return
         verdict, seed, plen = harness_session.recheck(self.model_id, case)
-        request.node.user_properties.append(("npu_harness_recheck", f"--seed {seed} --prompt-len {plen}"))
+        rerun = verdict.provenance["recheck"]["rerun"]
+        request.node.user_properties.append(("npu_harness_recheck", rerun))
         first = verdict.first_failure
-        assert verdict.passed, (f"re-check with seed {seed}, prompt {plen} (reproduce: harness gate --model "
-                                f"{self.model_id} --seed {seed} --prompt-len {plen} --mode {case}): first failure "
+        assert verdict.passed, (f"re-check with seed {seed}, prompt {plen} (rerun: {rerun}): first failure "
                                 f"{first.phase} {first.tap}" if first else "required taps missing")

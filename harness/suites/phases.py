@@ -24,8 +24,10 @@ PHASES: dict[int, tuple[str, str]] = {
 }
 MAX_PHASE = 7
 
-# Outcome of a phase: "pass" and "measured" (perf without a baseline) never fail a gate.
+# Outcome of a phase: "pass" and "measured" (perf without a baseline) never fail a gate. "not run": the
+# phase compared nothing (no decode step, a trace without decode) - never a pass, exit 3.
 PASS, FAIL, ERROR, MEASURED, REGRESSION, NOT_APPLICABLE = "pass", "fail", "error", "measured", "regression", "n/a"
+NOT_RUN = "not run"
 
 
 def gate_phase_of(mode: str, phase: str, tap: str) -> int:
@@ -67,7 +69,7 @@ class Check:
 
 @dataclass
 class PhaseOutcome:
-    """One phase's status (pass / fail / error / measured / regression / n/a) and its checks."""
+    """One phase's status (pass / fail / error / measured / regression / n/a / not run) and its checks."""
 
     phase: int
     status: str
@@ -116,7 +118,8 @@ class GateResult:
     def exit_code(self) -> int:
         """3 could not run (or compared nothing), 1 correctness failure, 2 perf regression, 0 pass."""
         statuses = {o.status for o in self.outcomes.values()}
-        if self.error is not None or ERROR in statuses or not self.outcomes or self.judged_nothing:
+        if self.error is not None or ERROR in statuses or NOT_RUN in statuses or not self.outcomes \
+                or self.judged_nothing:
             return EXIT_ERROR
         if FAIL in statuses:
             return EXIT_FAIL
@@ -142,7 +145,7 @@ class GateResult:
         """The earliest failing phase and, where it is a tap, the tap (phase, tap, metrics, hint)."""
         for n in sorted(self.outcomes):
             o = self.outcomes[n]
-            if o.status not in (FAIL, ERROR, REGRESSION):
+            if o.status not in (FAIL, ERROR, REGRESSION, NOT_RUN):
                 continue
             out: dict[str, Any] = {"gate_phase": n, "gate_phase_name": o.name, "status": o.status,
                                    "message": o.message}
