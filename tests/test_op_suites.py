@@ -185,3 +185,14 @@ def test_adding_an_op_is_one_declaration() -> None:
             register(Scale)
     finally:
         OPS.pop("scale_test_only", None)
+
+
+def test_emulator_op_backend_honours_the_slowdown_knob(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.deployment.emulator import op_backend
+
+    slept = []
+    monkeypatch.setattr(op_backend.time, "sleep", slept.append)
+    case = OpCase.of("softmax", rows=4, L=8)
+    EMU.run(case, case.inputs())
+    EmulatorOpBackend(EmulatorConfig(slowdown=3.0)).run(case, case.inputs())
+    assert len(slept) == 1 and slept[0] > 0

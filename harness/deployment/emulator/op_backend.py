@@ -11,6 +11,7 @@ not import the suites.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -51,8 +52,12 @@ class EmulatorOpBackend:
     def run(self, case: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if case.op not in _RUN:
             raise HarnessError(f"{case.id}: the emulator has no kernel for op {case.op!r}")
+        start = time.perf_counter()
         x = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in inputs.items()}  # writable copies
-        return _RUN[case.op](self, case, case.p, x).numpy()
+        out = _RUN[case.op](self, case, case.p, x).numpy()
+        if self.cfg.slowdown > 1.0:  # the slowdown knob, as the emulated model applies it per call
+            time.sleep((self.cfg.slowdown - 1.0) * (time.perf_counter() - start))
+        return out
 
     # -- one method per op, as model.py computes it ----------------------------------------------------
     def _gemm(self, case, p, x):
