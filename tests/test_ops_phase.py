@@ -261,5 +261,6 @@ def test_a_gate_that_judged_nothing_of_the_deployment_is_not_a_pass() -> None:
 
     assert gate("pass").exit_code == 0  # phase 0 alone judges the reference, as asked
     assert gate("pass", "n/a").exit_code == 3 and gate("pass", "n/a").judged_nothing
+    assert gate("pass", "n/a").first_failure()["message"].startswith("nothing of the deployment was judged")
     assert gate("pass", "n/a", "pass").exit_code == 0  # judged tap by tap from phase 2
     assert gate("pass", "n/a", "fail").exit_code == 1

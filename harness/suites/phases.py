@@ -155,6 +155,11 @@ class GateResult:
             if ff is not None:
                 out.update(ff)
             return out
+        if self.judged_nothing:  # exit 3 without a failing phase: say why
+            n = min(n for n in self.outcomes if n > 0)
+            o = self.outcomes[n]
+            return {"gate_phase": n, "gate_phase_name": o.name, "status": o.status,
+                    "message": f"nothing of the deployment was judged: {o.message}"}
         return None
 
     def _tap_failure(self, gate_phase: int) -> dict[str, Any] | None:
