@@ -29,8 +29,9 @@ def test_identities_are_canonical_and_cover_every_op() -> None:
     assert "gemm[M=64,K=896,N=4864]" in ids and "gemv[K=4864,N=896]" in ids
     assert "gemm[M=63,K=896,N=4864]" in ids  # the remainder rows of an odd prompt length
     assert len(ids) == len(set(ids))
-    assert {c.op for c in cases} == set(OPS) == {"gemm", "gemv", "rmsnorm", "rope", "silu_mul", "softmax",
-                                                 "attention_prefill", "attention_decode"}
+    assert {c.op for c in cases} == set(OPS) == {"gemm", "gemm_bias", "gemv", "rmsnorm", "rope", "silu_mul",
+                                                 "softmax", "attention_prefill", "attention_decode"}
+    assert "gemm_bias[M=1,K=896,N=128]" in ids  # Qwen2.5's k projection with its bias, decode row
     qwen3 = [c.id for c in cases_for(model_spec.get("qwen3-0.6b", "tiny"))]
     assert "rmsnorm[T=256,D=64,eps=1e-06,std=0.05]" in qwen3  # per-head q/k norm at head_dim
     llama = [c.id for c in cases_for(model_spec.get("llama-3.2-1b", "tiny"))]

@@ -28,7 +28,7 @@ OP_FAULTS = {
     "wrong_gqa_mapping": {"attention_prefill", "attention_decode"},
     "causal_mask_off_by_one": {"attention_prefill"},
     "wrong_attention_scale": {"attention_prefill", "attention_decode"},
-    "wrong_rmsnorm_eps": {"rmsnorm"}, "crude_silu": {"silu_mul"}, "bf16_accumulation": {"gemm", "gemv"},
+    "wrong_rmsnorm_eps": {"rmsnorm"}, "missing_qkv_bias": {"gemm_bias"}, "crude_silu": {"silu_mul"}, "bf16_accumulation": {"gemm", "gemv"},
     "gemm_tile_remainder": {"gemm", "gemv"},
 }
 

@@ -121,6 +121,27 @@ class Gemm(Op):
 
 
 @register
+class GemmBias(Op):
+    name, params, probe = "gemm_bias", ("M", "K", "N"), False
+    signature = "a [M, K], w [N, K], b [N] -> [M, N] = a @ w.T + b (the q / k / v projections with a bias)"
+
+    def inputs(self, p, act):
+        return {"a": act(p["M"], p["K"]), "w": act(p["N"], p["K"], std=1 / math.sqrt(p["K"]), outliers=False),
+                "b": act(p["N"], outliers=False)}
+
+    def reference(self, p, x, case):
+        return x["a"] @ x["w"].T + x["b"]
+
+    def cases(self, spec, t):
+        if not spec.has_qkv_bias:
+            return []
+        return [dict(M=m, K=k, N=n) for m in (*_lengths(t), 1) for k, n in _projections(spec)[:2]]
+
+    def gemm_dims(self, p):
+        return p["M"], p["K"], p["N"]
+
+
+@register
 class Gemv(Op):
     name, params, probe = "gemv", ("K", "N"), True
     signature = "a [K], w [N, K] -> [N] = w @ a"

@@ -67,6 +67,12 @@ class EmulatorOpBackend:
         out = K.gemm(a, x["w"], cfg, acc=acc, remainder=self.dev.gemm_remainder, name=case.id)
         return out.reshape(*x["a"].shape[:-1], p["N"])
 
+    def _gemm_bias(self, case, p, x):
+        acc, kt = self._acc.get((p["K"], p["N"]), (None, None))
+        cfg = self.cfg if kt is None else replace(self.cfg, k_tile=kt)
+        bias = x["b"] if self.dev.qkv_bias else None  # missing_qkv_bias: the kernel drops it
+        return K.gemm(x["a"], x["w"], cfg, bias=bias, acc=acc, remainder=self.dev.gemm_remainder, name=case.id)
+
     def _rmsnorm(self, case, p, x):
         return K.rmsnorm(x["x"], x["w"], self.dev.eps if self.dev.eps is not None else p["eps"])
 
@@ -93,7 +99,8 @@ class EmulatorOpBackend:
 
 
 _RUN: dict[str, Callable[..., torch.Tensor]] = {
-    "gemm": EmulatorOpBackend._gemm, "gemv": EmulatorOpBackend._gemm, "rmsnorm": EmulatorOpBackend._rmsnorm,
+    "gemm": EmulatorOpBackend._gemm, "gemv": EmulatorOpBackend._gemm, "gemm_bias": EmulatorOpBackend._gemm_bias,
+    "rmsnorm": EmulatorOpBackend._rmsnorm,
     "rope": EmulatorOpBackend._rope, "silu_mul": EmulatorOpBackend._silu_mul, "softmax": EmulatorOpBackend._softmax,
     "attention_prefill": EmulatorOpBackend._attention, "attention_decode": EmulatorOpBackend._attention,
 }
