@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from harness.suites.session import HarnessSession, Settings
+from harness.suites.session import SESSION, SETTINGS, HarnessSession, Settings, settings_of
 
-SETTINGS = pytest.StashKey[Settings]()
-SESSION = pytest.StashKey[HarnessSession]()
+__all__ = ["SESSION", "SETTINGS", "settings_of"]
 ACCOUNTING = pytest.StashKey["Phase7Accounting"]()
 REQUIRED = "npu_harness_required"
 _MARKERS = [f"phase{n}: npu-harness phase {n} gate" for n in range(8)] + [
@@ -45,12 +44,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--decode-steps", type=int, default=4, metavar="N",
                     help="Decode steps judged per tap (phase 5). Default: 4.")
     group.addoption("--recheck-seed", type=int, default=None, metavar="N",
-                    help="Pin phase 7's seed (to reproduce a re-check). Default: drawn at run time.")
-
-
-def settings_of(config: pytest.Config) -> Settings:
-    """The session's Settings (built at configure time)."""
-    return config.stash[SETTINGS]
+                    help="Pin phase 7's seed (to reproduce a re-check). Default: derived from the deployment "
+                         "and the golden key.")
+    group.addoption("--recheck-prompt-len", type=int, default=None, metavar="N",
+                    help="Pin phase 7's prompt length. Default: derived from the deployment and the golden key.")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -62,8 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
         deployment=config.getoption("deployment"), trace=config.getoption("trace_dir"),
         scale=config.getoption("scale"), seed=config.getoption("seed"), weights=config.getoption("weights"),
         mode=config.getoption("mode"), phase=config.getoption("phase"), golden_dir=config.getoption("golden_dir"),
-        decode_steps=config.getoption("decode_steps"), fault=tuple(config.getoption("fault")),
-        recheck_seed=config.getoption("recheck_seed"))
+        decode_steps=config.getoption("decode_steps"), faults=tuple(config.getoption("fault")),
+        recheck_seed=config.getoption("recheck_seed"), recheck_prompt_len=config.getoption("recheck_prompt_len"))
     config.stash[ACCOUNTING] = Phase7Accounting(config)
     config.pluginmanager.register(config.stash[ACCOUNTING], "npu-harness-phase7")
 
@@ -130,6 +127,7 @@ class Phase7Accounting:
         self.config = config
         self.outcomes: dict[str, str] = {}
         self.problems: list[str] = []
+        self.not_applicable: list[str] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(p for p in report.user_properties if isinstance(p, tuple) and len(p) == 2)
@@ -138,6 +136,8 @@ class Phase7Accounting:
             return
         if "npu_harness_optional_skip" in props:
             self.outcomes[key] = "optional"
+        elif "npu_harness_not_applicable" in props:  # model_suite.NOT_APPLICABLE_PROPERTY
+            self.outcomes[key] = f"not run ({props['npu_harness_not_applicable']})"
         elif hasattr(report, "wasxfail"):
             self.outcomes[key] = "xfailed" if report.skipped else "failed"
         elif report.failed:
@@ -148,16 +148,20 @@ class Phase7Accounting:
             self.outcomes.setdefault(key, "passed")
 
     def problems_now(self) -> list[str]:
-        """Required tests of re-checked models that did not pass: skipped, xfailed or never run."""
+        """Required tests of re-checked models that did not pass: skipped, xfailed or never run. Tests
+        not applicable to the deployment (phase 1 without an op backend) go to ``not_applicable``: listed
+        as not run, not failing, as the gate's phase 7 treats phase 1 n/a."""
         from harness.suites.model_suite import required_keys
 
         rechecked = {k.split("::", 1)[0] for k in self.outcomes if "::test_recheck[" in k}
-        problems = []
+        problems, self.not_applicable = [], []
         for model in sorted(rechecked):
             for key in sorted(required_keys(model, settings_of(self.config))):
                 state = self.outcomes.get(key, "not run (deselected)")
                 if state in ("skipped", "xfailed", "not run (deselected)"):
                     problems.append(f"{key}: {state}")
+                elif state.startswith("not run ("):
+                    self.not_applicable.append(f"{key}: {state}")
         return problems
 
     @pytest.hookimpl(trylast=True)
@@ -169,6 +173,10 @@ class Phase7Accounting:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.not_applicable:
+            terminalreporter.section("npu-harness phase 7: required tests not run (not applicable)", yellow=True)
+            terminalreporter.write_line(f"{len(self.not_applicable)} not run, not failing: "
+                                        f"{self.not_applicable[0]}{' ...' if len(self.not_applicable) > 1 else ''}")
         if not self.problems:
             return
         terminalreporter.section("npu-harness phase 7: required tests that did not pass", red=True)

@@ -129,7 +129,7 @@ def test_builder_that_leaves_no_binary_fails(reg_path: Path):
     [
         ("{broken", "not valid JSON"),
         ('{"schema": 2, "kernels": {}}', r'expected \{"schema": 1'),
-        ('{"schema": 1, "kernels": {"gemm": {}}}', "key must be '<op>/<shape>'"),
+        ('{"schema": 1, "kernels": {"gemm": {}}}', "key must be an op-case id, e.g. 'gemm\\[M=128"),
         ('{"schema": 1, "kernels": {"gemm/M1": {"elf": "a.elf", "xclbin": "b"}}}', "needs 'xclbin' \\+ 'insts', or 'elf'"),
         ('{"schema": 1, "kernels": {"gemm/M1": {"elf": "a.elf", "args": []}}}', "'args' must be a non-empty list"),
         ('{"schema": 1, "kernels": {"gemm/M1": {"elf": "a.elf", "args": [{"name": "a"}]}}}', "needs name, direction, shape"),

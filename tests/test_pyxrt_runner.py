@@ -290,9 +290,9 @@ def test_op_backend_runs_a_registered_artifact(monkeypatch, files, tmp_path):
     reg.register("gemm", "M4_K8_N16", gemm_args(), {"xclbin": files["xclbin"], "insts": files["insts"]}, design=design)
     backend = NpuOpBackend(KernelRegistry(tmp_path / "registry.json", fingerprint=fp, builder=None),
                            rn.NpuKernelRunner(lock_path=tmp_path / "lock"))
-    assert backend.has("gemm", "M4_K8_N16") and not backend.has("gemm", "M8_K8_N16")
+    assert backend.has("gemm/M4_K8_N16") and not backend.has("gemm/M8_K8_N16")
     x = inputs()
-    got = backend.run("gemm", "M4_K8_N16", x)
+    got = backend.run_key("gemm/M4_K8_N16", x)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected_gemm(x).astype(np.float32))
     prov = backend.provenance()
@@ -322,7 +322,7 @@ def test_registered_gemm_on_the_npu():
     rng = np.random.default_rng(0)
     a = rng.standard_normal(a_spec.shape).astype(BF16).astype(np.float32)
     b = (rng.standard_normal(b_spec.shape) / np.sqrt(a_spec.shape[-1])).astype(BF16).astype(np.float32)
-    got = backend.run(op, shape_key, {a_spec.name: a, b_spec.name: b})
+    got = backend.run_key(gemms[0], {a_spec.name: a, b_spec.name: b})
     want = (a @ b).astype(BF16).astype(np.float32)
     close = np.isclose(got, want, rtol=1.6e-2, atol=1.5e-3)
     assert close.all(), f"{gemms[0]}: {np.count_nonzero(~close)} / {close.size} elements outside rtol 1.6e-2 atol 1.5e-3"

@@ -5,7 +5,7 @@ import pytest
 
 import harness
 from harness.errors import HarnessError
-from harness.spec.model_spec import models_dir, folder_name
+from harness.spec.model_spec import config_path, models_dir
 
 IDS = harness.models.names()
 
@@ -20,10 +20,10 @@ def test_full_config_is_the_real_one(model):
     shared = json.loads((models_dir().parents[1] / "shared" / "models" / f"{model}.json").read_text()) \
         if (models_dir().parents[1] / "shared" / "models").is_dir() else None
     spec = harness.models.get(model)
-    on_disk = json.loads((models_dir() / folder_name(model) / "config.json").read_text())
+    on_disk = json.loads(config_path(model).read_text())
     for key, value in on_disk.items():
         assert spec.config[key] == value
-    if shared is not None:  # the copy in models/ keeps every config.json key and value of shared/
+    if shared is not None:  # the packaged copy keeps every config.json key and value of shared/
         for key, value in shared.items():
             if not key.startswith("_"):
                 assert on_disk[key] == value, key

@@ -87,7 +87,8 @@ def test_run_gate_e2e_and_recheck_on_the_fp32_replay(golden_root: Path) -> None:
     r = run_gate(MODEL, deployment="replay-fp32", phase=7, golden_dir=golden_root, mode="cumulative",
                  recheck_seed=11, recheck_prompt_len=40)
     assert r.exit_code == EXIT_PASS, {n: (o.status, o.message) for n, o in r.outcomes.items()}
-    assert r.recheck["reproduce"] == "--seed 11 --prompt-len 40"
+    assert "--recheck-seed 11 --recheck-prompt-len 40" in r.recheck["reproduce"]
+    assert r.recheck["reproduce"].startswith("harness gate --model qwen3-0.6b") and not r.recheck["derived"]
     assert r.e2e["first_divergence"] is None and r.e2e["deployment_tokens"] == r.e2e["reference_tokens"]
     ids = {c.id for c in r.outcomes[6].checks}
     assert ids == {"topk_walk", "logprob_tie", "kl", "top1", "deterministic"}
@@ -100,3 +101,63 @@ def test_run_gate_e2e_and_recheck_on_the_fp32_replay(golden_root: Path) -> None:
 def test_run_gate_bad_options_are_exit_3(golden_root: Path, bad: dict) -> None:
     r = run_gate(MODEL, golden_dir=golden_root, **bad)
     assert r.exit_code == EXIT_ERROR and r.error
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"seed": -5}, "--seed -5"),
+    ({"decode_steps": -1}, "--decode-steps -1"),
+    ({"decode_steps": 10**9}, "context length"),
+    ({"prompt_len": 100000}, "context length"),
+    ({"prompt_len": 4000, "ram": 200e6}, "of memory"),
+    ({"disk": 1e6}, "on disk"),
+])
+def test_run_gate_refuses_unbounded_inputs_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          bad: dict, words: str) -> None:
+    """Inputs are checked against the model's context and the machine (memory and disk predicted from
+    the golden's size; here the machine is made small) before any golden is started."""
+    from harness.store import bounds
+
+    ram, disk = bad.pop("ram", None), bad.pop("disk", None)
+    monkeypatch.setattr(bounds, "available_ram", lambda: ram if ram is not None else 10**12)
+    monkeypatch.setattr(bounds, "free_disk", lambda root: disk if disk is not None else 10**13)
+    r = run_gate(MODEL, golden_dir=tmp_path / "g", **bad)
+    assert r.exit_code == EXIT_ERROR and words in r.error, r.error
+    assert not r.outcomes
+    assert not (tmp_path / "g").exists()
+
+
+def test_recheck_is_derived_from_deployment_and_golden_key() -> None:
+    from harness.suites.run import ModelRun, RunOptions, derive_recheck
+
+    def params(**kw):
+        return ModelRun(MODEL, RunOptions(**kw)).recheck_params()
+
+    base = params()
+    assert base == params()  # the same deployment on the same golden: the same re-check, every run
+    assert params(faults=("interleaved_rope",)) != base  # another deployment
+    assert params(seed=1) != base  # another golden key
+    assert params(recheck_seed=5, recheck_prompt_len=33) == (5, 33)
+    seed, plen = base
+    assert 1 <= seed < 2**31 and 32 <= plen < 96  # around tiny's default of 64
+    assert derive_recheck("a", "k", 64) != derive_recheck("b", "k", 64)
+
+
+def test_decode_steps_zero_is_not_a_pass(golden_root: Path) -> None:
+    """Phase 5 with nothing compared is "not run" (exit 3), never pass."""
+    r = run_gate(MODEL, deployment="replay-fp32", phase=5, golden_dir=golden_root, mode="cumulative",
+                 decode_steps=0)
+    assert r.outcomes[3].status == "pass"
+    assert r.outcomes[5].status == "not run" and "decode" in r.outcomes[5].message
+    assert r.exit_code == EXIT_ERROR and not r.passed
+    assert r.first_failure()["gate_phase"] == 5
+
+
+def test_predicted_golden_size_matches_a_built_one(golden_root: Path) -> None:
+    """The up-front prediction is the golden's real size: taps x tokens x (fp32 + bf16) bytes."""
+    from harness.store import GoldenRequest, GoldenStore
+    from harness.store.bounds import predict
+
+    g = GoldenStore(golden_root).get(GoldenRequest(MODEL, "tiny", 0, 4))
+    files = sum(f.stat().st_size for f in g.path.glob("*.safetensors"))
+    need = predict(g.spec, 64, 4)
+    assert 0.97 < need.elements * 6 / files <= 1.0  # safetensors headers are the only extra bytes

@@ -9,6 +9,7 @@ in phase N of its loop passes ``--phase N`` and gets only phases 0..N.
 from __future__ import annotations
 
 import json
+import os
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -48,9 +49,9 @@ def junit_xml(results: list[Any], elapsed_s: float) -> bytes:
             case = ET.SubElement(suite, "testcase", classname=r.model, name="setup")
             ET.SubElement(case, "error", message=r.error[:500]).text = r.error
         for o in sorted(r.outcomes.values(), key=lambda o: o.phase):
-            if o.status in ("error", "n/a") and not o.checks:
+            if (o.status in ("error", "n/a") and not o.checks) or o.status == "not run":
                 case = ET.SubElement(suite, "testcase", classname=f"{r.model}.phase{o.phase}", name=o.name)
-                tag = "error" if o.status == "error" else "skipped"
+                tag = "skipped" if o.status == "n/a" else "error"  # "not run" compared nothing: not a pass
                 ET.SubElement(case, tag, message=o.message[:500]).text = o.message
         for cls, c in cases:
             case = ET.SubElement(suite, "testcase", classname=f"{r.model}.{cls}", name=c.id)
@@ -59,41 +60,52 @@ def junit_xml(results: list[Any], elapsed_s: float) -> bytes:
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
-def _summary_verdicts(results: list[Any]) -> list[dict[str, Any]]:
-    """One verdict-shaped dict per model for ``render_gate_summary`` (worst mode first)."""
+EXIT_WORDS = {0: "PASS", 1: "FAIL", 2: "PERF REGRESSION", 3: "COULD NOT RUN"}
+
+
+def _summary_verdicts(results: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    """(result, one verdict-shaped dict) per model that has a verdict (worst mode first)."""
     out = []
     for r in results:
         vs = list(r.verdicts.values())
         failing = [v for v in vs if not v["passed"]]
         if failing:
-            out.append(failing[0])
+            out.append((r, failing[0]))
         elif vs:
             v = dict(vs[0])
             v["perf"] = r.perf
-            out.append(v)
+            out.append((r, v))
     return out
 
 
-def _print(console: Console, results: list[Any], elapsed_s: float, exit_code: int, phase: int) -> None:
-    """At most 20 lines: the gate summary of the tap verdicts, then one line per non-passing phase."""
-    lines: list[str] = []
-    verdicts = _summary_verdicts(results)
-    if verdicts:
-        from harness.report.summary import render_gate_summary
+def summary_lines(results: list[Any], elapsed_s: float, exit_code: int, phase: int) -> list[str]:
+    """At most 20 lines. One truth: the headline is the exit code's verdict and counts each model by its
+    gate's exit code (phase 0, 1, 6 and 7 failures included), then the tap summary of the models with
+    verdicts, one line per non-passing phase, phase 7's rerun command and the exit line."""
+    from harness.report.summary import Line, gate_lines, trim
 
-        lines += render_gate_summary(verdicts, elapsed_s=elapsed_s).splitlines()
+    word = EXIT_WORDS[exit_code]
+    passed = sum(r.exit_code == 0 for r in results)
+    headline = f"{word} gate: {passed} of {len(results)} models passed in {elapsed_s:.1f} s"
+    lines: list[str] = [headline]
+    pairs = _summary_verdicts(results)
+    if pairs:
+        states = [EXIT_WORDS[r.exit_code] for r, _ in pairs]
+        rows = gate_lines([v for _, v in pairs], states=states, headline=Line(headline))
+        lines = [ln.text for ln in trim(rows, 12)]
     for r in results:
         if r.error:
             lines.append(f"{r.model}: could not run: {r.error}")
         for o in sorted(r.outcomes.values(), key=lambda o: o.phase):
             if o.status not in ("pass", "measured"):
                 lines.append(f"{r.model} phase {o.phase} {o.name}: {o.status.upper()}: {o.message}")
-        if r.recheck:
-            lines.append(f"{r.model} phase 7 drew {r.recheck['reproduce']}")
-    word = {0: "PASS", 1: "FAIL", 2: "PERF REGRESSION", 3: "COULD NOT RUN"}[exit_code]
+    reruns = [f"{r.model} phase 7 rerun: {r.recheck['reproduce']}" for r in results if r.recheck]
     tail = f"{word} gate phases 0-{phase}: exit {exit_code}, {elapsed_s:.1f} s"
-    lines = lines[:19] + [tail]
-    for ln in lines:
+    return lines[: 19 - len(reruns[:3])] + reruns[:3] + [tail]
+
+
+def _print(console: Console, results: list[Any], elapsed_s: float, exit_code: int, phase: int) -> None:
+    for ln in summary_lines(results, elapsed_s, exit_code, phase):
         style = "bold green" if ln.startswith("PASS") else "bold red" if ln.startswith(("FAIL", "COULD")) else ""
         console.print(Text(ln[:400], style=style), soft_wrap=True)
 
@@ -116,6 +128,11 @@ def gate(
     mode: str = typer.Option("both", "--mode", help="cumulative, isolated or both. Default: both."),
     decode_steps: int = DecodeOpt,
     prompt_len: Optional[int] = PromptOpt,
+    recheck_seed: Optional[int] = typer.Option(None, "--recheck-seed", min=0,
+                                               help="Phase 7's seed. Default: derived from the deployment and "
+                                                    "the golden key (the same every run of the same deployment)."),
+    recheck_prompt_len: Optional[int] = typer.Option(None, "--recheck-prompt-len", min=1,
+                                                     help="Phase 7's prompt length. Default: derived as the seed."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the gate JSON here. Default: none."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML here. Default: none."),
     perf: bool = typer.Option(False, "--perf", help="Judge phases 4-5 timings against the history and record "
@@ -127,39 +144,75 @@ def gate(
     """Run the phase gates 0..N; exit 0 pass, 1 correctness failure, 2 perf regression, 3 could not run."""
     from harness.cli.common import models_or_all
     from harness.suites.gate import GateOptions, run_gate
-    from harness.suites.phases import EXIT_ERROR, overall_exit
+    from harness.suites.phases import overall_exit
 
     console = Console()
     t0 = time.perf_counter()
     if phase is None:
         phase = 5 if trace is not None else 7
-    try:
-        if trace is not None and not (model or all_models):
-            from harness.deployment.trace import read_trace
+    # Everything that can be refused is refused before the run starts (exit 3, one line, via the CLI edge).
+    if trace is not None and not (model or all_models):
+        from harness.deployment.trace import read_trace
 
-            model = [read_trace(trace).model]
-        ids = models_or_all(model, all_models)
-        from harness.suites.gate import deployment_with_faults
+        model = [read_trace(trace).model]
+    ids = models_or_all(model, all_models)
+    from harness.suites.run import deployment_with_faults, modes_of
 
-        dep = deployment_with_faults(deployment, fault)
-    except HarnessError as exc:
-        Console(stderr=True).print(Text(f"error: {exc}"), soft_wrap=True)
-        raise typer.Exit(EXIT_ERROR)
-    opts = dict(deployment=dep, phase=phase, scale=scale, seed=seed, weights=path_or_none(weights), mode=mode,
-                golden_dir=path_or_none(golden_dir), perf=perf, perf_db=db, decode_steps=decode_steps,
-                prompt_len=prompt_len, trace=path_or_none(trace))
+    deployment_with_faults(deployment, fault)  # --fault with a non-emulator deployment
+    modes_of(mode)
+    for option, path in (("--json", json_out), ("--junit", junit)):
+        if path is not None:
+            ensure_writable(path, option)
+    if perf or db is not None:
+        check_database(db)
+    opts = dict(deployment=deployment, faults=tuple(fault), phase=phase, scale=scale, seed=seed,
+                weights=path_or_none(weights), mode=mode, golden_dir=path_or_none(golden_dir), perf=perf,
+                perf_db=db, decode_steps=decode_steps, prompt_len=prompt_len, trace=path_or_none(trace),
+                recheck_seed=recheck_seed, recheck_prompt_len=recheck_prompt_len)
     results = [run_gate(m, GateOptions(**opts)) for m in ids]
     elapsed = time.perf_counter() - t0
     code = overall_exit(results)
-    _print(console, results, elapsed, code, phase)
+    # The reports are written before the verdict is printed: a failed write is exit 3, never "PASS" first.
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         doc = gate_document(results, phase, elapsed, code)
-        json_out.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+        _write(json_out, (json.dumps(doc, indent=1, default=str) + "\n").encode("utf-8"), "--json")
     if junit is not None:
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        junit.write_bytes(junit_xml(results, elapsed))
+        _write(junit, junit_xml(results, elapsed), "--junit")
+    _print(console, results, elapsed, code, phase)
     raise typer.Exit(code)
+
+
+def ensure_writable(path: Path, option: str) -> None:
+    """Refuse (HarnessError naming ``option``) a report path that cannot be written: a directory, a parent
+    that is a file, a read-only or full file system. Probes by creating a file next to it (os.access
+    says yes to root even on a read-only mount)."""
+    import tempfile
+
+    if path.is_dir():
+        raise HarnessError(f"{option} {path}: is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied", str(path))
+    except OSError as exc:
+        raise HarnessError(f"{option} {path}: cannot write ({exc.strerror or exc})") from None
+
+
+def check_database(url: Optional[str]) -> None:
+    """Open the history database once before the run (HarnessError naming it: unknown scheme, no driver)."""
+    from harness.perf.history import History
+
+    History(url).close()
+
+
+def _write(path: Path, data: bytes, option: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise HarnessError(f"{option} {path}: cannot write ({exc.strerror or exc})") from None
 
 
 def register(app: typer.Typer) -> None:

@@ -10,10 +10,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from harness.cli.exits import CommandGroup
+from harness.errors import HarnessError
 from harness.cli.common import (DecodeOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, WeightsOpt,
                                 models_or_all, path_or_none)
 
-golden_app = typer.Typer(help="Build, verify, list and clean the golden store.", no_args_is_help=True)
+golden_app = typer.Typer(cls=CommandGroup, help="Build, verify, list and clean the golden store.",
+                        no_args_is_help=True)
 console = Console(stderr=True)
 
 
@@ -65,6 +68,9 @@ def build(
                 g = store.get(req, progress=bar)
                 if local:
                     g = store.ensure_local(g, progress=bar)
+            except OSError as exc:  # a read-only store, a file where a directory belongs, a full disk
+                where = exc.filename or store.root
+                raise HarnessError(f"golden store {store.root}: cannot write {where} ({exc.strerror or exc})") from None
             finally:
                 bar.close()
             typer.echo(f"ok  {m}/{scale} seed {s}  {g.path}  ({time.perf_counter() - t0:.1f}s)")
@@ -154,13 +160,35 @@ def list_entries(golden_dir: Optional[Path] = GoldenDirOpt) -> None:
 def clean(
     golden_dir: Optional[Path] = GoldenDirOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model. Default: all."),
+    keep_recent: Optional[int] = typer.Option(None, "--keep-recent", min=0,
+                                              help="Keep the N most recently used entries, remove the rest. "
+                                                   "Default: remove all."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove the least recently used entries "
+                                           "until the rest fit in SIZE (e.g. 500MB, 2GB). Default: no bound."),
 ) -> None:
-    """Remove golden entries (they are rebuilt on demand)."""
+    """Remove golden entries (they are rebuilt on demand); with a keep rule, the least recently used first."""
     from harness.store import GoldenStore
+    from harness.store.eviction import entry_of, parse_size, remove, select
 
     if model:
-        from harness.models import get
+        from harness.models import folder_name, get
 
         get(model)  # unknown ids are an error, not a silent no-op
-    n = GoldenStore(golden_dir).clean(model)
-    typer.echo(f"removed {n} entries")
+    store = GoldenStore(golden_dir)
+    if keep_recent is None and max_size is None:
+        try:
+            n = store.clean(model)
+        except OSError as exc:
+            raise HarnessError(f"golden store {store.root}: cannot remove entries ({exc.strerror or exc})") from None
+        typer.echo(f"removed {n} entries")
+        return
+    max_bytes = parse_size(max_size) if max_size is not None else None
+    from harness.models import folder_name
+
+    entries = [entry_of(path) for path, _ in store.entries()
+               if model is None or path.parent.parent.name == folder_name(model)]
+    drop = select(entries, keep_recent=keep_recent, max_bytes=max_bytes)
+    n = remove(drop)
+    kept = sum(e.size for e in entries if e not in drop)
+    typer.echo(f"removed {n} entries ({sum(e.size for e in drop) / 1e6:.1f} MB); kept {len(entries) - n} "
+               f"({kept / 1e6:.1f} MB)")

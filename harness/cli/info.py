@@ -46,10 +46,10 @@ def _expression(fn: ast.FunctionDef, arg: ast.AST) -> str:
 
 def emulator_sites() -> dict[str, Site]:
     """Tap kind -> where the emulator computes it, found by reading the emulator module's source."""
-    import harness
+    from harness import version
     from harness.deployment.emulator import model
 
-    path = str(Path(inspect.getsourcefile(model) or model.__file__).resolve().relative_to(Path(harness.__file__).parents[1]))
+    path = str(Path(inspect.getsourcefile(model) or model.__file__).resolve().relative_to(Path(version.__file__).parents[1]))
     tree = ast.parse(inspect.getsource(model))
     sites: dict[str, Site] = {}
     for cls in ast.walk(tree):

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 from rich.table import Table
-from typer.core import TyperGroup
+from harness.cli.exits import CommandGroup
 
 from harness.cli.console import make_console
 from harness.errors import EXIT_ERROR, EXIT_PASS, EXIT_PERF, HarnessError
@@ -32,7 +32,7 @@ EXIT_OK, EXIT_REGRESSION, EXIT_CANNOT_RUN = EXIT_PASS, EXIT_PERF, EXIT_ERROR
 _USAGE_ERRORS = tuple({click.UsageError, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")})
 
 
-class _Group(TyperGroup):
+class _Group(CommandGroup):
     """Click reports usage errors with exit 2, which here means "regression"; make them 3."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
@@ -202,6 +202,10 @@ def compare_cmd(
     unmatched: tuple[list[str], list[str]] = ([], [])
     try:
         thr, alp = parse_fraction(threshold, "--threshold"), parse_fraction(alpha, "--alpha")
+        if json_out is not None:  # refused before the comparison prints anything
+            from harness.cli.gate import ensure_writable
+
+            ensure_writable(json_out, "--json")
         if use_history:
             if model is None or base is not None or cand is not None:
                 raise HarnessError("--history takes --model ID and no files")

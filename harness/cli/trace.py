@@ -6,9 +6,10 @@ from typing import Optional
 
 import typer
 
+from harness.cli.exits import CommandGroup
 from harness.cli.common import DecodeOpt, GoldenDirOpt, PromptOpt, ScaleOpt, SeedOpt, WeightsOpt, path_or_none
 
-trace_app = typer.Typer(help="Trace directories for deployments that run outside Python (C++ / pyxrt).",
+trace_app = typer.Typer(cls=CommandGroup, help="Trace directories for deployments that run outside Python (C++ / pyxrt).",
                         no_args_is_help=True)
 
 

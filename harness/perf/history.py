@@ -122,7 +122,7 @@ class History:
                 Path(self.url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             self.engine = create_engine(self.url)
             Base.metadata.create_all(self.engine)
-        except (ArgumentError, NoSuchModuleError, SQLAlchemyError, OSError) as exc:
+        except (ArgumentError, NoSuchModuleError, SQLAlchemyError, OSError, ImportError) as exc:  # ImportError: no driver
             raise HarnessError(f"history database {self._safe_url()}: cannot open ({exc.__class__.__name__}: "
                                f"{str(exc).splitlines()[0]})") from None
 

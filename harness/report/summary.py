@@ -22,7 +22,7 @@ MAX_LINES = 20
 _HIGHER_IS_BETTER = {"cosine", "snr_db", "top1_agreement", "topk_agreement"}
 _METRIC_ORDER = ("r", "r_tail", "r_bias", "cosine", "rel_fro", "max_abs", "ulp_p99")
 _STATUS_STYLE = {"PASS": "bold green", "FAIL": "bold red", "PERF REGRESSION": "bold yellow",
-                 "NOTHING COMPARED": "bold magenta"}
+                 "NOTHING COMPARED": "bold magenta", "COULD NOT RUN": "bold magenta"}
 _LOCALISATION = {"spike": "spike: the error returns to baseline downstream (a local fault in this op)",
                  "step": "step: the error stays high downstream (this op's error propagates)"}
 
@@ -189,19 +189,30 @@ def render_summary(verdict: dict[str, Any], *, elapsed_s: float | None = None) -
     return "\n".join(ln.text for ln in trim(summary_lines(verdict, elapsed_s=elapsed_s), MAX_LINES))
 
 
-def gate_lines(verdicts: list[dict[str, Any]], elapsed_s: float | None = None) -> list[Line]:
-    """One line per model (passing models folded when they do not fit) and the first failing model's detail."""
+def gate_lines(verdicts: list[dict[str, Any]], elapsed_s: float | None = None, *,
+               states: list[str] | None = None, headline: Line | None = None) -> list[Line]:
+    """One line per model (passing models folded when they do not fit) and the first failing model's detail.
+
+    ``states`` overrides each model's status (default: its verdict's), ``headline`` the first line: a
+    gate that judged more than the tap verdicts (phases 0, 1, 6, 7) passes its own outcome, so the
+    headline never says PASS above a failing exit code.
+    """
     if not verdicts:
         raise HarnessError("gate summary: no verdicts to summarise")
     for i, v in enumerate(verdicts):
         reading.validate(v, source=f"verdicts[{i}]")
-    states = [reading.status(v) for v in verdicts]
+    if states is not None and len(states) != len(verdicts):
+        raise HarnessError(f"gate summary: {len(states)} states for {len(verdicts)} verdicts")
+    states = list(states) if states is not None else [reading.status(v) for v in verdicts]
     bad = [i for i, s in enumerate(states) if s != "PASS"]
     overall = "PASS" if not bad else ("FAIL" if any(states[i] in ("FAIL", "NOTHING COMPARED") for i in bad)
+                                      else "COULD NOT RUN" if any(states[i] == "COULD NOT RUN" for i in bad)
                                       else "PERF REGRESSION")
     took = f" in {elapsed_s:.1f} s" if elapsed_s is not None else ""
-    lines = [Line(f"{overall} gate: {len(verdicts) - len(bad)} of {len(verdicts)} models passed{took}", 0,
-                  _STATUS_STYLE[overall])]
+    if headline is None:
+        headline = Line(f"{overall} gate: {len(verdicts) - len(bad)} of {len(verdicts)} models passed{took}", 0,
+                        _STATUS_STYLE[overall])
+    lines = [headline]
     rows = []
     for v, s in zip(verdicts, states):
         ff = v.get("first_failure")
@@ -210,7 +221,7 @@ def gate_lines(verdicts: list[dict[str, Any]], elapsed_s: float | None = None) -
             detail = f"{ff['phase']} {ff['tap']}" + (f" r={fmt(r)}" if r is not None else "")
         else:
             detail = f"{len(v['results'])} taps"
-        rows.append(Line(f"  {s} {reading.title(v)}: {detail}", 0, _STATUS_STYLE[s]))
+        rows.append(Line(f"  {s} {reading.title(v)}: {detail}", 0, _STATUS_STYLE.get(s, "")))
     half = MAX_LINES // 2
     if len(rows) > half:  # fold the passing models into one line so the failing ones and the detail fit
         passing = [reading.title(v) for v, s in zip(verdicts, states) if s == "PASS"]

@@ -1,6 +1,7 @@
 """Model specs: one model's identity and HF config, at full or reduced scale.
 
-The nine configs live in ``models/<folder>/config.json`` (the real Hugging Face values). ``scaled("tiny")``
+The nine configs ship inside the package as ``harness/spec/configs/<model id>.json`` (the real Hugging
+Face ``config.json`` values; package data, so an installed wheel has them too). ``scaled("tiny")``
 shrinks the dimensions while keeping every architecture feature a deployment can get wrong: the GQA
 ratio (with at least two KV heads wherever the real model has several, so a head-mapping bug stays
 visible), head_dim != hidden/heads where the real model has it, q/k/v bias, q/k norm, tied embeddings,
@@ -43,8 +44,13 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwe
 
 
 def models_dir() -> Path:
-    """The repository's ``models/`` folder (configs and per-model suites)."""
+    """The repository's ``models/`` folder (per-model suites and optional ``policy.toml``)."""
     return Path(__file__).resolve().parents[2] / "models"
+
+
+def config_path(model_id: str) -> Path:
+    """The packaged Hugging Face config of ``model_id``: ``harness/spec/configs/<id>.json``."""
+    return Path(__file__).resolve().parent / "configs" / f"{model_id}.json"
 
 
 def folder_name(model_id: str) -> str:
@@ -146,7 +152,7 @@ class ModelSpec:
 
 
 def _load_full_config(model_id: str) -> dict[str, Any]:
-    path = models_dir() / folder_name(model_id) / "config.json"
+    path = config_path(model_id)
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:

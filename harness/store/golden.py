@@ -59,13 +59,13 @@ def _versions() -> dict[str, str]:
     import torch
     import transformers
 
-    import harness
+    from harness.version import __version__
 
     return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "numpy": np.__version__,
-        "harness": harness.__version__,
+        "harness": __version__,
         "python": platform.python_version(),
         "torch_threads": str(torch.get_num_threads()),  # BLAS fp32 sums split by thread: last-bit effects
     }
@@ -291,12 +291,19 @@ class GoldenStore:
 
     def get(self, request: GoldenRequest, *, build: bool = True, progress: Progress | None = None) -> GoldenSet:
         """The verified golden set of ``request``, built once (under a lock) if absent and ``build``."""
+        from harness.store.bounds import check_machine, check_request
+
+        check_request(request.spec, request.seed, request.prompt_len, request.decode_steps)
         path = self.entry_dir(request)
         if (path / MANIFEST).is_file():
+            from harness.store.eviction import touch
+
+            touch(path)  # last use, for eviction (harness golden clean --keep-recent / --max-size)
             return self.load(path)
         if not build:
             raise HarnessError(f"no golden for {request.model}/{request.scale} seed {request.seed} in {self.root} "
                                f"(run `harness golden build --model {request.model} --scale {request.scale}`)")
+        check_machine(request.spec, request.tokens, request.decode_steps, self.root)  # before anything is written
         with self._lock(path):
             if not (path / MANIFEST).is_file():
                 self._build(request, path, progress)

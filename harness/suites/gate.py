@@ -1,51 +1,31 @@
 """``run_gate``: the phase gates 0..N of one model against one deployment, as ``harness gate`` runs them.
 
 One ``harness.check`` run per mode serves phases 2, 3 and 5 (its results filtered per phase); phase 6
-runs the deployment against a golden of ``E2E_STEPS`` decode steps; phase 7 draws a fresh seed and prompt
-length (recorded, so a failure reproduces with ``--seed`` / ``--prompt-len``), verifies every golden it
-used and fails when any earlier phase was skipped or could not run.
+runs the deployment against a golden of ``E2E_STEPS`` decode steps; phase 7 re-checks with a seed and
+prompt length derived from the deployment and the golden key (or given: ``--recheck-seed`` /
+``--recheck-prompt-len``), prints the command that reruns it exactly, verifies every golden it used and
+fails when any earlier phase was skipped or could not run. A phase in which nothing was compared is
+"not run" (exit 3), never a pass. Inputs (seed, prompt length, decode steps) are checked against the
+model and the machine before anything runs.
 """
 from __future__ import annotations
 
-import secrets
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from harness.deployment.loader import summarise_exception
 from harness.errors import HarnessError
 from harness.suites import perfgate
-from harness.suites.e2e import E2E_STEPS, e2e_checks
-from harness.suites.phases import (ERROR, MAX_PHASE, MEASURED, NOT_APPLICABLE, PASS, REGRESSION, Check,
+from harness.suites.e2e import E2E_STEPS
+from harness.suites.phases import (ERROR, MAX_PHASE, MEASURED, NOT_APPLICABLE, NOT_RUN, PASS, REGRESSION, Check,
                                    GateResult, PhaseOutcome, gate_phase_of, outcome)
-from harness.suites.recording import RecordingFactory
 
-MODES = ("cumulative", "isolated")
+# One run state for the gate and the pytest plugin (harness.suites.run); re-exported for callers.
+from harness.suites.run import MODES, ModelRun, RunOptions, deployment_with_faults, modes_of  # noqa: E402,F401
 
-
-def deployment_with_faults(deployment: str | Callable | None, faults: list[str] | tuple[str, ...]) -> Any:
-    """``deployment`` as given, or the emulator with the named ``faults`` switched on (``--fault``)."""
-    if not faults:
-        return deployment
-    from harness.deployment.loader import BUILTIN, DEFAULT_DEPLOYMENT
-
-    if deployment not in (None, "emulator", DEFAULT_DEPLOYMENT, BUILTIN["emulator"]):
-        raise HarnessError(f"--fault needs the emulator deployment, not --deployment {deployment!r}")
-    from harness.deployment.emulator import make_factory
-
-    factory = make_factory(tuple(faults))
-    factory.name = f"emulator+{'+'.join(faults)}"  # type: ignore[attr-defined]
-    return factory
-
-
-def modes_of(mode: str) -> tuple[str, ...]:
-    """``both`` (default) -> both modes; else the one named; HarnessError naming --mode otherwise."""
-    if mode == "both":
-        return MODES
-    if mode not in MODES:
-        raise HarnessError(f"--mode {mode!r}: expected cumulative, isolated or both")
-    return (mode,)
+GateOptions = RunOptions  # the gate's name for the shared options
+_Run = ModelRun  # the gate's run state is the shared one
 
 
 def tap_checks(verdict: Any, gate_phase: int, as_mode: str | None = None) -> list[Check]:
@@ -67,85 +47,6 @@ def tap_checks(verdict: Any, gate_phase: int, as_mode: str | None = None) -> lis
     return out
 
 
-@dataclass
-class GateOptions:
-    """Everything ``run_gate`` takes besides the model; defaults as the CLI's."""
-
-    deployment: str | Callable | None = None
-    phase: int = MAX_PHASE
-    scale: str = "tiny"
-    seed: int = 0
-    weights: str | Path | None = None
-    mode: str = "both"
-    golden_dir: str | Path | None = None
-    perf: bool = False
-    perf_db: str | None = None
-    decode_steps: int = 4
-    prompt_len: int | None = None
-    trace: str | Path | None = None
-    recheck_seed: int | None = None  # phase 7: None draws one at run time
-    recheck_prompt_len: int | None = None
-    progress: Callable | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class _Run:
-    """State of one model's gate run: goldens, check verdicts, deployment time."""
-
-    def __init__(self, model: str, opts: GateOptions):
-        from harness.spec.model_spec import get
-        from harness.store import GoldenStore
-
-        self.model, self.opts = model, opts
-        self.spec = get(model, opts.scale)
-        self.store = GoldenStore(opts.golden_dir)
-        self.factory = RecordingFactory(opts.deployment)
-        self.factory.recorder.keep_logits = False
-        self.verdicts: dict[str, Any] = {}
-        self.goldens: list[Any] = []
-
-    def golden(self, seed: int, steps: int, prompt_len: int | None):
-        from harness.store import GoldenRequest
-        from harness.weights import WeightsSource
-
-        source = WeightsSource(str(self.opts.weights) if self.opts.weights else None)
-        g = self.store.get(GoldenRequest(self.model, self.opts.scale, seed, steps, prompt_len, source),
-                           progress=self.opts.progress)
-        self.goldens.append(g)
-        return g
-
-    def weights(self, seed: int):
-        from harness.weights import WeightsSource, load_weights
-
-        return load_weights(self.spec, WeightsSource(str(self.opts.weights) if self.opts.weights else None), seed)
-
-    def check(self, mode: str, key: str | None = None, seed: int | None = None, prompt_len: int | None = None):
-        """The verdict of ``mode`` (cached under ``key``; the trace's when ``--trace`` was given)."""
-        import harness
-
-        key = key or mode
-        if key not in self.verdicts:
-            o = self.opts
-            if o.trace is not None:
-                v = harness.check_trace(o.trace, golden_dir=o.golden_dir, progress=o.progress)
-                if v.model != self.model or v.scale != o.scale:
-                    raise HarnessError(f"--trace {o.trace}: records {v.model}/{v.scale}, not {self.model}/{o.scale}")
-            else:
-                v = harness.check(self.model, self.factory, scale=o.scale, seed=o.seed if seed is None else seed,
-                                  decode_steps=o.decode_steps, mode=mode, weights=o.weights,
-                                  prompt_len=o.prompt_len if seed is None else prompt_len,
-                                  golden_dir=o.golden_dir, progress=o.progress)
-            self.verdicts[key] = v
-        return self.verdicts[key]
-
-    def deployment(self, golden):
-        """A fresh deployment (replays get their golden as harness.check gives it)."""
-        w = self.weights(golden.manifest["seed"])
-        if self.factory.needs_golden:
-            return self.factory(self.spec, w, golden=golden, mode="cumulative")
-        return self.factory(self.spec, w)
-
-
 def _guard(phase: int, fn: Callable[[], PhaseOutcome]) -> PhaseOutcome:
     """Run one phase; a HarnessError or any exception becomes an ``error`` outcome (exit 3)."""
     t0 = time.perf_counter()
@@ -160,20 +61,11 @@ def _guard(phase: int, fn: Callable[[], PhaseOutcome]) -> PhaseOutcome:
 
 
 def _phase0(run: _Run) -> PhaseOutcome:
-    from harness.suites.sanity import sanity_checks
-
-    o = run.opts
-    golden = run.golden(o.seed, o.decode_steps, o.prompt_len)
-    return outcome(0, sanity_checks(golden, run.weights(o.seed)))
+    return outcome(0, run.sanity())
 
 
 def _phase1(run: _Run) -> PhaseOutcome:
-    from harness.suites import ops_phase
-
-    checks = ops_phase.run_ops(run.spec, run.opts.deployment)
-    if not checks:
-        return PhaseOutcome(1, NOT_APPLICABLE, message="no op cases for this deployment")
-    return outcome(1, checks)
+    return run.ops().outcome()
 
 
 def _tap_phase(run: _Run, gate_phase: int, modes: tuple[str, ...]) -> PhaseOutcome:
@@ -184,6 +76,11 @@ def _tap_phase(run: _Run, gate_phase: int, modes: tuple[str, ...]) -> PhaseOutco
         # Without isolated mode, phase 2 judges the block's cumulative results (as isolated ones would be).
         as_mode = "isolated" if gate_phase == 2 else None
         checks += tap_checks(run.check(mode), gate_phase, as_mode)
+    compared = [c for c in checks if not c.id.endswith(":coverage")]
+    if not compared:  # nothing judged is not a pass (e.g. --decode-steps 0, a trace without decode)
+        why = ("no decode step was compared (--decode-steps 0, or a trace without decode steps)"
+               if gate_phase == 5 else "no tap of this phase was compared")
+        return PhaseOutcome(gate_phase, NOT_RUN, checks, why)
     return outcome(gate_phase, checks)
 
 
@@ -203,27 +100,25 @@ def _perf(run: _Run, result: GateResult) -> dict[int, PhaseOutcome]:
 
 
 def _phase6(run: _Run, result: GateResult) -> PhaseOutcome:
-    o = run.opts
-    golden = run.golden(o.seed, E2E_STEPS, o.prompt_len)
-    checks, details = e2e_checks(golden, lambda: run.deployment(golden))
+    checks, details = run.e2e()
     result.e2e = details
     return outcome(6, checks)
 
 
 def _phase7(run: _Run, result: GateResult, modes: tuple[str, ...]) -> PhaseOutcome:
+    from harness.store.eviction import remember_rechecks
     from harness.store.golden import verify_dir
+    from harness.suites.run import rerun_command
 
-    o = run.opts
-    base_len = o.prompt_len or run.spec.default_prompt_len
-    seed = o.recheck_seed if o.recheck_seed is not None else secrets.randbelow(2**31 - 1) + 1
-    # A fresh length around the default: off the tiling grid more often than not.
-    plen = o.recheck_prompt_len or (max(8, base_len // 2) + secrets.randbelow(base_len))
+    seed, plen = run.recheck_params()
     result.recheck = {"seed": seed, "prompt_len": plen,
-                      "reproduce": f"--seed {seed} --prompt-len {plen}"}
+                      "derived": run.opts.recheck_seed is None or run.opts.recheck_prompt_len is None,
+                      "reproduce": rerun_command(run.model, run.opts, seed, plen, run.identity())}
     checks: list[Check] = []
+    recheck_paths = []
     for mode in modes:
-        v = run.check(mode, key=f"recheck/{mode}", seed=seed, prompt_len=plen)
-        v.provenance["recheck"] = dict(result.recheck)
+        v = run.recheck(mode)
+        recheck_paths.append(Path(v.provenance["golden"]["path"]))
         failed = v.failures
         first = v.first_failure
         checks.append(Check(f"recheck:{mode}", v.passed,
@@ -231,17 +126,41 @@ def _phase7(run: _Run, result: GateResult, modes: tuple[str, ...]) -> PhaseOutco
                                 f"first failure {first.phase} {first.tap}; {len(failed)} taps failed" if first else
                                 f"{len(v.results)} taps within policy"),
                             {"seed": seed, "prompt_len": plen, "compared": len(v.results), "failed": len(failed)}))
-    for g in {id(g): g for g in run.goldens}.values():
-        problems = verify_dir(g.path)
-        checks.append(Check(f"integrity:{g.path.name}", not problems,
-                            "; ".join(problems) or f"{g.path}: every file matches its sha256"))
+    used = {g.path for g in run.goldens} | {Path(v.provenance["golden"]["path"]) for v in run.verdicts.values()
+                                            if "golden" in v.provenance}
+    for path in sorted(used):
+        problems = verify_dir(path)
+        checks.append(Check(f"integrity:{path.name}", not problems,
+                            "; ".join(problems) or f"{path}: every file matches its sha256"))
+    # Re-check goldens are kept up to a bound per store; the oldest beyond it are evicted (never one in use).
+    result.recheck["evicted"] = remember_rechecks(run.store, recheck_paths, protect=used)
     skipped = [f"{n} {oc.name}: {oc.status} ({oc.message})" for n, oc in sorted(result.outcomes.items())
                if oc.status not in (PASS, MEASURED)]
-    checks.append(Check("nothing_skipped", not any(s.split(": ")[1].startswith((NOT_APPLICABLE, ERROR))
-                                                   for s in skipped),
+    # Phase 1 n/a (no op backend) is listed but does not fail: such a deployment is still judged tap by
+    # tap in phases 2-6 (docs/suites.md); any other phase not run fails the re-check.
+    not_run = [oc for n, oc in result.outcomes.items()
+               if oc.status in (ERROR, NOT_RUN) or (oc.status == NOT_APPLICABLE and n != 1)]
+    checks.append(Check("nothing_skipped", not not_run,
                         "phases not run: " + "; ".join(skipped) if skipped else "every earlier phase ran",
                         {"phases": len(result.outcomes)}))
     return outcome(7, checks)
+
+
+def _check_inputs(run: _Run) -> None:
+    """Seed, prompt length and decode steps against the model and the machine, before anything runs."""
+    from harness.store.bounds import check_machine, check_request
+
+    o, spec = run.opts, run.spec
+    check_request(spec, o.seed, o.prompt_len, o.decode_steps)
+    steps = o.decode_steps
+    if o.trace is None and o.phase >= 4:  # timing and phase 6 use the end-to-end golden
+        check_request(spec, o.seed, o.prompt_len, E2E_STEPS)
+        steps = max(steps, E2E_STEPS)
+    if o.trace is None and o.phase >= 7 and (o.recheck_seed is not None or o.recheck_prompt_len is not None):
+        check_request(spec, 0 if o.recheck_seed is None else o.recheck_seed, o.recheck_prompt_len, o.decode_steps)
+        if o.recheck_prompt_len is not None:
+            check_machine(spec, o.recheck_prompt_len, o.decode_steps, run.store.root)
+    check_machine(spec, o.prompt_len or spec.default_prompt_len, steps, run.store.root)
 
 
 def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> GateResult:
@@ -273,6 +192,7 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
             opts = replace(opts, **gate_settings(opts.trace, model, opts.scale, opts.weights))
         run = _Run(model, opts)
         result.deployment = run.factory.name if opts.trace is None else f"trace:{opts.trace}"
+        _check_inputs(run)
     except HarnessError as exc:
         result.error = str(exc)
         result.elapsed_s = time.perf_counter() - t0

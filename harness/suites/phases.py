@@ -14,7 +14,7 @@ from harness.errors import EXIT_ERROR, EXIT_FAIL, EXIT_PASS, EXIT_PERF  # noqa: 
 
 PHASES: dict[int, tuple[str, str]] = {
     0: ("sanity", "reference sanity: golden integrity, HF self-consistency, decode vs longer prefill, bf16 top-1"),
-    1: ("ops", "op-level kernel suites (emulator kernels; compiled kernels where an NPU is present)"),
+    1: ("ops", "op-level kernel suites on the deployment's own op backend (n/a without one)"),
     2: ("block", "one decoder block, isolated: embed and every prefill tap of layer 0"),
     3: ("prefill", "full-model prefill, every layer, cumulative and isolated"),
     4: ("prefill-perf", "prefill performance: time to first token"),
@@ -24,8 +24,10 @@ PHASES: dict[int, tuple[str, str]] = {
 }
 MAX_PHASE = 7
 
-# Outcome of a phase: "pass" and "measured" (perf without a baseline) never fail a gate.
+# Outcome of a phase: "pass" and "measured" (perf without a baseline) never fail a gate. "not run": the
+# phase compared nothing (no decode step, a trace without decode) - never a pass, exit 3.
 PASS, FAIL, ERROR, MEASURED, REGRESSION, NOT_APPLICABLE = "pass", "fail", "error", "measured", "regression", "n/a"
+NOT_RUN = "not run"
 
 
 def gate_phase_of(mode: str, phase: str, tap: str) -> int:
@@ -67,7 +69,7 @@ class Check:
 
 @dataclass
 class PhaseOutcome:
-    """One phase's status (pass / fail / error / measured / regression / n/a) and its checks."""
+    """One phase's status (pass / fail / error / measured / regression / n/a / not run) and its checks."""
 
     phase: int
     status: str
@@ -116,13 +118,21 @@ class GateResult:
     def exit_code(self) -> int:
         """3 could not run (or compared nothing), 1 correctness failure, 2 perf regression, 0 pass."""
         statuses = {o.status for o in self.outcomes.values()}
-        if self.error is not None or ERROR in statuses or not self.outcomes:
+        if self.error is not None or ERROR in statuses or NOT_RUN in statuses or not self.outcomes \
+                or self.judged_nothing:
             return EXIT_ERROR
         if FAIL in statuses:
             return EXIT_FAIL
         if REGRESSION in statuses:
             return EXIT_PERF
         return EXIT_PASS
+
+    @property
+    def judged_nothing(self) -> bool:
+        """Phases past 0 ran and every one was n/a (``--phase 1`` without an op backend): nothing of the
+        deployment was judged, which is never a pass (phase 0 judges only the reference)."""
+        later = [o for n, o in self.outcomes.items() if n > 0]
+        return bool(later) and all(o.status == NOT_APPLICABLE for o in later)
 
     @property
     def passed(self) -> bool:
@@ -135,7 +145,7 @@ class GateResult:
         """The earliest failing phase and, where it is a tap, the tap (phase, tap, metrics, hint)."""
         for n in sorted(self.outcomes):
             o = self.outcomes[n]
-            if o.status not in (FAIL, ERROR, REGRESSION):
+            if o.status not in (FAIL, ERROR, REGRESSION, NOT_RUN):
                 continue
             out: dict[str, Any] = {"gate_phase": n, "gate_phase_name": o.name, "status": o.status,
                                    "message": o.message}
@@ -145,6 +155,11 @@ class GateResult:
             if ff is not None:
                 out.update(ff)
             return out
+        if self.judged_nothing:  # exit 3 without a failing phase: say why
+            n = min(n for n in self.outcomes if n > 0)
+            o = self.outcomes[n]
+            return {"gate_phase": n, "gate_phase_name": o.name, "status": o.status,
+                    "message": f"nothing of the deployment was judged: {o.message}"}
         return None
 
     def _tap_failure(self, gate_phase: int) -> dict[str, Any] | None:

@@ -1,167 +1,76 @@
-"""What one pytest session (one xdist worker) computes once and every test reads: per (model, mode) the
-``harness.check`` verdict, per model the sanity, op, end-to-end and re-check results.
+"""What one pytest session (one xdist worker) computes once and every test reads, per model: a
+``harness.suites.run.ModelRun`` - the very run state ``harness gate`` uses - keyed by model id.
 
-Errors are cached too: when a check cannot run (HarnessError, a deployment that fails to import or
-raises), every test that needs it fails with the same message instead of re-running it.
+The session's options are the gate's (``Settings`` is ``RunOptions``); errors are memoised by the run
+state, so when a check cannot run every test that needs it fails with the same message. The pytest
+plugin keeps this object and its Settings in ``config.stash`` under the keys below; the suites read them
+through ``settings_of`` here, so no suite module imports the plugin (the plugin imports the suites).
 """
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from harness.errors import HarnessError
+import pytest
+
 from harness.suites.phases import Check
+from harness.suites.run import MODES, ModelRun, RunOptions
 
-MODES = ("cumulative", "isolated")
+Settings = RunOptions  # the plugin's options are the gate's
+SETTINGS = pytest.StashKey[RunOptions]()
+SESSION = pytest.StashKey["HarnessSession"]()
 
-
-@dataclass(frozen=True)
-class Settings:
-    """The plugin's options (defaults as ``harness gate``): see ``harness.pytest_plugin``."""
-
-    deployment: str | None = None
-    trace: str | None = None
-    scale: str = "tiny"
-    seed: int = 0
-    weights: str | None = None
-    mode: str = "both"
-    phase: int = 7
-    golden_dir: str | None = None
-    decode_steps: int = 4
-    fault: tuple[str, ...] = ()
-    recheck_seed: int | None = None
-
-    @property
-    def modes(self) -> tuple[str, ...]:
-        if self.trace is not None:
-            return ("cumulative",)
-        return MODES if self.mode == "both" else (self.mode,)
-
-    def factory(self) -> Any:
-        """The deployment factory (the emulator with ``fault`` switched on, when given)."""
-        from harness.suites.gate import deployment_with_faults
-
-        return deployment_with_faults(self.deployment, self.fault)
+__all__ = ["MODES", "SESSION", "SETTINGS", "HarnessSession", "Settings", "settings_of"]
 
 
-class _Failed:
-    """A cached failure: re-raised as the same message by every test that needs the result."""
-
-    def __init__(self, message: str):
-        self.message = message
+def settings_of(config: pytest.Config) -> RunOptions:
+    """The session's options (built by the plugin at configure time)."""
+    return config.stash[SETTINGS]
 
 
 class HarnessSession:
-    """Lazily computed, memoised results of one session."""
+    """The session's run states, one ``ModelRun`` per model, created on first use."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: RunOptions):
         self.settings = settings
-        self._memo: dict[tuple, Any] = {}
-        self.goldens: dict[str, list[Any]] = {}
-        self.recheck_seeds: dict[str, tuple[int, int]] = {}
+        self.runs: dict[str, ModelRun] = {}
 
-    def _get(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        if key not in self._memo:
-            try:
-                self._memo[key] = compute()
-            except HarnessError as exc:
-                self._memo[key] = _Failed(f"could not run: {exc}")
-            except Exception as exc:
-                from harness.deployment.loader import summarise_exception
+    def run(self, model: str) -> ModelRun:
+        if model not in self.runs:
+            self.runs[model] = ModelRun(model, self.settings)
+        return self.runs[model]
 
-                self._memo[key] = _Failed(f"could not run: {summarise_exception(exc)}")
-        value = self._memo[key]
-        if isinstance(value, _Failed):
-            raise HarnessError(value.message)
-        return value
+    @property
+    def goldens(self) -> dict[str, list[Any]]:
+        return {m: r.goldens for m, r in self.runs.items()}
 
-    # -- building blocks -----------------------------------------------------------------------------
+    # -- what the suite's tests read ---------------------------------------------------------------
     def golden(self, model: str, steps: int | None = None, seed: int | None = None, prompt_len: int | None = None):
-        from harness.store import GoldenRequest, GoldenStore
-        from harness.weights import WeightsSource
-
-        s = self.settings
-        req = GoldenRequest(model, s.scale, s.seed if seed is None else seed,
-                            s.decode_steps if steps is None else steps, prompt_len, WeightsSource(s.weights))
-        g = GoldenStore(s.golden_dir).get(req)
-        self.goldens.setdefault(model, []).append(g)
-        return g
+        return self.run(model).golden(seed, steps, prompt_len)
 
     def weights(self, model: str, seed: int | None = None):
-        from harness.spec.model_spec import get
-        from harness.weights import WeightsSource, load_weights
-
-        s = self.settings
-        return load_weights(get(model, s.scale), WeightsSource(s.weights), s.seed if seed is None else seed)
+        return self.run(model).weights(seed)
 
     def verdict(self, model: str, mode: str):
         """The check of ``model`` in ``mode`` (or the trace's), run once per session."""
-        import harness
-
-        s = self.settings
-
-        def run():
-            if s.trace is not None:
-                v = harness.check_trace(s.trace, golden_dir=s.golden_dir)
-                if v.model != model:
-                    raise HarnessError(f"--trace {s.trace} records {v.model}, not {model}")
-                return v
-            return harness.check(model, s.factory(), scale=s.scale, seed=s.seed, decode_steps=s.decode_steps,
-                                 mode=mode, weights=s.weights, golden_dir=s.golden_dir)
-
-        return self._get(("verdict", model, mode), run)
+        return self.run(model).check(mode)
 
     def sanity(self, model: str) -> dict[str, Check]:
-        from harness.suites.sanity import sanity_checks
+        return {c.id: c for c in self.run(model).sanity()}
 
-        return self._get(("sanity", model), lambda: {c.id: c for c in sanity_checks(
-            self.golden(model), self.weights(model))})
-
-    def ops(self, model: str) -> dict[str, Check]:
-        from harness.spec.model_spec import get
-        from harness.suites.ops_phase import run_ops
-
-        return self._get(("ops", model), lambda: {c.id: c for c in run_ops(
-            get(model, self.settings.scale), self.settings.factory())})
+    def ops(self, model: str) -> Any:
+        """Phase 1's OpRun of ``model``: checks judged on the deployment's op backend, ids not run."""
+        return self.run(model).ops()
 
     def deployment(self, model: str, golden) -> Any:
         """A fresh deployment of ``model`` (replays get their golden)."""
-        from harness.deployment.loader import load_factory
-
-        build = load_factory(self.settings.factory())
-        w = self.weights(model, golden.manifest["seed"])
-        if getattr(build, "needs_golden", False):
-            return build(golden.spec, w, golden=golden, mode="cumulative")
-        return build(golden.spec, w)
+        return self.run(model).deployment(golden)
 
     def e2e(self, model: str) -> tuple[dict[str, Check], dict[str, Any]]:
-        from harness.suites.e2e import E2E_STEPS, e2e_checks
-
-        def run():
-            golden = self.golden(model, steps=E2E_STEPS)
-            checks, details = e2e_checks(golden, lambda: self.deployment(model, golden))
-            return {c.id: c for c in checks}, details
-
-        return self._get(("e2e", model), run)
+        checks, details = self.run(model).e2e()
+        return {c.id: c for c in checks}, details
 
     def recheck(self, model: str, mode: str):
-        """The check with a seed and prompt length drawn now (``--recheck-seed`` pins the seed)."""
-        import harness
-
-        s = self.settings
-        if model not in self.recheck_seeds:
-            from harness.spec.model_spec import get
-
-            base = get(model, s.scale).default_prompt_len
-            seed = s.recheck_seed if s.recheck_seed is not None else secrets.randbelow(2**31 - 1) + 1
-            self.recheck_seeds[model] = (seed, max(8, base // 2) + secrets.randbelow(base))
-        seed, plen = self.recheck_seeds[model]
-
-        def run():
-            v = harness.check(model, s.factory(), scale=s.scale, seed=seed, decode_steps=s.decode_steps,
-                              mode=mode, weights=s.weights, prompt_len=plen, golden_dir=s.golden_dir)
-            v.provenance["recheck"] = {"seed": seed, "prompt_len": plen}
-            return v
-
-        return self._get(("recheck", model, mode), run), seed, plen
+        """Phase 7's check: seed and prompt length given or derived from the deployment and golden key."""
+        run = self.run(model)
+        seed, plen = run.recheck_params()
+        return run.recheck(mode), seed, plen

@@ -238,6 +238,7 @@ def make_factory(faults: tuple[str, ...] | list[str] = (), **knobs) -> Callable[
     """A deployment factory ``factory(spec, weights) -> Emulator`` with named ``faults`` and kernel knobs.
 
     Knobs are EmulatorConfig fields (defaults: the clean kernel set); unknown knobs or faults raise now.
+    ``factory.op_backend(spec)`` runs the op registry's cases on the same kernels, knobs and faults (phase 1).
     """
     from harness.deployment.emulator import faults as registry
 
@@ -249,6 +250,13 @@ def make_factory(faults: tuple[str, ...] | list[str] = (), **knobs) -> Callable[
     def factory(spec: ModelSpec, weights: dict[str, np.ndarray]) -> Emulator:
         return Emulator(spec, weights, config, names)
 
+    def op_backend(spec: ModelSpec):
+        """Phase 1's view of this deployment: its kernels op by op, with the same knobs and faults."""
+        from harness.deployment.emulator.op_backend import EmulatorOpBackend
+
+        return EmulatorOpBackend(config, spec, names)
+
     factory.config = config  # type: ignore[attr-defined]
     factory.faults = names  # type: ignore[attr-defined]
+    factory.op_backend = op_backend  # type: ignore[attr-defined]
     return factory

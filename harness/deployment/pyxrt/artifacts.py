@@ -3,7 +3,7 @@
 The registry is a JSON file (path is a parameter; e.g. ``kernels/registry.json``); relative paths in it
 are relative to its folder::
 
-    {"schema": 1, "kernels": {"gemm/M128_K896_N4864": {
+    {"schema": 1, "kernels": {"gemm[M=128,K=896,N=4864]": {
         "kernel": "MLIR_AIE", "xclbin": "gemm/final.xclbin", "insts": "gemm/insts.bin",   # or "elf"
         "args": [{"name": "a", "direction": "in", "shape": [128, 896], "dtype": "bf16"}, ...],
         "design": "designs/gemm.py", "design_args": ["-M", "128"], "sources": ["kernels/mm.cc"],
@@ -12,6 +12,10 @@ are relative to its folder::
 ``resolve`` never hands out a stale artifact: one whose toolchain fingerprint, design sources or
 binary differ from what was recorded is rebuilt when mlir-aie is importable, else refused with a
 HarnessError naming the artifact and the recorded and current values.
+
+Keys are op-case identities from the op registry (``gemm[M=128,K=896,N=4864]``,
+``harness.suites.op_registry``), so phase 1 finds a case's kernel by ``case.id``; the older
+``<op>/<shape>`` form (``gemm/M128_K896_N4864``) is still accepted for kernels outside the registry.
 """
 from __future__ import annotations
 
@@ -32,7 +36,18 @@ from harness.errors import HarnessError
 from harness.fileio import sha256_file
 
 SCHEMA = 1
-_KEY_RE = re.compile(r"^[a-z][a-z0-9_]*/[A-Za-z0-9_.x-]+$")
+_KEY_RE = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.x-]+|\[[A-Za-z0-9_.=,+-]*\])$")
+
+
+def key_of(op: str, shape_key: str | None = None) -> str:
+    """The registry key: ``op`` alone when it is already a whole key (an op-case id), else ``op/shape_key``."""
+    return op if shape_key is None else f"{op}/{shape_key}"
+
+
+def _split(key: str) -> tuple[str, str]:
+    """(op, shape part) of ``gemm[M=1,K=2,N=3]`` or ``gemm/M1_K2_N3``."""
+    m = re.match(r"^([a-z][a-z0-9_]*)[/\[](.*?)\]?$", key)
+    return (m.group(1), m.group(2)) if m else (key, "")
 ROLES = ("xclbin", "insts", "elf")
 
 
@@ -51,11 +66,11 @@ class Artifact:
 
     @property
     def op(self) -> str:
-        return self.key.split("/", 1)[0]
+        return _split(self.key)[0]
 
     @property
     def shape_key(self) -> str:
-        return self.key.split("/", 1)[1]
+        return _split(self.key)[1]
 
     @property
     def is_elf(self) -> bool:
@@ -121,7 +136,8 @@ class KernelRegistry:
     def _parse(self, key: str, entry: Any) -> Artifact:
         where = f"kernel registry {self.path}: entry {key!r}"
         if not _KEY_RE.match(key):
-            raise HarnessError(f"{where}: key must be '<op>/<shape>', e.g. 'gemm/M128_K896_N4864'")
+            raise HarnessError(f"{where}: key must be an op-case id, e.g. 'gemm[M=128,K=896,N=4864]', "
+                               "or '<op>/<shape>', e.g. 'gemm/M128_K896_N4864'")
         if not isinstance(entry, dict):
             raise HarnessError(f"{where}: expected an object")
         files = {role: self._abs(entry[role]) for role in ROLES if entry.get(role)}
@@ -188,11 +204,13 @@ class KernelRegistry:
     def keys(self) -> list[str]:
         return sorted(self._raw["kernels"])
 
-    def resolve(self, op: str, shape_key: str) -> Artifact:
-        """The artifact for ``op`` / ``shape_key``, rebuilt when stale and mlir-aie is importable."""
-        key = f"{op}/{shape_key}"
+    def resolve(self, op: str, shape_key: str | None = None) -> Artifact:
+        """The artifact for ``op`` / ``shape_key`` (or the whole key ``op``, e.g. an op-case id), rebuilt
+        when stale and mlir-aie is importable."""
+        key = key_of(op, shape_key)
+        op = _split(key)[0]
         if key not in self._raw["kernels"]:
-            same_op = [k for k in self.keys() if k.startswith(op + "/")]
+            same_op = [k for k in self.keys() if _split(k)[0] == op]
             raise HarnessError(
                 f"kernel registry {self.path}: no artifact {key!r}"
                 + (f"; {op} has {', '.join(same_op)}" if same_op else f"; it has no {op!r} kernels")
@@ -217,7 +235,7 @@ class KernelRegistry:
     def register(
         self,
         op: str,
-        shape_key: str,
+        shape_key: str | None,
         args: Sequence[ArgSpec],
         files: Mapping[str, str | os.PathLike],
         sources: Sequence[str | os.PathLike] = (),
@@ -225,8 +243,9 @@ class KernelRegistry:
         design_args: Sequence[str] = (),
         kernel_name: str | None = None,
     ) -> Artifact:
-        """Add (or replace) an artifact built by the current toolchain, recording its provenance now."""
-        key = f"{op}/{shape_key}"
+        """Add (or replace) an artifact built by the current toolchain, recording its provenance now.
+        ``shape_key`` None: ``op`` is the whole key (an op-case id such as ``gemm[M=64,K=896,N=4864]``)."""
+        key = key_of(op, shape_key)
         entry: dict[str, Any] = {"args": [a.to_dict() for a in args], "design_args": list(design_args)}
         entry.update({role: _rel(Path(p).resolve(), self.root) for role, p in files.items()})
         entry["sources"] = [_rel(Path(s).resolve(), self.root) for s in sources]
