@@ -10,8 +10,9 @@ Conventions (docs/bug-shapes.md has the table):
 - "relative" noise is multiplicative, ``x * (1 + m * z)``: every element's error is m of itself, so it
   costs the same number of bf16 ULPs on every element (the hardest case for a ULP-based gate, and the
   shape of a precision bug); ``noise_rms`` is the additive form, ``x + m * rms(row) * z``.
-- region shapes (a row, a head slice, a channel) use random signs, ``x * (1 + m * s)`` with s = +-1:
-  every element of the region is off by exactly m of itself, with no lean.
+- region shapes (a row, a head slice) use random signs, ``x * (1 + m * s)`` with s = +-1:
+  every element of the region is off by exactly m of itself, with no lean. A channel is additive
+  (``+ m * rms(row) * s``), like the sparse corruption: a channel near zero would hide any relative error.
 - "row rms" is the root mean square of the element's own row (token), so magnitudes compare across
   taps whatever their scale.
 - head-structured taps (q, k, v, q_norm, k_norm, q_rope, k_rope, attn) are flattened head-major
@@ -156,8 +157,9 @@ def _head(x, ctx, m, rng):
 
 
 def _channel(x, ctx, m, rng):
+    """Additive, in row rms: relative to itself a channel crossing zero would hide any magnitude."""
     c = int(rng.integers(x.shape[1]))
-    x[:, c] = x[:, c] * (1.0 + m * _signs(rng, x.shape[0]))
+    x[:, c] = x[:, c] + m * row_rms(x)[:, 0] * _signs(rng, x.shape[0])
     return x
 
 
@@ -196,7 +198,7 @@ def _stale(x, ctx, m, rng):
         if x.shape[0] < 2:
             return x
         prev = x[-2].copy()
-    x[-1] = x[-1] + m * (prev - x[-1])
+    x[-1] = prev if m == 1.0 else x[-1] + m * (prev - x[-1])
     return x
 
 
@@ -219,7 +221,7 @@ SHAPES: dict[str, BugShape] = {s.name: s for s in (
     BugShape("row_last", "the last row x * (1 + m s), s = +-1", _REGION, 0.01, _row(lambda t: t - 1)),
     BugShape("row_mid", "row T // 2 x * (1 + m s), s = +-1 (decode: the one row)", _REGION, 0.01, _row(middle_row)),
     BugShape("head", "one head slice (every row) x * (1 + m s), s = +-1", _REGION, 0.01, _head),
-    BugShape("channel", "one feature column (every row) x * (1 + m s), s = +-1 (gross: m = 1)",
+    BugShape("channel", "one feature column (every row) x + m rms(row) s, s = +-1 (gross: m = 1)",
              (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), 1.0, _channel, gross=True),
     BugShape("offset", "x + m rms(row): a constant offset on every element", _FINE, 0.01, _offset),
     BugShape("rtz", "round toward zero into bf16 instead of to nearest, on a fraction m of the elements",
