@@ -13,7 +13,8 @@ Reports, per shape x magnitude x tap kind x phase kind (prefill / decode) x mode
 and per tap kind the minimum detectable magnitude: the smallest on the shape's grid from which every
 magnitude is detected on >= 99% of taps. For the misses at each shape's reference magnitude (1%, or
 its gross form) it names the statistic nearest its limit, and scores a candidate statistic
-(``ulp_rms``: the worst row's RMS ULP error over the baseline's) on the misses and on the host's clean taps.
+(the worst row's and the worst head-sized block's RMS ULP error over the baseline's) on the misses and on
+the host's clean taps.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bug_shape_sweep.py [--models all] [--seeds 0-3]
         [--host emulator] [--host replay-fp32] [--host MOD:FACTORY] [--modes isolated,cumulative]
@@ -68,16 +69,24 @@ class Recording:
         return self.inner.decode(token_id, self._tap(phase, tap))
 
 
-def row_ulp_rms(dut: np.ndarray, golden: np.ndarray) -> np.ndarray:
-    """Per-row RMS of the ULP error (harness.compare.metrics.ulp_error)."""
+def ulp_rms_parts(dut: np.ndarray, golden: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """RMS ULP error (harness.compare.metrics.ulp_error) per row [T] and per (row, aligned block of
+    ``block`` features) [T, F // block]."""
     from harness.compare.metrics import ulp_error
 
-    return np.sqrt(np.mean(np.square(ulp_error(dut, golden)), axis=1))
+    sq = np.square(ulp_error(dut, golden))
+    blocks = max(1, sq.shape[1] // block)
+    width = min(block, sq.shape[1])
+    per_block = sq[:, :blocks * width].reshape(sq.shape[0], blocks, width).mean(axis=2)
+    return np.sqrt(sq.mean(axis=1)), np.sqrt(per_block)
 
 
-def ulp_rms_ratio(dut: np.ndarray, golden: np.ndarray, base_rows: np.ndarray) -> float:
-    """The candidate statistic: the worst row's RMS ULP error over the baseline's (floored at one rounding)."""
-    return float(np.max(row_ulp_rms(dut, golden) / np.maximum(base_rows, ONE_ROUNDING_ULP_RMS)))
+def candidates(dut: np.ndarray, golden: np.ndarray, base_parts: tuple[np.ndarray, np.ndarray], block: int) -> dict:
+    """The candidate statistics: the worst row's (``ulp_rms_row``) and the worst head-sized block's
+    (``ulp_rms_block``) RMS ULP error over the baseline's own there, floored at one rounding."""
+    rows, blocks = ulp_rms_parts(dut, golden, block)
+    return {"ulp_rms_row": float(np.max(rows / np.maximum(base_parts[0], ONE_ROUNDING_ULP_RMS))),
+            "ulp_rms_block": float(np.max(blocks / np.maximum(base_parts[1], ONE_ROUNDING_ULP_RMS)))}
 
 
 def nearest_limit(judgement: dict) -> tuple[str, float]:
@@ -143,8 +152,9 @@ def _job(args: tuple) -> dict:
                         host_taps[where][1] += 1
                         continue
                     g, base = gs.tensor(phase, tap, "fp32"), gs.tensor(phase, tap, variant)
-                    base_rows = row_ulp_rms(base, g)
-                    clean_ulp[where] = max(clean_ulp.get(where, 0.0), ulp_rms_ratio(host_value, g, base_rows))
+                    base_parts = ulp_rms_parts(base, g, spec.head_dim)
+                    for stat, v in candidates(host_value, g, base_parts, spec.head_dim).items():
+                        clean_ulp[f"{where}|{stat}"] = max(clean_ulp.get(f"{where}|{stat}", 0.0), v)
                     prev = recorded.get(previous_phase, {}).get(tap) if previous_phase else None
                     ctx = bug_shapes.ShapeContext(spec, phase, tap, prev)
                     for name in shapes:
@@ -168,7 +178,7 @@ def _job(args: tuple) -> dict:
                                         "measured": {k: round(v, 4) for k, v in (r.judgement or {}).get("measured", {}).items()},
                                         "rel_fro": met.get("rel_fro"), "baseline_rel_fro": met.get("baseline_rel_fro"),
                                         "ulp_p99": met.get("ulp_p99"), "baseline_ulp_p99": met.get("baseline_ulp_p99"),
-                                        "ulp_rms": round(ulp_rms_ratio(dut, g, base_rows), 3)})
+                                        **{k: round(v, 3) for k, v in candidates(dut, g, base_parts, spec.head_dim).items()}})
                 previous_phase = phase
     except HarnessError as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
@@ -279,7 +289,8 @@ def miss_summary(h: dict, shapes: list[str]) -> list[str]:
     from harness.selftest import bug_shapes
 
     lines = ["| mode | shape | phase | tap kind | misses / taps | nearest limit (share of sampled misses) | "
-             "median of limit | rel err / baseline rel err (median) | ulp_rms of misses (min) | clean ulp_rms (max) |",
+             "median of limit | rel err / baseline rel err (median) | ulp_rms_row: misses min / clean max | "
+             "ulp_rms_block: misses min / clean max |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (mode, shape, pk, kind), ms in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], -len(kv[1]))):
         stats: dict[str, int] = defaultdict(int)
@@ -287,12 +298,13 @@ def miss_summary(h: dict, shapes: list[str]) -> list[str]:
             stats[m["nearest"]] += 1
         top = ", ".join(f"{k} {v}/{len(ms)}" for k, v in sorted(stats.items(), key=lambda kv: -kv[1]))
         ratios = [m["rel_fro"] / m["baseline_rel_fro"] for m in ms if m.get("baseline_rel_fro")]
-        clean = h["clean_ulp_rms"].get(f"{mode}|{kind}|{pk}", float("nan"))
+        clean = {stat: h["clean_ulp_rms"].get(f"{mode}|{kind}|{pk}|{stat}", float("nan"))
+                 for stat in ("ulp_rms_row", "ulp_rms_block")}
         n, d = h["counts"].get(f"{mode}|{shape}|{bug_shapes.get(shape).reference!r}|{kind}|{pk}", (0, 0))
         lines.append(f"| {mode} | {shape} | {pk} | {kind} | {n - d}/{n} | {top} | "
                      f"{np.median([m['of_limit'] for m in ms]):.2f} | "
                      f"{np.median(ratios) if ratios else float('nan'):.2f} | "
-                     f"{min(m['ulp_rms'] for m in ms):.2f} | {clean:.2f} |")
+                     + " | ".join(f"{min(m[stat] for m in ms):.2f} / {clean[stat]:.2f}" for stat in clean) + " |")
     return lines
 
 
@@ -317,8 +329,10 @@ def markdown(hosts: dict, shapes: list[str], modes: list[str], command: str, pol
         out += ["", f"### Misses at the reference magnitude ({h['miss_total']} in isolated mode; up to {MISS_SAMPLES} "
                 f"sampled per (model, seed, mode, shape, phase kind))", "",
                 "Nearest limit: the judged statistic closest to its limit (value / limit, median over the misses). "
-                "ulp_rms: the worst row's RMS ULP error over the baseline's (floored at one rounding), a candidate "
-                "statistic, next to its worst value on the host's own clean taps of that kind.", ""]
+                "Candidate statistics: ulp_rms_row, the worst row's RMS ULP error over the baseline's own in that row, "
+                "and ulp_rms_block, the same over aligned head_dim-wide blocks of a row (both floored at one "
+                "rounding, 0.29 ULP): their smallest value on the misses next to their largest on the host's own "
+                "clean taps of that kind (a statistic separates them when the first exceeds the second).", ""]
         out += miss_summary(h, shapes)
         out.append("")
     return "\n".join(out)
@@ -336,6 +350,19 @@ def target_met(hosts: dict, shapes: list[str]) -> bool:
                 if n and d / n < TARGET:
                     return False
     return True
+
+
+def render_saved(path: Path) -> int:
+    """Print the Markdown of a saved run (exit as the run would)."""
+    try:
+        saved = json.loads(path.read_text())
+        md = markdown(saved["hosts"], list(saved["shapes"]), saved["modes"], saved["command"], saved["policy"],
+                      saved["elapsed_s"])
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {path}: cannot re-render: {exc}", file=sys.stderr)
+        return 3
+    print(md)
+    return 0 if target_met(saved["hosts"], list(saved["shapes"])) else 1
 
 
 def _seeds(text: str) -> list[int]:
@@ -357,10 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="all", help=f"Comma-separated shapes. Default: all ({', '.join(bug_shapes.SHAPES)}).")
     p.add_argument("--decode-steps", type=int, default=2, help="Decode steps. Default: 2.")
     p.add_argument("--policy", action="append", default=[], help="Policy override (as harness gate --policy); repeatable.")
-    p.add_argument("--jobs", type=int, default=2, help="Worker processes, at most 2. Default: 2.")
+    p.add_argument("--jobs", type=int, default=2, help="Worker processes, at most 2; 1 runs in this process. Default: 2.")
     p.add_argument("--golden-dir", default=None, help="Golden store. Default: the project's golden/.")
     p.add_argument("--out", default="reports/bug_shapes", help="Output directory. Default: reports/bug_shapes.")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="Re-render the Markdown of a saved bug_shapes.json (no sweep); prints it.")
     args = p.parse_args(argv)
+    if args.from_json:
+        return render_saved(Path(args.from_json))
     try:
         models = names() if args.models == "all" else [m.strip() for m in args.models.split(",")]
         shapes = list(bug_shapes.SHAPES) if args.shapes == "all" else [s.strip() for s in args.shapes.split(",")]
@@ -378,11 +409,15 @@ def main(argv: list[str] | None = None) -> int:
             for h in hosts for s in seeds for m in models]
     t0 = time.perf_counter()
     results = []
-    with ProcessPoolExecutor(max(1, min(2, args.jobs))) as pool:
-        for res in pool.map(_job, jobs):
+    pool = ProcessPoolExecutor(min(2, args.jobs)) if args.jobs > 1 else None   # 1: in this process
+    try:
+        for res in (pool.map(_job, jobs) if pool else map(_job, jobs)):
             results.append(res)
             print(f"{res['host']} {res['model']} seed {res['seed']}: {res['miss_total']} isolated misses at reference, "
                   f"{res['seconds']} s{' ERROR ' + res['error'] if res['error'] else ''}", file=sys.stderr, flush=True)
+    finally:
+        if pool:
+            pool.shutdown()
     elapsed = time.perf_counter() - t0
     merged = merge(results)
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bug_shape_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)

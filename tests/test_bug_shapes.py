@@ -2,6 +2,8 @@
 ``inject`` puts one into any deployment where the gate finds it."""
 from __future__ import annotations
 
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import harness
 from harness.deployment.replay import fp32_replay
 from harness.errors import HarnessError
 from harness.selftest import bug_shapes as bs
+from harness.spec import taps as tapspec
 
 SPEC = harness.models.get("qwen3-0.6b", "tiny")
 HD = SPEC.head_dim
@@ -141,8 +144,6 @@ def test_unknown_shape_and_bad_value_are_harness_errors():
        tap=st.sampled_from(["embed", "layers.0.q", "layers.1.k_rope", "layers.2.act", "logits"]),
        seed=st.integers(0, 2 ** 16), data=st.data())
 def test_shapes_preserve_shape_dtype_and_input_and_are_seeded(name, tokens, tap, seed, data):
-    from harness.spec import taps as tapspec
-
     m = data.draw(st.sampled_from(bs.get(name).magnitudes), label="magnitude")
     x = value(tokens, tapspec.shape(SPEC, tap, 1)[1], seed)
     before = x.copy()
@@ -199,3 +200,35 @@ def test_inject_passes_the_other_taps_through_unchanged():
     np.testing.assert_array_equal(seen["layers.0.k"], value())
     np.testing.assert_array_equal(seen["layers.0.q"], value() * np.float32(1.5))
     assert dep.applied == 1
+
+
+def _sweep_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bug_shape_sweep.py"
+    spec = importlib.util.spec_from_file_location("bug_shape_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_detects_gross_shapes_on_every_tap_and_rerenders(golden_root, tmp_path, capsys):
+    sweep = _sweep_module()
+    out = tmp_path / "out"
+    rc = sweep.main(["--models", "qwen3-0.6b", "--seeds", "0", "--host", "replay-fp32", "--modes", "isolated",
+                     "--shapes", "sign,stale,sparse", "--decode-steps", "2", "--jobs", "1",
+                     "--golden-dir", str(golden_root), "--out", str(out)])
+    assert rc == 0   # every gross shape found at every tap: the target met
+    saved = json.loads((out / "bug_shapes.json").read_text())
+    counts = saved["hosts"]["replay-fp32"]["counts"]
+    taps = sum(n for key, (n, _) in counts.items() if key.startswith("isolated|sign|"))
+    assert taps == 3 * len(tapspec.tap_names(SPEC))   # every tap of 3 phases
+    assert all(n == d for key, (n, d) in counts.items() if float(key.split("|")[2]) == 1.0)  # the gross forms
+    assert any(n > d for n, d in counts.values())   # while 3% of a row rms on 4 elements is missed somewhere
+    md = (out / "bug_shapes.md").read_text()
+    assert "| sign | 1 (ref) | 100.0% | 100.0% |" in md
+    capsys.readouterr()
+    assert sweep.main(["--from-json", str(out / "bug_shapes.json")]) == 0
+    assert capsys.readouterr().out.strip() == md.strip()
+    assert sweep.main(["--shapes", "nope", "--out", str(out)]) == 3
