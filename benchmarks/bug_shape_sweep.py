@@ -13,7 +13,7 @@ Reports, per shape x magnitude x tap kind x phase kind (prefill / decode) x mode
 and per tap kind the minimum detectable magnitude: the smallest on the shape's grid from which every
 magnitude is detected on >= 99% of taps. For the misses at each shape's reference magnitude (1%, or
 its gross form) it names the statistic nearest its limit, and scores a candidate statistic
-(the worst row's and the worst head-sized block's RMS ULP error over the baseline's) on the misses and on
+(per row, per head-sized block, in ULPs, and the mean lean; see CANDIDATES) on the misses and on
 the host's clean taps.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bug_shape_sweep.py [--models all] [--seeds 0-3]
@@ -69,24 +69,43 @@ class Recording:
         return self.inner.decode(token_id, self._tap(phase, tap))
 
 
-def ulp_rms_parts(dut: np.ndarray, golden: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """RMS ULP error (harness.compare.metrics.ulp_error) per row [T] and per (row, aligned block of
-    ``block`` features) [T, F // block]."""
+CANDIDATES = ("r_row", "r_block", "ulp_row", "ulp_block", "lean")
+
+
+def _blocks(sq: np.ndarray, block: int) -> np.ndarray:
+    """[T, F // block] means of ``sq`` over aligned blocks of ``block`` features of each row."""
+    width = min(block, sq.shape[1])
+    blocks = max(1, sq.shape[1] // width)
+    return sq[:, :blocks * width].reshape(sq.shape[0], blocks, width).mean(axis=2)
+
+
+def error_parts(x: np.ndarray, golden: np.ndarray, block: int) -> dict[str, np.ndarray]:
+    """RMS error of ``x`` per row and per (row, head-sized block), in ULPs (harness.compare.metrics.ulp_error)
+    and relative to the golden's RMS there (float64)."""
     from harness.compare.metrics import ulp_error
 
-    sq = np.square(ulp_error(dut, golden))
-    blocks = max(1, sq.shape[1] // block)
-    width = min(block, sq.shape[1])
-    per_block = sq[:, :blocks * width].reshape(sq.shape[0], blocks, width).mean(axis=2)
-    return np.sqrt(sq.mean(axis=1)), np.sqrt(per_block)
+    ulp = np.square(ulp_error(x, golden))
+    err = np.square(x.astype(np.float64) - golden.astype(np.float64))
+    gg = np.square(golden.astype(np.float64))
+    return {"ulp_row": np.sqrt(ulp.mean(axis=1)), "ulp_block": np.sqrt(_blocks(ulp, block)),
+            "rel_block": np.sqrt(_blocks(err, block) / np.maximum(_blocks(gg, block), 1e-300))}
 
 
-def candidates(dut: np.ndarray, golden: np.ndarray, base_parts: tuple[np.ndarray, np.ndarray], block: int) -> dict:
-    """The candidate statistics: the worst row's (``ulp_rms_row``) and the worst head-sized block's
-    (``ulp_rms_block``) RMS ULP error over the baseline's own there, floored at one rounding."""
-    rows, blocks = ulp_rms_parts(dut, golden, block)
-    return {"ulp_rms_row": float(np.max(rows / np.maximum(base_parts[0], ONE_ROUNDING_ULP_RMS))),
-            "ulp_rms_block": float(np.max(blocks / np.maximum(base_parts[1], ONE_ROUNDING_ULP_RMS)))}
+def candidates(dut: np.ndarray, golden: np.ndarray, base: dict[str, np.ndarray], metrics: dict, block: int) -> dict:
+    """Candidate statistics of one tap value, ``base`` being the baseline's ``error_parts``:
+    r_row (metrics' worst token_r), r_block (the worst head-sized block's relative error over the
+    baseline's there, floored at half a bf16 rounding like R), ulp_row / ulp_block (the worst row's /
+    block's RMS ULP error over the baseline's there, floored at one rounding), lean (|ulp_bias|, the mean
+    ULP error signed along the golden over the whole tap)."""
+    from harness.compare.metrics import BF16_ROUNDING_REL_RMS, R_FLOOR_ROUNDINGS
+
+    d = error_parts(dut, golden, block)
+    r_floor = R_FLOOR_ROUNDINGS * BF16_ROUNDING_REL_RMS
+    return {"r_row": float(max(metrics.get("token_r") or [float("nan")])),
+            "r_block": float(np.max(d["rel_block"] / np.maximum(base["rel_block"], r_floor))),
+            "ulp_row": float(np.max(d["ulp_row"] / np.maximum(base["ulp_row"], ONE_ROUNDING_ULP_RMS))),
+            "ulp_block": float(np.max(d["ulp_block"] / np.maximum(base["ulp_block"], ONE_ROUNDING_ULP_RMS))),
+            "lean": abs(float(metrics.get("ulp_bias", float("nan"))))}
 
 
 def nearest_limit(judgement: dict) -> tuple[str, float]:
@@ -125,11 +144,11 @@ def _job(args: tuple) -> dict:
     policies = PolicySet.for_model(spec, overrides=list(policy) or None)
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])     # key -> [taps, detected]
     host_taps: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # mode|kind|phase kind -> [taps, host failed]
-    clean_ulp: dict[str, float] = {}    # mode|kind|phase kind -> worst candidate statistic on clean taps
+    clean_stats: dict[str, float] = {}  # mode|kind|phase kind|candidate -> its worst value on the host's clean taps
     misses: list[dict] = []
     sampled: dict[str, int] = defaultdict(int)   # misses at the reference per mode|shape|phase kind
     out = {"host": host, "model": model, "seed": seed, "counts": counts, "host_taps": host_taps,
-           "clean_ulp_rms": clean_ulp, "misses": misses, "error": None}
+           "clean_stats": clean_stats, "misses": misses, "error": None}
     store = GoldenStore(golden_dir)
     try:
         golden = store.get(GoldenRequest(model, "tiny", seed, steps))
@@ -139,6 +158,7 @@ def _job(args: tuple) -> dict:
             verdict = harness.check(model, factory, scale="tiny", seed=seed, decode_steps=steps, mode=mode,
                                     policy=policies, golden_dir=golden_dir)
             host_passed = {(r.phase, r.tap): r.passed for r in verdict.results}
+            host_metrics = {(r.phase, r.tap): r.metrics or {} for r in verdict.results}
             gs = store.ensure_local(golden) if mode == "isolated" else golden
             variant = "local" if mode == "isolated" else "bf16"
             previous_phase = None
@@ -152,9 +172,9 @@ def _job(args: tuple) -> dict:
                         host_taps[where][1] += 1
                         continue
                     g, base = gs.tensor(phase, tap, "fp32"), gs.tensor(phase, tap, variant)
-                    base_parts = ulp_rms_parts(base, g, spec.head_dim)
-                    for stat, v in candidates(host_value, g, base_parts, spec.head_dim).items():
-                        clean_ulp[f"{where}|{stat}"] = max(clean_ulp.get(f"{where}|{stat}", 0.0), v)
+                    base_parts = error_parts(base, g, spec.head_dim)
+                    for stat, v in candidates(host_value, g, base_parts, host_metrics[(phase, tap)], spec.head_dim).items():
+                        clean_stats[f"{where}|{stat}"] = max(clean_stats.get(f"{where}|{stat}", 0.0), v)
                     prev = recorded.get(previous_phase, {}).get(tap) if previous_phase else None
                     ctx = bug_shapes.ShapeContext(spec, phase, tap, prev)
                     for name in shapes:
@@ -178,7 +198,7 @@ def _job(args: tuple) -> dict:
                                         "measured": {k: round(v, 4) for k, v in (r.judgement or {}).get("measured", {}).items()},
                                         "rel_fro": met.get("rel_fro"), "baseline_rel_fro": met.get("baseline_rel_fro"),
                                         "ulp_p99": met.get("ulp_p99"), "baseline_ulp_p99": met.get("baseline_ulp_p99"),
-                                        **{k: round(v, 3) for k, v in candidates(dut, g, base_parts, spec.head_dim).items()}})
+                                        **{k: round(v, 3) for k, v in candidates(dut, g, base_parts, met, spec.head_dim).items()}})
                 previous_phase = phase
     except HarnessError as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
@@ -195,15 +215,15 @@ def merge(results: list[dict]) -> dict:
     hosts: dict[str, dict] = {}
     for res in results:
         h = hosts.setdefault(res["host"], {"counts": defaultdict(lambda: [0, 0]), "host_taps": defaultdict(lambda: [0, 0]),
-                                            "clean_ulp_rms": {}, "misses": [], "miss_total": 0, "errors": []})
+                                            "clean_stats": {}, "misses": [], "miss_total": 0, "errors": []})
         for key, (n, d) in res["counts"].items():
             h["counts"][key][0] += n
             h["counts"][key][1] += d
         for key, (n, f) in res["host_taps"].items():
             h["host_taps"][key][0] += n
             h["host_taps"][key][1] += f
-        for key, v in res["clean_ulp_rms"].items():
-            h["clean_ulp_rms"][key] = max(h["clean_ulp_rms"].get(key, 0.0), v)
+        for key, v in res["clean_stats"].items():
+            h["clean_stats"][key] = max(h["clean_stats"].get(key, 0.0), v)
         h["misses"].extend(dict(m, model=res["model"], seed=res["seed"]) for m in res["misses"])
         h["miss_total"] += res["miss_total"]
         if res["error"]:
@@ -277,9 +297,14 @@ def mde_table(counts: dict, shapes: list[str], mode: str, pk: str) -> list[str]:
     return lines
 
 
-def miss_summary(h: dict, shapes: list[str]) -> list[str]:
+def _separates(miss_min: float, clean_max: float) -> str:
+    cell = f"{miss_min:.2f} / {clean_max:.2f}"
+    return f"**{cell}**" if miss_min > clean_max else cell
+
+
+def miss_summary(h: dict, shapes: list[str], clean_max: dict) -> list[str]:
     """Misses at the reference magnitude grouped by (mode, shape, phase kind, kind), with the statistic
-    nearest its limit and the candidate ulp_rms statistic against the clean hosts' worst."""
+    nearest its limit and the candidate statistics against the clean taps' worst."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for m in h["misses"]:
         if m["mode"] == "isolated":   # the target's mode; cumulative misses stay in the JSON
@@ -289,22 +314,21 @@ def miss_summary(h: dict, shapes: list[str]) -> list[str]:
     from harness.selftest import bug_shapes
 
     lines = ["| mode | shape | phase | tap kind | misses / taps | nearest limit (share of sampled misses) | "
-             "median of limit | rel err / baseline rel err (median) | ulp_rms_row: misses min / clean max | "
-             "ulp_rms_block: misses min / clean max |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "median of limit | rel err / baseline rel err (median) | "
+             + " | ".join(f"{c}: misses min / clean max" for c in CANDIDATES) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(CANDIDATES)]
     for (mode, shape, pk, kind), ms in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], -len(kv[1]))):
         stats: dict[str, int] = defaultdict(int)
         for m in ms:
             stats[m["nearest"]] += 1
         top = ", ".join(f"{k} {v}/{len(ms)}" for k, v in sorted(stats.items(), key=lambda kv: -kv[1]))
         ratios = [m["rel_fro"] / m["baseline_rel_fro"] for m in ms if m.get("baseline_rel_fro")]
-        clean = {stat: h["clean_ulp_rms"].get(f"{mode}|{kind}|{pk}|{stat}", float("nan"))
-                 for stat in ("ulp_rms_row", "ulp_rms_block")}
+        clean = {stat: clean_max.get(f"{mode}|{kind}|{pk}|{stat}", float("nan")) for stat in CANDIDATES}
         n, d = h["counts"].get(f"{mode}|{shape}|{bug_shapes.get(shape).reference!r}|{kind}|{pk}", (0, 0))
         lines.append(f"| {mode} | {shape} | {pk} | {kind} | {n - d}/{n} | {top} | "
                      f"{np.median([m['of_limit'] for m in ms]):.2f} | "
                      f"{np.median(ratios) if ratios else float('nan'):.2f} | "
-                     + " | ".join(f"{min(m[stat] for m in ms):.2f} / {clean[stat]:.2f}" for stat in clean) + " |")
+                     + " | ".join(_separates(min(m[stat] for m in ms), clean[stat]) for stat in CANDIDATES) + " |")
     return lines
 
 
@@ -312,6 +336,10 @@ def markdown(hosts: dict, shapes: list[str], modes: list[str], command: str, pol
     out = [f"Command: `{command}`", "",
            f"Policy: {'the default PolicySet (calibrated) with overrides ' + repr(policy) if policy else 'the default PolicySet (calibrated, harness/compare/policies.py)'}; "
            f"{elapsed:.0f} s.", ""]
+    clean_max: dict[str, float] = {}   # over every host of the run: the spread of correct values
+    for h in hosts.values():
+        for key, v in h["clean_stats"].items():
+            clean_max[key] = max(clean_max.get(key, 0.0), v)
     for host, h in hosts.items():
         out += [f"## Host `{host}`", ""]
         for mode in modes:
@@ -329,11 +357,14 @@ def markdown(hosts: dict, shapes: list[str], modes: list[str], command: str, pol
         out += ["", f"### Misses at the reference magnitude ({h['miss_total']} in isolated mode; up to {MISS_SAMPLES} "
                 f"sampled per (model, seed, mode, shape, phase kind))", "",
                 "Nearest limit: the judged statistic closest to its limit (value / limit, median over the misses). "
-                "Candidate statistics: ulp_rms_row, the worst row's RMS ULP error over the baseline's own in that row, "
-                "and ulp_rms_block, the same over aligned head_dim-wide blocks of a row (both floored at one "
-                "rounding, 0.29 ULP): their smallest value on the misses next to their largest on the host's own "
-                "clean taps of that kind (a statistic separates them when the first exceeds the second).", ""]
-        out += miss_summary(h, shapes)
+                "Candidate statistics (docs/bug-shapes.md): r_row, the worst token's R; r_block, the worst "
+                "head-sized block's relative error over the baseline's there; ulp_row / ulp_block, the worst row's / "
+                "block's RMS ULP error over the baseline's there; lean, |mean ULP error signed along the golden|. "
+                "Each cell: its smallest value on the misses / its largest on the clean taps of that kind of every "
+                "host in this run; bold when it separates them (the misses' smallest exceeds the clean taps' largest). "
+                "A host that is the baseline itself (the emulator) or the golden (replay-fp32) spreads less than other "
+                "correct implementations: add validation members as hosts for a fair clean maximum.", ""]
+        out += miss_summary(h, shapes, clean_max)
         out.append("")
     return "\n".join(out)
 
