@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from collections import defaultdict
@@ -333,9 +334,9 @@ def miss_summary(h: dict, shapes: list[str], clean_max: dict) -> list[str]:
 
 
 def markdown(hosts: dict, shapes: list[str], modes: list[str], command: str, policy: list[str], elapsed: float) -> str:
-    out = [f"Command: `{command}`", "",
-           f"Policy: {'the default PolicySet (calibrated) with overrides ' + repr(policy) if policy else 'the default PolicySet (calibrated, harness/compare/policies.py)'}; "
-           f"{elapsed:.0f} s.", ""]
+    out = [f"Command: `{command}`; {elapsed:.0f} s.", "", "Policy (overrides, then the set of the first model):", ""]
+    out += [f"- `{p}`" for p in policy] or ["- the default PolicySet"]
+    out.append("")
     clean_max: dict[str, float] = {}   # over every host of the run: the spread of correct values
     for h in hosts.values():
         for key, v in h["clean_stats"].items():
@@ -381,6 +382,15 @@ def target_met(hosts: dict, shapes: list[str]) -> bool:
                 if n and d / n < TARGET:
                     return False
     return True
+
+
+def policy_texts(model: str, overrides: list[str]) -> list[str]:
+    """The policy set's entries as ``key = policy text (source)``, e.g. for the record of a run."""
+    from harness.compare.policy_config import PolicySet
+    from harness.spec import model_spec
+
+    ps = PolicySet.for_model(model_spec.get(model, "tiny"), overrides=list(overrides) or None)
+    return [f"{key} = {d['policy']} ({d['source']})" for key, d in ps.describe().items()]
 
 
 def render_saved(path: Path) -> int:
@@ -451,13 +461,14 @@ def main(argv: list[str] | None = None) -> int:
             pool.shutdown()
     elapsed = time.perf_counter() - t0
     merged = merge(results)
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bug_shape_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = markdown(merged, shapes, modes, command.strip(), args.policy, elapsed)
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bug_shape_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    policy = [*args.policy, *policy_texts(models[0], args.policy)]
+    md = markdown(merged, shapes, modes, command.strip(), policy, elapsed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bug_shapes.md").write_text(md + "\n")
     (out / "bug_shapes.json").write_text(json.dumps({
-        "command": command.strip(), "policy": args.policy, "models": models, "seeds": seeds, "modes": modes,
+        "command": command.strip(), "policy": policy, "models": models, "seeds": seeds, "modes": modes,
         "shapes": {n: {"meaning": bug_shapes.get(n).meaning, "magnitudes": list(bug_shapes.get(n).magnitudes),
                        "reference": bug_shapes.get(n).reference} for n in shapes},
         "decode_steps": args.decode_steps, "elapsed_s": round(elapsed, 1), "hosts": merged}, indent=1) + "\n")
