@@ -28,14 +28,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import ml_dtypes
 import numpy as np
 
 from harness.errors import HarnessError
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec
 
-HEAD_KINDS = frozenset({"q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope", "attn"})
 SPARSE_ELEMENTS = 4      # the "few elements" of the sparse gross corruption
 
 
@@ -94,8 +92,8 @@ def _signs(rng: np.random.Generator, shape) -> np.ndarray:
 
 
 def head_block(ctx: ShapeContext, features: int, rng: np.random.Generator) -> slice:
-    """One head's feature slice (a random head) on head-structured taps, else a random aligned block of
-    head_dim features (the whole row when narrower)."""
+    """A random aligned block of head_dim features (the whole row when narrower): one head's slice on the
+    head-structured taps (q, k, v, q_norm, k_norm, q_rope, k_rope, attn: flattened head-major)."""
     width = min(ctx.spec.head_dim, features)
     blocks = max(1, features // width)
     start = int(rng.integers(blocks)) * width
@@ -112,11 +110,6 @@ def rtz_bf16(x: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     out = (bits & np.uint32(0xFFFF0000)).view(np.float32)
     return np.where(np.isfinite(x), out, x).astype(np.float32)
-
-
-def rne_bf16(x: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even into bf16 (ml_dtypes), as float32."""
-    return np.asarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
 # -- the shapes -----------------------------------------------------------------------------------
