@@ -1,0 +1,223 @@
+"""Hint precision on three kinds of failure: how often a named cause is wrong (target <= 1% of failures).
+
+Populations (each a row of the report, and one total):
+
+- ``faults``: every emulator fault, on models taken in turn (the self-test's quick set; ``--full``: every
+  applicable model), both modes; the right hint is the fault's own id.
+- ``shapes``: generic bug shapes (random noise, sparse corruption, one row / head / channel, offset, sign
+  flip, scale, stale row, round-toward-zero) applied to one tap at a time of a clean isolated run of the
+  emulator and, where present, of each validation deployment; the right hint is "no known signature"
+  except ``round_toward_zero`` for truncation.
+- ``validation``: the validation deployments (harness.deployment.validation, where present) checked in
+  both modes; a correct one that fails should get no named cause, the less precise member its
+  precision cause (``bf16_rmsnorm_stats``).
+
+Usage (about 3 minutes on one core at the defaults)::
+
+    OMP_NUM_THREADS=1 python benchmarks/hint_precision.py --models qwen3-0.6b llama-3.2-1b qwen2.5-0.5b \\
+        --out reports/hint_precision.json
+
+Exit 0 when the wrong-hint rate is within target, 1 when not, 3 when it cannot run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from harness.selftest.hint_scoring import (TARGET_WRONG, HintCase, cases_from_selftest, perturbed_tap_cases,
+                                           record_isolated, score_hints)
+
+Shape = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+# The less precise validation member and the cause its hint must name.
+EXPECTED_MEMBER_HINT = {"numpy-bf16-rmsnorm-stats": "bf16_rmsnorm_stats"}
+RTZ_SHAPES = ("round_toward_zero", "rtz", "round-toward-zero")
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) or 1.0
+
+
+def builtin_shapes(head_dim: int) -> dict[str, Shape]:
+    """Generic bug shapes at their 1% (or gross) form; used when harness.selftest.bug_shapes is absent."""
+    from harness.reference.numpy_ops import bf16, bf16_rtz
+
+    def row(i: int, f: Callable[[np.ndarray], np.ndarray]) -> Shape:
+        def shape(x, rng):
+            y = x.copy()
+            r = i if i >= 0 else x.shape[0] + i
+            y[r] = f(y[r])
+            return y
+        return shape
+
+    def head(x, rng):
+        y = x.copy()
+        if x.shape[1] % head_dim == 0 and x.shape[1] > head_dim:
+            h = int(rng.integers(x.shape[1] // head_dim))
+            y[:, h * head_dim:(h + 1) * head_dim] *= 1.1
+        return y
+
+    def channel(factor: float) -> Shape:
+        def shape(x, rng):
+            y = x.copy()
+            y[:, int(rng.integers(x.shape[1]))] *= factor
+            return y
+        return shape
+
+    def sparse(x, rng):
+        y = x.copy()
+        y.flat[rng.choice(x.size, min(4, x.size), replace=False)] = 10 * _rms(x)
+        return y
+
+    def stale(x, rng):
+        y = x.copy()
+        if x.shape[0] > 1:
+            y[-1] = x[-2]
+        return y
+
+    def middle_row_noise(x, rng):
+        y = x.copy()
+        r = y[x.shape[0] // 2]
+        y[x.shape[0] // 2] = r + 0.05 * _rms(r) * rng.standard_normal(r.shape)
+        return y
+
+    def to_bf16(f: Shape) -> Shape:   # a deployment hands over bf16 values
+        return lambda x, rng: bf16(f(x, rng))
+
+    shapes: dict[str, Shape] = {
+        "noise_0.5%": lambda x, rng: x * (1 + 0.005 * rng.standard_normal(x.shape)),
+        "noise_1%": lambda x, rng: x * (1 + 0.01 * rng.standard_normal(x.shape)),
+        "noise_2%": lambda x, rng: x * (1 + 0.02 * rng.standard_normal(x.shape)),
+        "abs_noise_1%": lambda x, rng: x + 0.01 * _rms(x) * rng.standard_normal(x.shape),
+        "sparse": sparse,
+        "last_row_1%": row(-1, lambda r: r * 1.01),
+        "middle_row_noise": middle_row_noise,
+        "head_10%": head,
+        "channel_x1.5": channel(1.5),
+        "channel_sign": channel(-1.0),
+        "offset_1%": lambda x, rng: x + 0.01 * _rms(x),
+        "sign_flip": lambda x, rng: -x,
+        "scale_1%": lambda x, rng: x * 1.01,
+        "stale_row": stale,
+    }
+    shapes = {k: to_bf16(f) for k, f in shapes.items()}
+    # Truncation of the tap's own pre-rounding value, modelled as the value with sub-ULP jitter.
+    shapes["round_toward_zero"] = lambda x, rng: bf16_rtz(x * (1 + 1e-3 * rng.standard_normal(x.shape)))
+    return shapes
+
+
+def shape_set(head_dim: int) -> dict[str, Shape]:
+    """The shapes helper's generic bug shapes when present (harness.selftest.bug_shapes), else ours."""
+    try:
+        from harness.selftest import bug_shapes  # noqa: F401  (merged from the shapes branch)
+    except ImportError:
+        return builtin_shapes(head_dim)
+    as_arrays = getattr(bug_shapes, "array_shapes", None)
+    return as_arrays(head_dim) if callable(as_arrays) else builtin_shapes(head_dim)
+
+
+def _expected_for_shape(name: str) -> str | None:
+    return "round_toward_zero" if name.lower() in RTZ_SHAPES else None
+
+
+def fault_cases(models: list[str], full: bool, jobs: int, golden_dir: Any) -> list[HintCase]:
+    from harness.selftest.runner import population, quick_population, run_cases
+
+    cases = population(models, seeds=()) if full else quick_population(models, seeds=())
+    return cases_from_selftest(run_cases(cases, jobs=jobs, golden_dir=golden_dir), population="faults")
+
+
+def validation_members() -> dict[str, Any]:
+    """name -> factory of the validation population, when the package has one."""
+    try:
+        from harness.deployment import validation
+    except ImportError:
+        return {}
+    for attr in ("MEMBERS", "FACTORIES", "members"):
+        found = getattr(validation, attr, None)
+        if callable(found):
+            found = found()
+        if isinstance(found, dict):
+            return dict(found)
+    return {}
+
+
+def validation_cases(members: dict[str, Any], models: list[str], golden_dir: Any) -> list[HintCase]:
+    import harness
+
+    cases = []
+    for name, factory in members.items():
+        for model in models:
+            for mode in ("isolated", "cumulative"):
+                v = harness.check(model, factory, scale="tiny", seed=0, decode_steps=2, mode=mode, golden_dir=golden_dir)
+                ff = v.first_failure
+                hint = None if ff is None else (ff.hint or "no known signature")
+                cases.append(HintCase(f"{name}/{model}/{mode}" + (f" at {ff.phase}/{ff.tap}" if ff else ""),
+                                      "validation", EXPECTED_MEMBER_HINT.get(name), hint))
+    return cases
+
+
+def shape_cases(deployments: dict[str, Any], models: list[str], golden_dir: Any, stride: int) -> list[HintCase]:
+    from harness.spec.model_spec import get
+    from harness.spec.taps import tap_names
+
+    cases = []
+    for dep_name, factory in deployments.items():
+        for model in models:
+            verdict, taps = record_isolated(model, factory, golden_dir=golden_dir)
+            if not verdict.passed:   # a failing clean run says nothing about shapes on top of it
+                continue
+            spec = get(model, "tiny")
+            order = {t: i for i, t in enumerate(tap_names(spec))}
+            cases.extend(perturbed_tap_cases(
+                model, taps, shape_set(spec.head_dim), _expected_for_shape, population="shapes", deployment=dep_name,
+                golden_dir=golden_dir, select=lambda phase, tap: order[tap] % stride == 0))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["qwen3-0.6b", "llama-3.2-1b", "qwen2.5-0.5b"])
+    ap.add_argument("--full", action="store_true", help="every fault on every applicable model")
+    ap.add_argument("--stride", type=int, default=2, help="perturb every n-th tap (1: all)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--golden-dir", default=None)
+    ap.add_argument("--skip", nargs="*", default=[], choices=("faults", "shapes", "validation"))
+    ap.add_argument("--out", type=Path, default=None, help="write the score as JSON here")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    from harness.deployment.emulator import make_factory
+
+    members = validation_members()
+    cases: list[HintCase] = []
+    if "faults" not in args.skip:
+        cases += fault_cases(args.models, args.full, args.jobs, args.golden_dir)
+    if "validation" not in args.skip:
+        cases += validation_cases(members, args.models, args.golden_dir)
+    if "shapes" not in args.skip:
+        deployments = {"emulator": make_factory(), **{k: v for k, v in members.items() if k not in EXPECTED_MEMBER_HINT}}
+        cases += shape_cases(deployments, args.models, args.golden_dir, args.stride)
+    score = score_hints(cases)
+    for name, sub in score.populations.items():
+        print(f"{name:11s} {sub.row()}")
+    print(f"{'total':11s} {score.row()}")
+    for line in score.wrong_cases[:20]:
+        print("  wrong:", line)
+    print(f"({len(cases)} cases, {time.perf_counter() - t0:.0f} s; validation members: {len(members)})")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"models": args.models, "target_wrong": TARGET_WRONG, **score.to_dict()}, indent=1))
+    return 0 if score.ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception as exc:  # one line naming the cause, exit 3 (the harness's "could not run")
+        print(f"hint_precision: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(3)
