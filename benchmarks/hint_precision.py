@@ -26,89 +26,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
+from harness.selftest.hint_scoring import (TARGET_WRONG, HintCase, Shape, cases_from_selftest, generic_shapes,
+                                           perturbed_tap_cases, record_isolated, score_hints)
 
-from harness.selftest.hint_scoring import (TARGET_WRONG, HintCase, cases_from_selftest, perturbed_tap_cases,
-                                           record_isolated, score_hints)
-
-Shape = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 # The less precise validation member and the cause its hint must name.
 EXPECTED_MEMBER_HINT = {"numpy-bf16-rmsnorm-stats": "bf16_rmsnorm_stats"}
 RTZ_SHAPES = ("round_toward_zero", "rtz", "round-toward-zero")
-
-
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) or 1.0
-
-
-def builtin_shapes(head_dim: int) -> dict[str, Shape]:
-    """Generic bug shapes at their 1% (or gross) form; used when harness.selftest.bug_shapes is absent."""
-    from harness.reference.numpy_ops import bf16, bf16_rtz
-
-    def row(i: int, f: Callable[[np.ndarray], np.ndarray]) -> Shape:
-        def shape(x, rng):
-            y = x.copy()
-            r = i if i >= 0 else x.shape[0] + i
-            y[r] = f(y[r])
-            return y
-        return shape
-
-    def head(x, rng):
-        y = x.copy()
-        if x.shape[1] % head_dim == 0 and x.shape[1] > head_dim:
-            h = int(rng.integers(x.shape[1] // head_dim))
-            y[:, h * head_dim:(h + 1) * head_dim] *= 1.1
-        return y
-
-    def channel(factor: float) -> Shape:
-        def shape(x, rng):
-            y = x.copy()
-            y[:, int(rng.integers(x.shape[1]))] *= factor
-            return y
-        return shape
-
-    def sparse(x, rng):
-        y = x.copy()
-        y.flat[rng.choice(x.size, min(4, x.size), replace=False)] = 10 * _rms(x)
-        return y
-
-    def stale(x, rng):
-        y = x.copy()
-        if x.shape[0] > 1:
-            y[-1] = x[-2]
-        return y
-
-    def middle_row_noise(x, rng):
-        y = x.copy()
-        r = y[x.shape[0] // 2]
-        y[x.shape[0] // 2] = r + 0.05 * _rms(r) * rng.standard_normal(r.shape)
-        return y
-
-    def to_bf16(f: Shape) -> Shape:   # a deployment hands over bf16 values
-        return lambda x, rng: bf16(f(x, rng))
-
-    shapes: dict[str, Shape] = {
-        "noise_0.5%": lambda x, rng: x * (1 + 0.005 * rng.standard_normal(x.shape)),
-        "noise_1%": lambda x, rng: x * (1 + 0.01 * rng.standard_normal(x.shape)),
-        "noise_2%": lambda x, rng: x * (1 + 0.02 * rng.standard_normal(x.shape)),
-        "abs_noise_1%": lambda x, rng: x + 0.01 * _rms(x) * rng.standard_normal(x.shape),
-        "sparse": sparse,
-        "last_row_1%": row(-1, lambda r: r * 1.01),
-        "middle_row_noise": middle_row_noise,
-        "head_10%": head,
-        "channel_x1.5": channel(1.5),
-        "channel_sign": channel(-1.0),
-        "offset_1%": lambda x, rng: x + 0.01 * _rms(x),
-        "sign_flip": lambda x, rng: -x,
-        "scale_1%": lambda x, rng: x * 1.01,
-        "stale_row": stale,
-    }
-    shapes = {k: to_bf16(f) for k, f in shapes.items()}
-    # Truncation of the tap's own pre-rounding value, modelled as the value with sub-ULP jitter.
-    shapes["round_toward_zero"] = lambda x, rng: bf16_rtz(x * (1 + 1e-3 * rng.standard_normal(x.shape)))
-    return shapes
 
 
 def shape_set(head_dim: int) -> dict[str, Shape]:
@@ -116,9 +41,9 @@ def shape_set(head_dim: int) -> dict[str, Shape]:
     try:
         from harness.selftest import bug_shapes  # noqa: F401  (merged from the shapes branch)
     except ImportError:
-        return builtin_shapes(head_dim)
+        return generic_shapes(head_dim)
     as_arrays = getattr(bug_shapes, "array_shapes", None)
-    return as_arrays(head_dim) if callable(as_arrays) else builtin_shapes(head_dim)
+    return as_arrays(head_dim) if callable(as_arrays) else generic_shapes(head_dim)
 
 
 def _expected_for_shape(name: str) -> str | None:

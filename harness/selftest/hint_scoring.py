@@ -13,7 +13,8 @@ sign flip, a false alarm of a correct deployment). The hint given is then
 
 ``score_hints(cases)`` totals them, per population too; ``cases_from_selftest`` turns the self-test's
 CaseResults into cases; ``perturbed_tap_cases`` perturbs a recorded clean run's taps one at a time and
-judges each as the gate does in isolated mode (used by benchmarks/hint_precision.py).
+judges each as the gate does in isolated mode (used by benchmarks/hint_precision.py);
+``generic_shapes`` are the bug shapes it applies when harness.selftest.bug_shapes is absent.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 TARGET_WRONG = 0.01   # a wrong named cause on at most 1% of failures
+Shape = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -215,3 +217,75 @@ def perturbed_tap_cases(model: str, taps: dict[str, dict[str, np.ndarray]],
                     hint = diagnose(spec, golden, first, mode="isolated", weights=weights, dut=dut)
                 cases.append(HintCase(f"{deployment}/{model}/{phase}/{tap}/{name}", population, expected(name), hint))
     return cases
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) or 1.0
+
+
+def generic_shapes(head_dim: int) -> dict[str, Shape]:
+    """Generic bug shapes on one tap value, at their 1% (or gross) form: name -> f(value, rng)."""
+    from harness.reference.numpy_ops import bf16, bf16_rtz
+
+    def row(i: int, f: Callable[[np.ndarray], np.ndarray]) -> Shape:
+        def shape(x, rng):
+            y = x.copy()
+            r = i if i >= 0 else x.shape[0] + i
+            y[r] = f(y[r])
+            return y
+        return shape
+
+    def head(x, rng):
+        y = x.copy()
+        if x.shape[1] % head_dim == 0 and x.shape[1] > head_dim:
+            h = int(rng.integers(x.shape[1] // head_dim))
+            y[:, h * head_dim:(h + 1) * head_dim] *= 1.1
+        return y
+
+    def channel(factor: float) -> Shape:
+        def shape(x, rng):
+            y = x.copy()
+            y[:, int(rng.integers(x.shape[1]))] *= factor
+            return y
+        return shape
+
+    def sparse(x, rng):
+        y = x.copy()
+        y.flat[rng.choice(x.size, min(4, x.size), replace=False)] = 10 * _rms(x)
+        return y
+
+    def stale(x, rng):
+        y = x.copy()
+        if x.shape[0] > 1:
+            y[-1] = x[-2]
+        return y
+
+    def middle_row_noise(x, rng):
+        y = x.copy()
+        r = y[x.shape[0] // 2]
+        y[x.shape[0] // 2] = r + 0.05 * _rms(r) * rng.standard_normal(r.shape)
+        return y
+
+    def to_bf16(f: Shape) -> Shape:   # a deployment hands over bf16 values
+        return lambda x, rng: bf16(f(x, rng))
+
+    shapes: dict[str, Shape] = {
+        "noise_0.5%": lambda x, rng: x * (1 + 0.005 * rng.standard_normal(x.shape)),
+        "noise_1%": lambda x, rng: x * (1 + 0.01 * rng.standard_normal(x.shape)),
+        "noise_2%": lambda x, rng: x * (1 + 0.02 * rng.standard_normal(x.shape)),
+        "abs_noise_1%": lambda x, rng: x + 0.01 * _rms(x) * rng.standard_normal(x.shape),
+        "sparse": sparse,
+        "last_row_1%": row(-1, lambda r: r * 1.01),
+        "middle_row_noise": middle_row_noise,
+        "head_10%": head,
+        "channel_x1.5": channel(1.5),
+        "channel_sign": channel(-1.0),
+        "offset_1%": lambda x, rng: x + 0.01 * _rms(x),
+        "sign_flip": lambda x, rng: -x,
+        "scale_1%": lambda x, rng: x * 1.01,
+        "stale_row": stale,
+    }
+    shapes = {k: to_bf16(f) for k, f in shapes.items()}
+    # Truncation of the tap's own pre-rounding value, modelled as the value with sub-ULP jitter.
+    shapes["round_toward_zero"] = lambda x, rng: bf16_rtz(x * (1 + 1e-3 * rng.standard_normal(x.shape)))
+    return shapes
