@@ -186,3 +186,40 @@ def test_imprecise_member_fails_at_its_expected_tap(model, mode, golden_root):
     v = harness.check(model, member.factory, decode_steps=STEPS, mode=mode, golden_dir=golden_root)
     assert not v.passed
     assert (v.first_failure.phase, v.first_failure.tap) == ("prefill", member.expected_failure)
+
+
+def _sweep_module():
+    import importlib.util
+
+    path = PACKAGE.parents[2] / "benchmarks" / "validation_sweep.py"
+    spec = importlib.util.spec_from_file_location("validation_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_lines_carry_the_policy_statistics_and_the_lean(golden_root):
+    """One JSON-ready line per tap with R / r_tail / r_bias as the policy computes them; a failing tap
+    also carries the worst row's lean in ULPs, which separates a sub-ULP lean from a real one."""
+    sweep = _sweep_module()
+    spec = harness.models.get("qwen3-0.6b", "tiny")
+    lines = sweep._check_lines(IMPRECISE["numpy-bf16-rmsnorm-stats"], "qwen3-0.6b", 0, "isolated", "tiny", STEPS,
+                               golden_root)
+    assert len(lines) == (STEPS + 1) * len(tapspec.tap_names(spec))
+    first = next(x for x in lines if f"{x['phase']}/{x['tap']}" == x["first_failure"])
+    assert first["tap"] == "layers.0.attn_norm" and "r_bias" in first["failed_on"]
+    assert first["row_lean_ulp"] > sweep.TINY_LEAN_ULP > first["baseline_row_lean_ulp"] / 10
+    assert {"R", "r_tail", "r_bias", "bias_t", "baseline_bias_t", "ulp_bias", "rel_fro", "baseline_rel_fro",
+            "ulp_p99", "baseline_ulp_p99", "passed"} <= set(first)
+    assert sweep.classify(first) == "r_bias"
+    table = sweep.false_alarm_table(lines)
+    assert "numpy-bf16-rmsnorm-stats" in table[1] and "1 (100.0%)" in table[1]
+
+
+def test_row_lean_measures_a_scaling_in_ulps():
+    sweep = _sweep_module()
+    g = np.linspace(1.0, 1.9, 64, dtype=np.float32)[None, :]  # one binade: one ULP is 2^-7
+    assert sweep.row_lean_ulp(g, g) == 0.0
+    assert abs(sweep.row_lean_ulp(g + 2.0 ** -9, g) - 0.25) < 1e-9
+    assert sweep.classify({"failed_on": ["r_bias"], "row_lean_ulp": 1e-5}) == "r_bias tiny lean"
+    assert sweep.classify({"failed_on": ["R", "r_bias"], "row_lean_ulp": 1e-5}) == "R/r_tail"
