@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import harness
 from harness.deployment import validation
 from harness.deployment.loader import BUILTIN, load_factory
 from harness.deployment.validation import IMPRECISE, MEMBERS
 from harness.deployment.validation.arithmetic import Arithmetic, round_bf16
-from harness.deployment.validation.rope import inverse_frequencies
+from harness.deployment.validation.rope import cos_sin, inverse_frequencies, rotate
 from harness.spec import taps as tapspec
 from harness.weights.synthetic import synthetic_weights
 
@@ -142,15 +144,36 @@ def test_rope_frequencies_follow_llama3_scaling():
     assert middle.any() and np.all((scaled[middle] < plain[middle]) & (scaled[middle] > plain[middle] / factor))
 
 
-def test_gemm_orders_agree_and_bf16_storage_rounds():
-    rng = np.random.default_rng(0)
-    x, w = rng.standard_normal((5, 200), dtype=np.float32), rng.standard_normal((33, 200), dtype=np.float32)
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 9), k=st.integers(1, 300), n=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_gemm_orders_agree_and_bf16_storage_rounds(m, k, n, seed):
+    """Every accumulation order computes the same product (to fp32 accuracy), for any K, ragged
+    blocks included; bf16 storage rounds, and a bf16-representable weight is used without a copy."""
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
     exact = x.astype(np.float64) @ w.astype(np.float64).T
     for arith in (Arithmetic(), Arithmetic(gemm="blocked", k_block=96), Arithmetic(gemm="pairwise", k_block=32),
                   Arithmetic(compute="f64")):
         np.testing.assert_allclose(arith.matmul(x, w), exact, rtol=1e-5, atol=1e-4)
     stored = Arithmetic(storage="bf16").store(x)
-    assert np.array_equal(stored, round_bf16(stored)) and not np.array_equal(stored, x)
+    assert np.array_equal(stored, round_bf16(stored))
+    assert Arithmetic(storage="bf16").weight(stored) is stored
+
+
+@settings(max_examples=25, deadline=None)
+@given(positions=st.lists(st.integers(0, 5000), min_size=1, max_size=6), seed=st.integers(0, 2**16))
+def test_rope_is_a_rotation_of_each_pair(positions, seed):
+    """Each (d, d + hd/2) pair keeps its length, and position 0 is the identity."""
+    spec = harness.models.get("llama-3.2-1b", "tiny")
+    freqs = inverse_frequencies(spec.head_dim, spec.rope_theta, spec.rope_scaling)
+    x = np.random.default_rng(seed).standard_normal((len(positions), 2, spec.head_dim))
+    cos, sin = cos_sin(np.array(positions), freqs, np.float64)
+    y = rotate(x, cos, sin)
+    half = spec.head_dim // 2
+    pair_len = lambda a: np.hypot(a[..., :half], a[..., half:])  # noqa: E731
+    np.testing.assert_allclose(pair_len(y), pair_len(x), rtol=1e-12)
+    c0, s0 = cos_sin(np.array([0]), freqs, np.float64)
+    np.testing.assert_array_equal(rotate(x[:1], c0, s0), x[:1])
 
 
 @pytest.mark.parametrize("name", ["numpy-fp32", "numpy-f64"])
@@ -186,6 +209,19 @@ def test_imprecise_member_fails_at_its_expected_tap(model, mode, golden_root):
     v = harness.check(model, member.factory, decode_steps=STEPS, mode=mode, golden_dir=golden_root)
     assert not v.passed
     assert (v.first_failure.phase, v.first_failure.tap) == ("prefill", member.expected_failure)
+
+
+def test_members_run_by_short_name_and_harness_list_shows_them(golden_root):
+    """`--deployment NAME` resolves through the loader (as `harness gate -d NAME` does); `harness list`
+    names every member."""
+    from typer.testing import CliRunner
+
+    from harness.cli import app
+
+    v = harness.check("qwen2.5-0.5b", "numpy-bf16-blocked", decode_steps=1, mode="isolated", golden_dir=golden_root)
+    assert v.passed and v.provenance["deployment"] == BUILTIN["numpy-bf16-blocked"], v.summary()
+    res = CliRunner().invoke(app, ["list"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and all(name in res.output for name in ALL), res.output
 
 
 def _sweep_module():
