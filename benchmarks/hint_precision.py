@@ -28,26 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.selftest.hint_scoring import (TARGET_WRONG, HintCase, Shape, cases_from_selftest, generic_shapes,
-                                           perturbed_tap_cases, record_isolated, score_hints)
+from harness.selftest.hint_scoring import (TARGET_WRONG, HintCase, cases_from_selftest, perturbed_tap_cases,
+                                           record_isolated, score_hints)
 
 # The less precise validation member and the cause its hint must name.
 EXPECTED_MEMBER_HINT = {"numpy-bf16-rmsnorm-stats": "bf16_rmsnorm_stats"}
-RTZ_SHAPES = ("round_toward_zero", "rtz", "round-toward-zero")
-
-
-def shape_set(head_dim: int) -> dict[str, Shape]:
-    """The shapes helper's generic bug shapes when present (harness.selftest.bug_shapes), else ours."""
-    try:
-        from harness.selftest import bug_shapes  # noqa: F401  (merged from the shapes branch)
-    except ImportError:
-        return generic_shapes(head_dim)
-    as_arrays = getattr(bug_shapes, "array_shapes", None)
-    return as_arrays(head_dim) if callable(as_arrays) else generic_shapes(head_dim)
-
-
-def _expected_for_shape(name: str) -> str | None:
-    return "round_toward_zero" if name.lower() in RTZ_SHAPES else None
 
 
 def fault_cases(models: list[str], full: bool, jobs: int, golden_dir: Any) -> list[HintCase]:
@@ -57,19 +42,13 @@ def fault_cases(models: list[str], full: bool, jobs: int, golden_dir: Any) -> li
     return cases_from_selftest(run_cases(cases, jobs=jobs, golden_dir=golden_dir), population="faults")
 
 
-def validation_members() -> dict[str, Any]:
-    """name -> factory of the validation population, when the package has one."""
-    try:
-        from harness.deployment import validation
-    except ImportError:
-        return {}
-    for attr in ("MEMBERS", "FACTORIES", "members"):
-        found = getattr(validation, attr, None)
-        if callable(found):
-            found = found()
-        if isinstance(found, dict):
-            return dict(found)
-    return {}
+def validation_members(names: list[str] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(correct members, less precise members): name -> factory (harness.deployment.validation)."""
+    from harness.deployment.validation import IMPRECISE, MEMBERS
+
+    pick = (lambda n: True) if names is None else (lambda n: n in names)
+    return ({n: m.factory for n, m in MEMBERS.items() if pick(n)},
+            {n: m.factory for n, m in IMPRECISE.items() if pick(n)})
 
 
 def validation_cases(members: dict[str, Any], models: list[str], golden_dir: Any) -> list[HintCase]:
@@ -96,12 +75,12 @@ def shape_cases(deployments: dict[str, Any], models: list[str], golden_dir: Any,
         for model in models:
             verdict, taps = record_isolated(model, factory, golden_dir=golden_dir)
             if not verdict.passed:   # a failing clean run says nothing about shapes on top of it
+                print(f"  ({dep_name} fails {model} unperturbed: its shapes are skipped)")
                 continue
-            spec = get(model, "tiny")
-            order = {t: i for i, t in enumerate(tap_names(spec))}
-            cases.extend(perturbed_tap_cases(
-                model, taps, shape_set(spec.head_dim), _expected_for_shape, population="shapes", deployment=dep_name,
-                golden_dir=golden_dir, select=lambda phase, tap: order[tap] % stride == 0))
+            order = {t: i for i, t in enumerate(tap_names(get(model, "tiny")))}
+            cases.extend(perturbed_tap_cases(model, taps, population="shapes", deployment=dep_name,
+                                             golden_dir=golden_dir,
+                                             select=lambda phase, tap: order[tap] % stride == 0))
     return cases
 
 
@@ -113,27 +92,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--golden-dir", default=None)
     ap.add_argument("--skip", nargs="*", default=[], choices=("faults", "shapes", "validation"))
+    ap.add_argument("--members", nargs="*", default=None, help="validation members (default: all)")
     ap.add_argument("--out", type=Path, default=None, help="write the score as JSON here")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     from harness.deployment.emulator import make_factory
 
-    members = validation_members()
+    correct, imprecise = validation_members(args.members)
     cases: list[HintCase] = []
     if "faults" not in args.skip:
         cases += fault_cases(args.models, args.full, args.jobs, args.golden_dir)
     if "validation" not in args.skip:
-        cases += validation_cases(members, args.models, args.golden_dir)
+        cases += validation_cases({**correct, **imprecise}, args.models, args.golden_dir)
     if "shapes" not in args.skip:
-        deployments = {"emulator": make_factory(), **{k: v for k, v in members.items() if k not in EXPECTED_MEMBER_HINT}}
-        cases += shape_cases(deployments, args.models, args.golden_dir, args.stride)
+        cases += shape_cases({"emulator": make_factory(), **correct}, args.models, args.golden_dir, args.stride)
     score = score_hints(cases)
     for name, sub in score.populations.items():
         print(f"{name:11s} {sub.row()}")
     print(f"{'total':11s} {score.row()}")
     for line in score.wrong_cases[:20]:
         print("  wrong:", line)
-    print(f"({len(cases)} cases, {time.perf_counter() - t0:.0f} s; validation members: {len(members)})")
+    print(f"({len(cases)} cases, {time.perf_counter() - t0:.0f} s; validation members: {len(correct) + len(imprecise)})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"models": args.models, "target_wrong": TARGET_WRONG, **score.to_dict()}, indent=1))

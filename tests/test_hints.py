@@ -18,8 +18,8 @@ from harness.spec.model_spec import get, names
 from harness.store import GoldenRequest, GoldenStore
 from harness.reference.numpy_ops import (attention, attention_bf16_stats, bf16, bf16_accumulate, bf16_rtz, inv_freq,
                                          rmsnorm, rmsnorm_bf16_stats, rope)
-from harness.selftest.hint_scoring import (HintCase, generic_shapes, hint_id, perturbed_tap_cases, record_isolated,
-                                           score_hints)
+from harness.selftest import bug_shapes
+from harness.selftest.hint_scoring import HintCase, hint_id, perturbed_tap_cases, record_isolated, score_hints
 from harness.verdict import hints
 from harness.verdict.hints import CATALOGUE, NO_SIGNATURE, Score, diagnose
 from harness.verdict.verdict import FirstFailure
@@ -251,20 +251,22 @@ def test_precision_causes_are_named_with_their_evidence(qwen3) -> None:
 
 
 def test_generic_bug_shapes_get_no_named_cause(qwen3) -> None:
-    """Every generic shape on a sample of taps of both phases: when the gate fails it, no cause is named
-    (truncation may be named round_toward_zero, which is right)."""
+    """Every generic bug shape, at its reference and its largest magnitude, on a sample of taps of both
+    phases: when the gate fails it, no cause is named (truncation may be named round_toward_zero)."""
     golden, weights = qwen3
     spec = golden.spec
-    rng = np.random.default_rng(5)
     failed = 0
-    for phase in ("prefill", "decode.0"):
+    for phase in ("prefill", "decode.1"):
         for tap in ("layers.0.attn_norm", "layers.0.k", "layers.1.attn", "layers.1.act", "layers.2.out", "logits"):
             clean = bf16(golden.tensor(phase, tap))
-            for name, shape in generic_shapes(spec.head_dim).items():
-                passed, hint = _judge_and_hint(golden, weights, phase, tap, shape(clean, rng))
-                failed += not passed
-                if not passed and name != "round_toward_zero":
-                    assert hint == NO_SIGNATURE, f"{name} at {phase}/{tap}: {hint!r}"
+            previous = bf16(golden.tensor("decode.0" if phase == "decode.1" else phase, tap))
+            ctx = bug_shapes.ShapeContext(spec, phase, tap, previous)
+            for shape in bug_shapes.SHAPES.values():
+                for m in {shape.reference, shape.magnitudes[-1]}:
+                    passed, hint = _judge_and_hint(golden, weights, phase, tap, bug_shapes.perturb(clean, ctx, shape.name, m))
+                    failed += not passed
+                    if not passed and shape.name != "rtz":
+                        assert hint == NO_SIGNATURE, f"{shape.name}({m:g}) at {phase}/{tap}: {hint!r}"
     assert failed > 100
 
 
@@ -289,13 +291,11 @@ def test_score_hints_counts_right_wrong_and_no_signature() -> None:
 def test_scorer_on_a_small_population_has_no_wrong_hint(golden_root: Path) -> None:
     verdict, taps = record_isolated("qwen3-0.6b", make_factory(), decode_steps=2, golden_dir=golden_root)
     assert verdict.passed
-    shapes = generic_shapes(64)
-    picked = {k: shapes[k] for k in ("noise_1%", "sparse", "offset_1%", "sign_flip")}
     bad = make_factory(faults=("crude_silu",))
     fault_verdict = harness.check("qwen3-0.6b", bad, scale="tiny", seed=0, decode_steps=2, mode="isolated",
                                   golden_dir=golden_root)
-    cases = perturbed_tap_cases("qwen3-0.6b", {"prefill": taps["prefill"]}, picked, lambda name: None,
-                                population="shapes", deployment="emulator", decode_steps=2, golden_dir=golden_root,
+    cases = perturbed_tap_cases("qwen3-0.6b", {"prefill": taps["prefill"]}, population="shapes", deployment="emulator",
+                                shapes=("noise", "sparse", "offset", "sign"), decode_steps=2, golden_dir=golden_root,
                                 select=lambda phase, tap: tap.startswith("layers.1."))
     cases.append(HintCase("crude_silu", "faults", FAULTS["crude_silu"].hint, fault_verdict.first_failure.hint))
     score = score_hints(cases)

@@ -13,8 +13,8 @@ sign flip, a false alarm of a correct deployment). The hint given is then
 
 ``score_hints(cases)`` totals them, per population too; ``cases_from_selftest`` turns the self-test's
 CaseResults into cases; ``perturbed_tap_cases`` perturbs a recorded clean run's taps one at a time and
-judges each as the gate does in isolated mode (used by benchmarks/hint_precision.py);
-``generic_shapes`` are the bug shapes it applies when harness.selftest.bug_shapes is absent.
+judges each as the gate does in isolated mode, with the generic bug shapes of
+harness.selftest.bug_shapes (used by benchmarks/hint_precision.py).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 TARGET_WRONG = 0.01   # a wrong named cause on at most 1% of failures
-Shape = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -180,17 +179,21 @@ def record_isolated(model: str, factory: Any, *, seed: int = 0, decode_steps: in
     return verdict, holder["dep"].taps
 
 
-def perturbed_tap_cases(model: str, taps: dict[str, dict[str, np.ndarray]],
-                        shapes: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]],
-                        expected: Callable[[str], str | None], *, population: str, deployment: str,
+def expected_for_shape(shape: str) -> str | None:
+    """The right hint for a generic bug shape: only truncation has a signature."""
+    return "round_toward_zero" if shape == "rtz" else None
+
+
+def perturbed_tap_cases(model: str, taps: dict[str, dict[str, np.ndarray]], *, population: str, deployment: str,
+                        shapes: Iterable[str] | None = None, magnitude: Callable[[str], float] | None = None,
                         seed: int = 0, decode_steps: int = 2, golden_dir: Any = None,
                         select: Callable[[str, str], bool] = lambda phase, tap: True) -> list[HintCase]:
-    """Perturb each recorded tap (``select``-ed) by each shape, judge it as the gate's isolated mode
-    does (teacher forcing: only that tap changes) and, when it fails, take the cause hint there.
-
-    ``shapes``: name -> f(value, rng) giving the perturbed value; ``expected(shape name)``: the right
-    hint id (None: "no known signature")."""
+    """Perturb each recorded tap (``select``-ed) by each generic bug shape (harness.selftest.bug_shapes;
+    ``shapes`` default: all, at ``magnitude(shape)`` default: the shape's reference magnitude), judge it
+    as the gate's isolated mode does (teacher forcing: only that tap changes) and, when it fails, take
+    the cause hint there. The right hint is ``expected_for_shape``."""
     from harness.checker import judge_tap, policies_for
+    from harness.selftest import bug_shapes
     from harness.spec.taps import parse
     from harness.store import GoldenRequest, GoldenStore
     from harness.verdict.hints import diagnose
@@ -201,91 +204,24 @@ def perturbed_tap_cases(model: str, taps: dict[str, dict[str, np.ndarray]],
     golden = store.ensure_local(store.get(GoldenRequest(model, "tiny", seed, decode_steps)))
     spec = golden.spec
     policies, weights = policies_for(spec), load_weights(spec, seed=seed)
-    rng = np.random.default_rng(seed)
+    names = list(bug_shapes.SHAPES) if shapes is None else list(shapes)
     cases = []
-    for phase, values in taps.items():
-        for tap, value in values.items():
+    previous: dict[str, np.ndarray] = {}
+    for phase in golden.phases:
+        for tap, value in taps.get(phase, {}).items():
+            before, previous[tap] = previous.get(tap), value
             if tap == "embed" or not select(phase, tap):
                 continue
             gold, base = golden.tensor(phase, tap, "fp32"), golden.tensor(phase, tap, "local")
-            for name, shape in shapes.items():
-                dut = np.asarray(shape(value, rng), np.float32)
+            ctx = bug_shapes.ShapeContext(spec, phase, tap, before)
+            for name in names:
+                m = bug_shapes.get(name).reference if magnitude is None else magnitude(name)
+                dut = bug_shapes.perturb(value, ctx, name, m, seed)
                 result = judge_tap(policies, phase, tap, parse(tap).kind, dut, gold, base, "isolated")
                 hint = None
                 if not result.passed:
                     first = FirstFailure(phase=phase, tap=tap, metrics=result.metrics)
                     hint = diagnose(spec, golden, first, mode="isolated", weights=weights, dut=dut)
-                cases.append(HintCase(f"{deployment}/{model}/{phase}/{tap}/{name}", population, expected(name), hint))
+                cases.append(HintCase(f"{deployment}/{model}/{phase}/{tap}/{name}({m:g})", population,
+                                      expected_for_shape(name), hint))
     return cases
-
-
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) or 1.0
-
-
-def generic_shapes(head_dim: int) -> dict[str, Shape]:
-    """Generic bug shapes on one tap value, at their 1% (or gross) form: name -> f(value, rng)."""
-    from harness.reference.numpy_ops import bf16, bf16_rtz
-
-    def row(i: int, f: Callable[[np.ndarray], np.ndarray]) -> Shape:
-        def shape(x, rng):
-            y = x.copy()
-            r = i if i >= 0 else x.shape[0] + i
-            y[r] = f(y[r])
-            return y
-        return shape
-
-    def head(x, rng):
-        y = x.copy()
-        if x.shape[1] % head_dim == 0 and x.shape[1] > head_dim:
-            h = int(rng.integers(x.shape[1] // head_dim))
-            y[:, h * head_dim:(h + 1) * head_dim] *= 1.1
-        return y
-
-    def channel(factor: float) -> Shape:
-        def shape(x, rng):
-            y = x.copy()
-            y[:, int(rng.integers(x.shape[1]))] *= factor
-            return y
-        return shape
-
-    def sparse(x, rng):
-        y = x.copy()
-        y.flat[rng.choice(x.size, min(4, x.size), replace=False)] = 10 * _rms(x)
-        return y
-
-    def stale(x, rng):
-        y = x.copy()
-        if x.shape[0] > 1:
-            y[-1] = x[-2]
-        return y
-
-    def middle_row_noise(x, rng):
-        y = x.copy()
-        r = y[x.shape[0] // 2]
-        y[x.shape[0] // 2] = r + 0.05 * _rms(r) * rng.standard_normal(r.shape)
-        return y
-
-    def to_bf16(f: Shape) -> Shape:   # a deployment hands over bf16 values
-        return lambda x, rng: bf16(f(x, rng))
-
-    shapes: dict[str, Shape] = {
-        "noise_0.5%": lambda x, rng: x * (1 + 0.005 * rng.standard_normal(x.shape)),
-        "noise_1%": lambda x, rng: x * (1 + 0.01 * rng.standard_normal(x.shape)),
-        "noise_2%": lambda x, rng: x * (1 + 0.02 * rng.standard_normal(x.shape)),
-        "abs_noise_1%": lambda x, rng: x + 0.01 * _rms(x) * rng.standard_normal(x.shape),
-        "sparse": sparse,
-        "last_row_1%": row(-1, lambda r: r * 1.01),
-        "middle_row_noise": middle_row_noise,
-        "head_10%": head,
-        "channel_x1.5": channel(1.5),
-        "channel_sign": channel(-1.0),
-        "offset_1%": lambda x, rng: x + 0.01 * _rms(x),
-        "sign_flip": lambda x, rng: -x,
-        "scale_1%": lambda x, rng: x * 1.01,
-        "stale_row": stale,
-    }
-    shapes = {k: to_bf16(f) for k, f in shapes.items()}
-    # Truncation of the tap's own pre-rounding value, modelled as the value with sub-ULP jitter.
-    shapes["round_toward_zero"] = lambda x, rng: bf16_rtz(x * (1 + 1e-3 * rng.standard_normal(x.shape)))
-    return shapes

@@ -389,6 +389,10 @@ def _untied_head(c: Context, actual: float) -> str | None:
     x = c.g("final_norm").astype(np.float64)
     expected = init * float(np.sqrt(np.mean(np.sum(x * x, axis=1))))   # rms logit of a random head
     rms = float(np.sqrt(np.mean(d * d)))
+    if c.step is not None:   # stale logits (the previous token's) are uncorrelated too, but not new
+        before = c.g("logits", phase="prefill" if c.step == 0 else f"decode.{c.step - 1}")[-1:].astype(np.float64)
+        if abs(float(np.sum(before * d) / max(np.linalg.norm(before) * np.linalg.norm(d), 1e-30))) > 0.5:
+            return None
     if abs(cos) < 0.2 and 0.5 < rms / expected < 2.0:
         return (f"lm_head_tying: logits uncorrelated with the tied embedding head, as from a freshly initialised "
                 f"LM head (cosine {cos:.3f}; logit rms {rms:.3g} vs {expected:.3g} for an N(0, {init:g}) head; "
