@@ -40,13 +40,15 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, group: int | None = None) 
     return (out.reshape(rows, width) * np.tile(w, width // len(w))).astype(np.float32)
 
 
-def rmsnorm_bf16_stats(x: np.ndarray, w: np.ndarray, eps: float, block: int | None = None) -> np.ndarray:
-    """RMSNorm with its statistics in bf16, as a bf16 torch/NumPy reference computes them: the input in
-    bf16, the mean of squares rounded to bf16 (``block``: the running sum of squares rounded to bf16
-    after every ``block`` elements, else one fp32 reduction rounded once), 1/rms rounded to bf16, then
-    x * inv rounded and times the weight rounded."""
+def rmsnorm_bf16_stats(x: np.ndarray, w: np.ndarray, eps: float, block: int | None = None,
+                       every_step: bool = False) -> np.ndarray:
+    """RMSNorm with its statistics in bf16: the input in bf16, the mean of squares rounded to bf16
+    (``block``: the running sum of squares rounded to bf16 after every ``block`` elements, else one fp32
+    reduction rounded once), 1/rms rounded to bf16, then x * inv rounded and times the weight rounded.
+    ``every_step``: every intermediate a bf16 tensor, as torch computes ``x.pow(2).mean(-1)`` and
+    ``rsqrt(var + eps)`` on bf16 tensors - the squares and ``var + eps`` rounded too."""
     xb = bf16(x).astype(np.float64)
-    sq = xb * xb
+    sq = bf16(xb * xb).astype(np.float64) if every_step else xb * xb
     if block is None:
         var = bf16(np.mean(sq, axis=-1, keepdims=True))
     else:
@@ -54,7 +56,8 @@ def rmsnorm_bf16_stats(x: np.ndarray, w: np.ndarray, eps: float, block: int | No
         for k0 in range(0, x.shape[1], block):
             total = bf16(total + np.sum(sq[:, k0:k0 + block], axis=-1, keepdims=True))
         var = bf16(total / x.shape[1])
-    inv = bf16(1.0 / np.sqrt(var.astype(np.float64) + eps))
+    shifted = bf16(var + np.float32(eps)) if every_step else var.astype(np.float64) + eps
+    inv = bf16(1.0 / np.sqrt(shifted.astype(np.float64)))
     return bf16(bf16(xb * inv) * bf16(w)[None, :])
 
 

@@ -53,7 +53,8 @@ _EPS_CANDIDATES = (1e-5, 1e-6, 1e-8, 1e-12)
 _THETA_CANDIDATES = (10000.0, 100000.0, 500000.0, 1000000.0, 5000000.0)
 _ACC_TILES = (1, 4, 8, 16, 32, 64, 128, 256)
 _ACC_ORDERS = ("sequential", "pairwise")
-_NORM_STAT_BLOCKS = (None, 1, 8, 32)        # bf16 RMSNorm statistics: one rounding, or a running bf16 sum
+# bf16 RMSNorm statistics: (running-sum block or None for one rounding of the mean, every step in bf16)
+_NORM_STATS = ((None, False), (None, True), (1, False), (8, False), (32, False))
 _SOFTMAX_BLOCKS = (1, 16, 32, 64, 128)      # bf16 softmax statistics: keys per running-sum update
 
 # Every cause a hint can name: id -> what it means. Emulator faults name one of these ids (Fault.hint).
@@ -167,6 +168,13 @@ def _norm_input(c: Context) -> tuple[np.ndarray, np.ndarray | None]:
     return c.g("attn_residual"), c.lw("post_attention_layernorm.weight")
 
 
+def _stats_how(block: int | None, every: bool) -> str:
+    if every:
+        return "squares, their mean, var + eps, 1/rms and products each rounded to bf16"
+    what = "the mean of squares rounded to bf16" if block is None else f"a bf16 running sum of squares every {block}"
+    return what + ", 1/rms in bf16"
+
+
 def _norms(c: Context) -> Candidates:
     x, w = _norm_input(c)
     if w is None:
@@ -175,10 +183,9 @@ def _norms(c: Context) -> Candidates:
         if not math.isclose(eps, c.spec.rms_norm_eps, rel_tol=1e-3):
             yield Hypothesis("rmsnorm_eps", f"RMSNorm with eps {eps:g} instead of the config's {c.spec.rms_norm_eps:g}",
                              rmsnorm(x, w, eps))
-    for block in _NORM_STAT_BLOCKS:
-        how = "the mean of squares rounded to bf16" if block is None else f"a bf16 running sum of squares every {block}"
-        yield Hypothesis("bf16_rmsnorm_stats", f"RMSNorm statistics in bf16 ({how}, 1/rms in bf16)",
-                         rmsnorm_bf16_stats(x, w, c.spec.rms_norm_eps, block))
+    for block, every in _NORM_STATS:
+        yield Hypothesis("bf16_rmsnorm_stats", f"RMSNorm statistics in bf16 ({_stats_how(block, every)})",
+                         rmsnorm_bf16_stats(x, w, c.spec.rms_norm_eps, block, every))
     if c.kind == "final_norm":
         yield Hypothesis("final_norm", "final RMSNorm skipped: the last layer's output reaches the LM head", x)
     else:
@@ -196,10 +203,9 @@ def _qk_norm(c: Context) -> Candidates:
                                  rmsnorm(x, w, eps, c.spec.head_dim))
         hd = c.spec.head_dim
         per_head = x.reshape(-1, hd)
-        for block in _NORM_STAT_BLOCKS:
-            how = "the mean of squares rounded to bf16" if block is None else f"a bf16 running sum every {block}"
-            yield Hypothesis("bf16_rmsnorm_stats", f"{c.kind} statistics in bf16 ({how}, 1/rms in bf16)",
-                             rmsnorm_bf16_stats(per_head, w, c.spec.rms_norm_eps, block).reshape(x.shape))
+        for block, every in _NORM_STATS:
+            yield Hypothesis("bf16_rmsnorm_stats", f"{c.kind} statistics in bf16 ({_stats_how(block, every)})",
+                             rmsnorm_bf16_stats(per_head, w, c.spec.rms_norm_eps, block, every).reshape(x.shape))
 
 
 def _rope(c: Context) -> Candidates:
