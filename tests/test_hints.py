@@ -301,3 +301,19 @@ def test_scorer_on_a_small_population_has_no_wrong_hint(golden_root: Path) -> No
     score = score_hints(cases)
     assert score.populations["shapes"].failures > 20
     assert score.wrong == 0 and score.right == 1 and score.ok
+
+
+def test_validation_members_get_their_precision_cause_or_none(qwen3, golden_root: Path) -> None:
+    """The less precise member (RMSNorm statistics in bf16, as IRON's CPU reference) is named at its
+    attn_norm; correct members' attn_norm values, diagnosed as if they had failed, name nothing."""
+    from harness.deployment.validation import IMPRECISE, MEMBERS
+
+    golden, weights = qwen3
+    tap = "layers.0.attn_norm"
+    for name, member in {**IMPRECISE, **{k: MEMBERS[k] for k in ("numpy-bf16-pairwise", "numpy-fused")}}.items():
+        _, taps = record_isolated("qwen3-0.6b", member.factory, decode_steps=2, golden_dir=golden_root)
+        passed, hint = _judge_and_hint(golden, weights, "prefill", tap, taps["prefill"][tap])
+        if name in IMPRECISE:
+            assert hint.startswith("bf16_rmsnorm_stats: ") and "error under hypothesis 0 " in hint, hint
+        else:
+            assert hint == NO_SIGNATURE, f"{name}: {hint!r}"
