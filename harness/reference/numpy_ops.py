@@ -147,15 +147,22 @@ def bf16_accumulate(a: np.ndarray, w: np.ndarray, k_tile: int, bias: np.ndarray 
     partials combined in a bf16 accumulator (rounded after every addition), output rounded to bf16.
 
     ``order``: ``sequential`` adds tile after tile into the running sum (the bias, if any, first);
-    ``pairwise`` adds the tile partials as a balanced tree (each level rounded), bias last."""
+    ``pairwise`` adds the tile partials as a binary tree (each sum rounded; partials held on a stack,
+    so memory stays O(log tiles)), bias last."""
     a, w = bf16(a), bf16(w)
-    partials = [a[:, k0:k0 + k_tile] @ w[:, k0:k0 + k_tile].T for k0 in range(0, a.shape[1], k_tile)]
+    partials = (a[:, k0:k0 + k_tile] @ w[:, k0:k0 + k_tile].T for k0 in range(0, a.shape[1], k_tile))
     if order == "pairwise":
-        while len(partials) > 1:
-            partials = [bf16(partials[i] + partials[i + 1]) if i + 1 < len(partials) else partials[i]
-                        for i in range(0, len(partials), 2)]
-        total = partials[0] if bias is None else bf16(partials[0] + bias[None, :])
-        return bf16(total)
+        stack: list[tuple[int, np.ndarray]] = []          # (tree level, partial sum)
+        for value in partials:
+            level = 0
+            while stack and stack[-1][0] == level:
+                value = bf16(stack.pop()[1] + value)
+                level += 1
+            stack.append((level, value))
+        total = stack.pop()[1]
+        while stack:
+            total = bf16(stack.pop()[1] + total)
+        return bf16(total if bias is None else total + bias[None, :])
     total = np.zeros((a.shape[0], w.shape[0]), np.float32) if bias is None else np.tile(bias, (a.shape[0], 1))
     for part in partials:
         total = bf16(total + part)

@@ -313,8 +313,10 @@ def _gemm(c: Context) -> Candidates:
     a_s, w_s, b_s = a[rows], w[cols], None if bias is None else bias[cols]
     for kt in _ACC_TILES:
         for order in _ACC_ORDERS:
-            # at least two bf16 roundings of partial sums, else it is the correct GEMM rounded once
-            if -(-a.shape[1] // kt) > (1 if order == "sequential" else 2) and (order == "sequential" or kt >= 4):
+            # at least two bf16 roundings of partial sums, else it is the correct GEMM rounded once;
+            # one-element steps only up to K = 4096 (each step is a pass over the sampled output)
+            tiles = -(-a.shape[1] // kt)
+            if tiles > (1 if order == "sequential" else 2) and (order == "sequential" or kt >= 4) and tiles <= 4096:
                 what = f"every {kt} elements" if order == "sequential" else f"in a pairwise tree of {kt}-element blocks"
                 yield Hypothesis("low_precision_accumulation", f"GEMM accumulates in bf16 {what}, not fp32",
                                  bf16_accumulate(a_s, w_s, kt, b_s, order), rows, cols)
