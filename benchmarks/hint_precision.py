@@ -28,11 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.selftest.hint_scoring import (TARGET_WRONG, HintCase, cases_from_selftest, perturbed_tap_cases,
-                                           record_isolated, score_hints)
+from harness.selftest.hint_scoring import (TARGET_WRONG, HintCase, cases_from_selftest, expected_hint,
+                                           perturbed_tap_cases, record_isolated, score_hints)
 
-# The less precise validation member and the cause its hint must name.
-EXPECTED_MEMBER_HINT = {"numpy-bf16-rmsnorm-stats": "bf16_rmsnorm_stats"}
 
 
 def fault_cases(models: list[str], full: bool, jobs: int, golden_dir: Any) -> list[HintCase]:
@@ -62,7 +60,7 @@ def validation_cases(members: dict[str, Any], models: list[str], golden_dir: Any
                 ff = v.first_failure
                 hint = None if ff is None else (ff.hint or "no known signature")
                 cases.append(HintCase(f"{name}/{model}/{mode}" + (f" at {ff.phase}/{ff.tap}" if ff else ""),
-                                      "validation", EXPECTED_MEMBER_HINT.get(name), hint))
+                                      "validation", expected_hint(deployment=name), hint))
     return cases
 
 

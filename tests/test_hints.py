@@ -317,3 +317,30 @@ def test_validation_members_get_their_precision_cause_or_none(qwen3, golden_root
             assert hint.startswith("bf16_rmsnorm_stats: ") and "error under hypothesis 0 " in hint, hint
         else:
             assert hint == NO_SIGNATURE, f"{name}: {hint!r}"
+
+
+def test_cases_from_selftest_take_the_scoreboards_hint_and_the_right_expectation() -> None:
+    from types import SimpleNamespace as NS
+
+    from harness.selftest.hint_scoring import cases_from_selftest, expected_hint
+
+    def result(mode: str, passed: bool, hint: str | None, **case) -> NS:
+        base = {"model": "qwen3-0.6b", "seed": 0, "fault": "clean"}
+        return NS(case=NS(mode=mode, **{**base, **case}), error=None, outcomes={"calibrated": {"passed": passed}}, hint=hint)
+
+    results = [
+        result("cumulative", False, "residual: x", fault="skipped_residual"),
+        result("isolated", False, "residual: y", fault="skipped_residual"),      # isolated wins
+        result("isolated", False, NO_SIGNATURE, shape="noise", target="prefill/layers.0.q", population="shapes"),
+        result("isolated", True, None, deployment="numpy-bf16-rmsnorm-stats"),
+        result("cumulative", False, "bf16_rmsnorm_stats: z", deployment="numpy-bf16-rmsnorm-stats"),
+    ]
+    cases = {c.name: c for c in cases_from_selftest(results)}
+    fault = cases["qwen3-0.6b/seed0/skipped_residual"]
+    assert (fault.hint, fault.expected, fault.population) == ("residual: y", "residual", "faults")
+    shape = cases["qwen3-0.6b/seed0/clean/noise@prefill/layers.0.q"]
+    assert (shape.expected, shape.population) == (None, "shapes")
+    member = cases["numpy-bf16-rmsnorm-stats/qwen3-0.6b/seed0/clean"]
+    assert member.expected == "bf16_rmsnorm_stats" and member.hint.startswith("bf16_rmsnorm_stats")
+    assert score_hints(cases.values()).right == 2
+    assert expected_hint(shape="rtz") == "round_toward_zero" and expected_hint(fault="clean") is None

@@ -114,26 +114,46 @@ def score_hints(cases: Iterable[HintCase]) -> HintScore:
     return total
 
 
-def cases_from_selftest(results: Iterable[Any], population: str = "faults") -> list[HintCase]:
-    """HintCases from self-test CaseResults (harness.selftest.runner): one per run (model, seed, fault),
-    the hint taken as the scoreboard takes it (the isolated run's when it failed, else the cumulative
-    run's). A fault run's expected id is the fault's ``hint``; a failing clean run expects none."""
+# Less precise validation members and the precision cause their hint must name.
+EXPECTED_MEMBER_HINT = {"numpy-bf16-rmsnorm-stats": "bf16_rmsnorm_stats"}
+
+
+def expected_hint(fault: str | None = None, shape: str | None = None, deployment: str | None = None) -> str | None:
+    """The right hint id for a failing case: a bug shape's (only ``rtz`` has one), a less precise
+    member's precision cause, an emulator fault's ``hint``; None (no known signature) otherwise."""
     from harness.deployment.emulator.faults import FAULTS
-    from harness.selftest.runner import CLEAN, OURS
+
+    if shape:
+        return expected_for_shape(shape)
+    if deployment in EXPECTED_MEMBER_HINT:
+        return EXPECTED_MEMBER_HINT[deployment]
+    return FAULTS[fault].hint if fault in FAULTS else None
+
+
+def cases_from_selftest(results: Iterable[Any], population: str | None = None) -> list[HintCase]:
+    """HintCases from self-test CaseResults (harness.selftest.runner): one per run (deployment, model,
+    seed, fault, shape and its target: every mode of one run), the hint taken as the scoreboard takes it
+    (the isolated run's when it failed, else the cumulative run's); ``expected_hint`` says what is right.
+    ``population`` default: the case's own (``Case.population``, else "faults")."""
+    from harness.selftest.runner import OURS
 
     runs: dict[tuple, dict[str, Any]] = defaultdict(dict)
     for r in results:
-        runs[(r.case.model, r.case.seed, r.case.fault)][r.case.mode] = r
+        c = r.case
+        key = (getattr(c, "deployment", None), c.model, c.seed, c.fault, getattr(c, "shape", ""), getattr(c, "target", ""))
+        runs[key][c.mode] = r
     cases = []
-    for (model, seed, fault), by_mode in runs.items():
+    for (deployment, model, seed, fault, shape, target), by_mode in runs.items():
         hint = None
         for mode in ("isolated", "cumulative"):
             r = by_mode.get(mode)
             if r is not None and not r.error and not r.outcomes[OURS]["passed"]:
                 hint = r.hint or "no known signature"
                 break
-        expected = None if fault == CLEAN else FAULTS[fault].hint
-        cases.append(HintCase(f"{model}/seed{seed}/{fault}", population, expected, hint))
+        case = next(iter(by_mode.values())).case
+        name = "/".join(str(p) for p in (deployment, model, f"seed{seed}", fault, shape and f"{shape}@{target}") if p)
+        cases.append(HintCase(name, population or getattr(case, "population", "faults"),
+                              expected_hint(fault, shape, deployment), hint))
     return cases
 
 
