@@ -1,8 +1,10 @@
 """Named faults: real deployment bugs the emulator can reproduce, in one registry.
 
 A fault is a declaration: its ``name``, the real bug it reproduces (``description``), which models it
-can exist in (``applies``), the first tap that must fail (``expected_tap``), a short cause signature
-(``hint``) and the ``Deviations`` it switches on. The emulator reads ``Deviations`` at the points where
+can exist in (``applies``), the first tap that must fail (``expected_tap``), the id of the cause
+signature that must name it (``hint``: a key of harness.verdict.hints.CATALOGUE, checked by
+tests/test_hints.py; named here, not imported, so the emulator shares no code with the hints) and the
+``Deviations`` it switches on. The emulator reads ``Deviations`` at the points where
 each bug lives; the clean emulator runs with the all-default ``Deviations()``.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Fault:
 
     name: str
     description: str
-    hint: str
+    hint: str   # the id of the cause signature that must name this bug (harness.verdict.hints.CATALOGUE)
     where: Callable[[ModelSpec], tuple[str, str]]
     changes: Callable[[ModelSpec], dict[str, Any]]
     when: Callable[[ModelSpec], bool] = field(default=lambda spec: True)
