@@ -129,19 +129,20 @@ class RemoteStore:
         with self._errors("list entries"):
             found = self.fs.glob(self.key("*", "*", "*", MANIFEST))
         prefix = self.base + "/"
-        return sorted(p.removeprefix(prefix).removesuffix("/" + MANIFEST) for p in found)
+        rels = (p.removeprefix(prefix).removesuffix("/" + MANIFEST) for p in found)
+        return sorted(r for r in rels if all(part and not part.startswith(".") for part in r.split("/")))
 
     def _manifest(self, rel: str, sub: str, key: bytes | None, into: Path | None) -> tuple[bytes, dict]:
         """A remote manifest's bytes and content, its signature checked when ``key`` is set (and copied
         to ``into``)."""
         with self._errors(f"read {self.name(rel, sub, MANIFEST)}"):
             raw = self.fs.cat_file(self.key(rel, sub, MANIFEST))
-            sig = None
-            if key is not None and self.fs.exists(self.key(rel, sub, signing.SIGNATURE)):
+            sig = None  # kept even without a key: the cached entry stays verifiable once a key is set
+            if self.fs.exists(self.key(rel, sub, signing.SIGNATURE)):
                 sig = self.fs.cat_file(self.key(rel, sub, signing.SIGNATURE))
+        if into is not None and sig is not None:
+            (into / signing.SIGNATURE).write_bytes(sig)
         if key is not None:
-            if into is not None and sig is not None:
-                (into / signing.SIGNATURE).write_bytes(sig)
             problems = (_signature_problems_of(sig, raw, key, self.name(rel, sub)) if into is None else
                         [p.replace(str(into), self.name(rel, sub)) for p in signing.problems(into, raw, key)])
             if problems:
@@ -195,7 +196,8 @@ class RemoteStore:
     def verify(self, rel: str, key: bytes | None) -> list[str]:
         """Problems of the remote entry ``rel`` (each names the object); empty when every block matches."""
         problems: list[str] = []
-        subs = [""] + ([LOCAL_DIR] if self.fs.exists(self.key(rel, LOCAL_DIR, MANIFEST)) else [])
+        with self._errors(f"look up {self.name(rel, LOCAL_DIR)}"):
+            subs = [""] + ([LOCAL_DIR] if self.fs.exists(self.key(rel, LOCAL_DIR, MANIFEST)) else [])
         for sub in subs:
             try:
                 _, files = self._manifest(rel, sub, key, None)
