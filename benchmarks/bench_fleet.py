@@ -59,6 +59,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=500, help="Size of the synthetic set in MB. Default: 500.")
     ap.add_argument("--repeat", type=int, default=2, help="Best of N for each measurement. Default: 2.")
+    ap.add_argument("--volume-mb", type=int, default=1024, help="SeaweedFS volume size. Default: 1024.")
     args = ap.parse_args()
 
     spec = importlib.util.spec_from_file_location("test_fleet", ROOT / "tests" / "test_fleet.py")
@@ -69,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         tmp = Path(tmp)
         (tmp / "weed").mkdir()
-        with helpers.seaweed_s3(tmp / "weed") as endpoint:
+        with helpers.seaweed_s3(tmp / "weed", volume_mb=args.volume_mb) as endpoint:
             os.environ.update(helpers._env(endpoint))
             entry = tmp / "local" / "m" / "full" / "seed0-bench"
             size = synthetic_entry(entry, args.mb)

@@ -49,7 +49,7 @@ def _free_port_pair() -> int:
 
 
 @contextmanager
-def seaweed_s3(workdir: Path):
+def seaweed_s3(workdir: Path, volume_mb: int = 64):
     """A SeaweedFS master + volume + filer + S3 gateway on loopback; yields the S3 endpoint URL, with
     ACCESS/SECRET as its only identity and the bucket BUCKET created."""
     weed = _weed()
@@ -64,7 +64,7 @@ def seaweed_s3(workdir: Path):
     proc = subprocess.Popen([weed, "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                              f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}",
                              "-s3", f"-s3.port={s3}", f"-s3.config={config}", "-s3.port.iceberg=0",
-                             "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=32"],
+                             "-s3.port.lance=0", f"-master.volumeSizeLimitMB={volume_mb}", "-volume.max=32"],
                             stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{s3}"
     try:
