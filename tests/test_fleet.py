@@ -301,3 +301,50 @@ def test_pull_respects_the_cache_bound(published, s3, tmp_path, monkeypatch):
     store.remote.fill(rels[2], store.root / rels[2], build=None, tmpdir=store._tmpdir)
     present = {r for r in rels if (store.root / r / "manifest.json").is_file()}
     assert present == {rels[0], rels[2]}
+
+
+def _stage(published, s3, tmp_path) -> tuple[GoldenStore, str, Path]:
+    """A fresh prefix, a store on it, and a complete local copy of the published entry to publish."""
+    url, rel = published
+    source = GoldenStore(url, cache=tmp_path / "src")
+    return GoldenStore(s3, cache=tmp_path / "c"), rel, source.get(REQ, build=False).path
+
+
+def test_a_second_builder_waits_for_the_first_and_downloads(published, s3, tmp_path):
+    """Another machine holds the build lock: this one must not build; it downloads once the entry
+    appears."""
+    import threading
+
+    store, rel, entry = _stage(published, s3, tmp_path)
+    lock = store.remote.key(rel) + ".lock"
+    store.remote.fs.pipe_file(lock, json.dumps({"owner": "other:1", "time": time.time()}).encode())
+
+    def must_not_build():
+        raise AssertionError("built although another machine holds the lock")
+
+    outcome = {}
+    waiter = threading.Thread(target=lambda: outcome.setdefault("what", store.remote.fill(
+        rel, store.root / rel, build=must_not_build, tmpdir=store._tmpdir)))
+    waiter.start()
+    time.sleep(3)
+    assert waiter.is_alive() and ("waited", rel) in store.remote.events
+    GoldenStore(s3, cache=tmp_path / "other").remote.upload(rel, entry)  # the other machine publishes
+    waiter.join(120)
+    assert outcome == {"what": "downloaded"}
+    assert (store.root / rel / "manifest.json").read_bytes() == (entry / "manifest.json").read_bytes()
+
+
+def test_a_stale_lock_is_taken_over(published, s3, tmp_path, monkeypatch):
+    store, rel, entry = _stage(published, s3, tmp_path)
+    lock = store.remote.key(rel) + ".lock"
+    store.remote.fs.pipe_file(lock, json.dumps({"owner": "dead:1", "time": time.time() - 60}).encode())
+    monkeypatch.setenv("NPU_HARNESS_GOLDEN_LOCK_STALE", "30")
+    built = []
+
+    def build():
+        shutil.copytree(entry, store.root / rel)
+        built.append(rel)
+
+    assert store.remote.fill(rel, store.root / rel, build=build, tmpdir=store._tmpdir) == "built"
+    assert built == [rel] and store.remote.entries() == [rel]
+    assert not store.remote.fs.exists(lock)
