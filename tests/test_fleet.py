@@ -348,3 +348,30 @@ def test_a_stale_lock_is_taken_over(published, s3, tmp_path, monkeypatch):
     assert store.remote.fill(rel, store.root / rel, build=build, tmpdir=store._tmpdir) == "built"
     assert built == [rel] and store.remote.entries() == [rel]
     assert not store.remote.fs.exists(lock)
+
+
+def test_push_pull_verify_round_trip(published, s3, tmp_path, monkeypatch, capsys):
+    """A local store pushed (once), pulled into another machine's cache and verified remotely."""
+    store, rel, entry = _stage(published, s3, tmp_path)
+    local = tmp_path / "local-store"
+    shutil.copytree(entry, local / rel)
+
+    def cli(*args: str) -> str:
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        out, err = capsys.readouterr()
+        assert exited.value.code in (0, None), out + err
+        return out
+
+    assert "1 entries pushed, 0 already" in cli("golden", "push", "--golden-dir", s3, "--from", str(local))
+    assert "0 entries pushed, 1 already" in cli("golden", "push", "--golden-dir", s3, "--from", str(local))
+    out = cli("golden", "pull", "--golden-dir", s3, "--golden-cache", str(tmp_path / "pulled"))
+    assert "1 entries pulled" in out
+    assert (tmp_path / "pulled" / rel / "manifest.json").read_bytes() == (entry / "manifest.json").read_bytes()
+    assert "1 entries checked in " + s3 + ", 0 problems" in cli("golden", "verify", "--golden-dir", s3)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: one line, exit 3
+    with pytest.raises(SystemExit) as exited:
+        main(["golden", "verify", "--golden-dir", s3])
+    err = capsys.readouterr().err
+    assert exited.value.code == 3 and err.count("\n") == 1 and "cannot list entries" in err
