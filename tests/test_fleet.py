@@ -90,6 +90,9 @@ def seaweed_s3(workdir: Path, volume_mb: int = 64):
         proc.kill()  # a throwaway server: its graceful shutdown only costs seconds
         proc.wait()
         log.close()
+        for port in (master, volume, filer, s3):  # the unix sockets it left in /tmp
+            for sock in (*Path("/tmp").glob(f"seaweedfs-*-{port}.sock"), *Path("/tmp").glob(f"seaweedfs-*-{port + 10000}.sock")):
+                sock.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
