@@ -161,7 +161,7 @@ def test_missing_s3fs_names_the_extra(monkeypatch):
 
 
 def test_cache_sizes_parse():
-    assert cache.parse_size("20G") == 20 << 30 and cache.parse_size("1.5MiB") == 3 << 19
+    assert cache.parse_size("20G") == 20 * 10**9 and cache.parse_size("1.5MB") == 1_500_000
     assert cache.parse_size("123") == 123 and cache.parse_size("") is None
     with pytest.raises(HarnessError, match=cache.CACHE_MAX_ENV):
         cache.parse_size("lots")
@@ -183,7 +183,7 @@ def test_cache_bound_evicts_least_recently_used(tmp_path):
         e.mkdir(parents=True)
         (e / "manifest.json").write_text("{}")
         (e / "prefill.safetensors").write_bytes(b"\0" * 1000)
-        os.utime(e / "manifest.json", (1000 + i, 1000 + i))
+        os.utime(e, (1000 + i, 1000 + i))
         entries.append(e)
     cache.touch(entries[0])  # used just now: the most recent
     removed = cache.evict(tmp_path, 2100, keep=entries[2])
@@ -300,7 +300,7 @@ def test_pull_respects_the_cache_bound(published, s3, tmp_path, monkeypatch):
     for r in rels[:2]:
         store.remote.fill(r, store.root / r, build=None, tmpdir=store._tmpdir)
     cache.touch(store.root / rels[0])
-    os.utime(store.root / rels[1] / "manifest.json", (1, 1))  # used long ago
+    os.utime(store.root / rels[1], (1, 1))  # used long ago
     store.remote.fill(rels[2], store.root / rels[2], build=None, tmpdir=store._tmpdir)
     present = {r for r in rels if (store.root / r / "manifest.json").is_file()}
     assert present == {rels[0], rels[2]}

@@ -21,6 +21,9 @@ GoldenDirOpt = typer.Option(None, "--golden-dir", envvar="NPU_HARNESS_GOLDEN_DIR
 GoldenCacheOpt = typer.Option(None, "--golden-cache", envvar="NPU_HARNESS_GOLDEN_CACHE",
                               help="Local cache of an s3:// golden store. Default: "
                               "$XDG_CACHE_HOME/npu-harness/goldens/<hash of the URL>.")
+GoldenCacheMaxOpt = typer.Option(None, "--golden-cache-max", envvar="NPU_HARNESS_GOLDEN_CACHE_MAX",
+                                 help="Size bound of that cache (e.g. 20GB); the least recently used entries "
+                                 "leave first. Default: unbounded.")
 
 
 def models_or_all(model: Optional[list[str]], all_models: bool) -> list[str]:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.cli.common import (DecodeOpt, GoldenCacheOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, WeightsOpt,
+from harness.cli.common import (DecodeOpt, GoldenCacheMaxOpt, GoldenCacheOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, WeightsOpt,
                                 models_or_all, path_or_none)
 
 golden_app = typer.Typer(help="Build, verify, list and clean the golden store.", no_args_is_help=True)
@@ -51,12 +51,13 @@ def build(
     local: bool = typer.Option(False, "--local", help="Also build the isolated-mode local baseline."),
     golden_dir: Optional[Path] = GoldenDirOpt,
     golden_cache: Optional[Path] = GoldenCacheOpt,
+    golden_cache_max: Optional[str] = GoldenCacheMaxOpt,
 ) -> None:
     """Build (or reuse) and verify golden sets."""
     from harness.store import GoldenRequest, GoldenStore
     from harness.weights import WeightsSource
 
-    store = GoldenStore(golden_dir, cache=golden_cache)
+    store = GoldenStore(golden_dir, cache=golden_cache, cache_max=golden_cache_max)
     for m in models_or_all(model, all_models):
         for s in seed:
             t0 = time.perf_counter()
@@ -183,11 +184,12 @@ def clean(
     typer.echo(f"removed {n} entries")
 
 
-def _remote_store(golden_dir: Optional[Path], golden_cache: Optional[Path], command: str):
+def _remote_store(golden_dir: Optional[Path], golden_cache: Optional[Path], command: str,
+                  golden_cache_max: Optional[str] = None):
     from harness.errors import HarnessError
     from harness.store import GoldenStore
 
-    store = GoldenStore(golden_dir, cache=golden_cache)
+    store = GoldenStore(golden_dir, cache=golden_cache, cache_max=golden_cache_max)
     if store.remote is None:
         raise HarnessError(f"golden {command} needs a remote store: --golden-dir s3://bucket/prefix "
                            f"(or NPU_HARNESS_GOLDEN_DIR)")
@@ -232,6 +234,7 @@ def push(
 def pull(
     golden_dir: Optional[Path] = GoldenDirOpt,
     golden_cache: Optional[Path] = GoldenCacheOpt,
+    golden_cache_max: Optional[str] = GoldenCacheMaxOpt,
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model. Default: all."),
 ) -> None:
     """Download the remote entries into the local cache (each block verified); exit 3 naming a
@@ -239,7 +242,7 @@ def pull(
     from harness.models import folder_name
     from harness.store.golden import MANIFEST
 
-    store = _remote_store(golden_dir, golden_cache, "pull")
+    store = _remote_store(golden_dir, golden_cache, "pull", golden_cache_max)
     pulled = cached = 0
     for rel in store.remote.entries():
         if model and rel.split("/")[0] != folder_name(model):

@@ -1,9 +1,9 @@
 """The local cache of a remote golden store: where it lives, and its size bound (least recently used
 entries evicted first).
 
-An entry's last use is its manifest's mtime, set on every cache hit (the bytes are untouched, so its
-sha256s and signature still hold); access times are not used because most filesystems mount
-``relatime``.
+An entry's last use is its directory's mtime, set on every cache hit (no file changes, so its sha256s
+and signature still hold; the same rule as ``harness golden clean --keep-recent``); access times are not
+used because most filesystems mount ``relatime``. Sizes are decimal (``500MB`` = 500e6 bytes).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from harness.errors import HarnessError
 CACHE_ENV = "NPU_HARNESS_GOLDEN_CACHE"
 CACHE_MAX_ENV = "NPU_HARNESS_GOLDEN_CACHE_MAX"
 MANIFEST = "manifest.json"
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
 def cache_root(url: str, override: str | Path | None = None) -> Path:
@@ -32,7 +32,7 @@ def cache_root(url: str, override: str | Path | None = None) -> Path:
 
 
 def parse_size(text: str | int | None, what: str = CACHE_MAX_ENV) -> int | None:
-    """``"500M"``, ``"20G"``, ``"1.5GiB"``, ``"123456"`` (bytes) -> bytes; None or ``""``: unbounded."""
+    """``"500MB"``, ``"20G"``, ``"1.5GB"``, ``"123456"`` (bytes) -> bytes; None or ``""``: unbounded."""
     if text is None or text == "":
         return None
     if isinstance(text, int):
@@ -44,9 +44,9 @@ def parse_size(text: str | int | None, what: str = CACHE_MAX_ENV) -> int | None:
 
 
 def touch(entry: Path) -> None:
-    """Mark ``entry`` as just used (its manifest's mtime); a read-only cache is left as it is."""
+    """Mark ``entry`` as just used (its directory's mtime); a read-only cache is left as it is."""
     try:
-        os.utime(entry / MANIFEST)
+        os.utime(entry)
     except OSError:
         pass
 
@@ -63,7 +63,7 @@ def evict(root: Path, max_bytes: int | None, keep: Path | None = None) -> list[P
     entries = []
     for manifest in root.glob(f"*/*/*/{MANIFEST}"):
         try:
-            entries.append((manifest.stat().st_mtime, manifest.parent, _size(manifest.parent)))
+            entries.append((manifest.parent.stat().st_mtime, manifest.parent, _size(manifest.parent)))
         except OSError:  # removed meanwhile by another process's eviction
             continue
     total = sum(size for _, _, size in entries)
