@@ -12,7 +12,7 @@ loopback, started here as the tests start it; all three measurements read and wr
 - download: RemoteStore.download (every 16 MiB block sha256-checked while streaming, then written);
 - raw get:  s3fs get of the same objects, no verification (what the check itself costs).
 
-Run: .venv/bin/python benchmarks/bench_fleet.py [--mb 500] [--repeat 2]
+Run: .venv/bin/python benchmarks/bench_fleet.py [--mb 500] [--repeat 2] [--model qwen2.5-0.5b]
 """
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=500, help="Size of the synthetic set in MB. Default: 500.")
     ap.add_argument("--repeat", type=int, default=2, help="Best of N for each measurement. Default: 2.")
+    ap.add_argument("--model", default=None, help="Build this model's real full-scale set (128 tokens, 4 decode "
+                    "steps) instead of the synthetic one, e.g. qwen2.5-0.5b (560 MB). Default: synthetic.")
     ap.add_argument("--volume-mb", type=int, default=1024, help="SeaweedFS volume size. Default: 1024.")
     args = ap.parse_args()
 
@@ -72,10 +74,18 @@ def main() -> None:
         (tmp / "weed").mkdir()
         with helpers.seaweed_s3(tmp / "weed", volume_mb=args.volume_mb) as endpoint:
             os.environ.update(helpers._env(endpoint))
-            entry = tmp / "local" / "m" / "full" / "seed0-bench"
-            size = synthetic_entry(entry, args.mb)
+            if args.model:  # the real thing: build the set in a local store first
+                from harness.store import GoldenRequest, GoldenStore
+
+                t0 = time.perf_counter()
+                golden = GoldenStore(tmp / "local").get(GoldenRequest(args.model, "full", 0, 4, 128))
+                print(f"built {args.model} full, 128 tokens, 4 decode steps in {time.perf_counter() - t0:.1f} s")
+                entry, rel = golden.path, golden.path.relative_to(tmp / "local").as_posix()
+                size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+            else:
+                entry, rel = tmp / "local" / "m" / "full" / "seed0-bench", "m/full/seed0-bench"
+                size = synthetic_entry(entry, args.mb)
             remote = RemoteStore(f"s3://{helpers.BUCKET}/bench", cache_dir=tmp / "cache")
-            rel = "m/full/seed0-bench"
 
             def copy():
                 shutil.rmtree(tmp / "copy", ignore_errors=True)
@@ -100,7 +110,7 @@ def main() -> None:
                        [("copy", copy), ("upload", upload), ("download", download), ("raw get", raw_get)]}
             assert (tmp / "down" / "manifest.json").read_bytes() == (entry / "manifest.json").read_bytes()
     mb = size / 1e6
-    print(f"golden set: {mb:.0f} MB in 5 files, best of {args.repeat}")
+    print(f"golden set: {mb:.0f} MB ({args.model or 'synthetic'}), best of {args.repeat}")
     for name, seconds in results.items():
         print(f"{name:9s} {seconds:6.2f} s  {mb / seconds:7.1f} MB/s  {seconds / results['copy']:5.2f}x copy")
 
