@@ -241,14 +241,15 @@ class RemoteStore:
                 return
             if self._create(obj, body):
                 break
+            with self._errors(f"read the lock {self.protocol}://{obj}"):
+                try:
+                    raw = self.fs.cat_file(obj)
+                except FileNotFoundError:
+                    continue  # released meanwhile: try again
             try:
-                with self._errors(f"read the lock {self.protocol}://{obj}"):
-                    held = json.loads(self.fs.cat_file(obj))
-                since = float(held["time"])
-            except FileNotFoundError:
-                continue  # released meanwhile
-            except (HarnessError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-                since = 0.0
+                since = float(json.loads(raw)["time"])
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+                since = 0.0  # not a lock this code wrote: treated as stale
             if ("waited", rel) not in self.events:
                 self.events.append(("waited", rel))
             if time.time() - since > stale:
