@@ -378,3 +378,24 @@ def test_push_pull_verify_round_trip(published, s3, tmp_path, monkeypatch, capsy
         main(["golden", "verify", "--golden-dir", s3])
     err = capsys.readouterr().err
     assert exited.value.code == 3 and err.count("\n") == 1 and "cannot list entries" in err
+
+
+def test_signed_entry_travels_and_an_edited_manifest_is_refused(published, s3, tmp_path, monkeypatch):
+    """With a key: a signed entry downloads with its signature (the cache stays verifiable); a remote
+    manifest edited after signing (a re-hashed tensor, say) is refused before any tensor is fetched."""
+    from harness.store import signing
+
+    store, rel, entry = _stage(published, s3, tmp_path)
+    signed = tmp_path / "signed" / rel
+    shutil.copytree(entry, signed)
+    for d in (signed, signed / "local"):
+        signing.sign(d, b"k" * 32)
+    store.remote.upload(rel, signed)
+    monkeypatch.setenv(signing.KEY_ENV, "k" * 32)
+    golden = GoldenStore(s3, cache=tmp_path / "c1").get(REQ, build=False)
+    assert (golden.path / signing.SIGNATURE).is_file() and (golden.path / "local" / signing.SIGNATURE).is_file()
+    manifest = json.loads((signed / "manifest.json").read_bytes())
+    manifest["created"] = "2000-01-01T00:00:00Z"
+    store.remote.fs.pipe_file(store.remote.key(rel, "manifest.json"), json.dumps(manifest).encode())
+    with pytest.raises(GoldenCorrupt, match=f"not trusted: s3://{BUCKET}/.*/{rel}/manifest.json.*does not match its signature"):
+        GoldenStore(s3, cache=tmp_path / "c2").get(REQ, build=False)
