@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import socket
+import string
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import given, strategies as st
 
 from harness.cli import main
 from harness.errors import GoldenCorrupt, HarnessError
@@ -150,8 +152,22 @@ def test_remote_urls_survive_path_and_hide_credentials():
     assert remote_url("s3://bucket") == "s3://bucket"
     assert remote_url("/tmp/golden") is None and remote_url("golden") is None and remote_url(None) is None
     assert public_url("s3://AKIA:secret@bucket/p") == "s3://bucket/p"
+    assert remote_url("s3://bucket/a@b") == "s3://bucket/a@b"  # an @ in a key is not a credential
     with pytest.raises(HarnessError, match="name a bucket"):
         remote_url("s3://")
+
+
+@given(user=st.text(alphabet=string.ascii_letters + string.digits + "+-_.~%", min_size=1, max_size=20),
+       secret=st.text(alphabet=string.ascii_letters + string.digits + "+-_.~%/=", min_size=8, max_size=40),
+       prefix=st.lists(st.text(alphabet=string.ascii_lowercase + string.digits + "-_", min_size=1, max_size=8),
+                       max_size=3))
+def test_credentials_in_a_url_are_refused_and_never_shown(user, secret, prefix):
+    url = f"s3://{user}:{secret}@bucket/" + "/".join(prefix)
+    assert public_url(url) == "s3://bucket/" + "/".join(prefix)
+    for given_as in (url, Path(url)):
+        with pytest.raises(HarnessError, match="carries credentials") as refused:
+            remote_url(given_as)
+        assert secret not in str(refused.value)
 
 
 def test_missing_s3fs_names_the_extra(monkeypatch):

@@ -14,8 +14,8 @@ remote, under the same relative keys as a local store (``<model folder>/<scale>/
   taken over.
 
 Credentials come from the standard AWS variables or fsspec configuration and the endpoint from
-``AWS_ENDPOINT_URL``; they are handed to s3fs only, never written anywhere: provenance shows the URL
-without any user:password part (``public_url``).
+``AWS_ENDPOINT_URL``; they are handed to s3fs only, never written anywhere. A URL carrying
+``user:secret@`` is refused without repeating it.
 """
 from __future__ import annotations
 
@@ -52,14 +52,21 @@ def remote_url(root: str | Path | None) -> str | None:
     m = re.fullmatch(r"([A-Za-z][\w+.-]*):/+(.*?)/*", str(root))
     if not m or m.group(1).lower() not in SCHEMES:
         return None
+    if _CREDENTIALS.match(m.group(2)):  # the message must not repeat them
+        raise HarnessError("golden dir: the URL carries credentials (user:secret@); set AWS_ACCESS_KEY_ID and "
+                           "AWS_SECRET_ACCESS_KEY (or an AWS profile) instead")
     if not m.group(2):
         raise HarnessError(f"golden dir {root!r}: name a bucket, e.g. s3://bucket/goldens")
     return f"{m.group(1).lower()}://{m.group(2)}"
 
 
+_CREDENTIALS = re.compile(r"[^:@/]*:.*@")  # user:secret@ (a secret may hold '/', AWS secrets often do)
+
+
 def public_url(url: str) -> str:
     """``url`` without credentials (``s3://key:secret@bucket/p`` -> ``s3://bucket/p``)."""
-    return re.sub(r"^([\w+.-]+://)[^/@]*@", r"\1", url)
+    m = re.match(r"([\w+.-]+:/+)(.*)", url)
+    return m.group(1) + _CREDENTIALS.sub("", m.group(2), count=1) if m else url
 
 
 def _filesystem(protocol: str):
@@ -93,7 +100,7 @@ class RemoteStore:
         self.url = url
         self.public = public_url(url)
         self.protocol, _, rest = url.partition("://")
-        self.base = re.sub(r"^[^/@]*@", "", rest).rstrip("/")
+        self.base = rest.rstrip("/")  # remote_url refuses credentials in the URL
         self.cache_root = cache.cache_root(self.public, cache_dir)
         self.cache_max = cache.parse_size(cache_max if cache_max is not None else os.environ.get(cache.CACHE_MAX_ENV))
         self.fs = _filesystem(self.protocol)
