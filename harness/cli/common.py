@@ -16,7 +16,14 @@ PromptOpt = typer.Option(None, "--prompt-len", help="Prompt tokens. Default: 64 
 WeightsOpt = typer.Option(None, "--weights", help="Local Hugging Face checkpoint directory (safetensors). "
                           "Default: synthetic weights.")
 GoldenDirOpt = typer.Option(None, "--golden-dir", envvar="NPU_HARNESS_GOLDEN_DIR",
-                            help="Golden store directory. Default: $NPU_HARNESS_GOLDEN_DIR or golden/.")
+                            help="Golden store directory, or s3://bucket/prefix (a remote store shared by "
+                            "machines, docs/fleet.md). Default: $NPU_HARNESS_GOLDEN_DIR or golden/.")
+GoldenCacheOpt = typer.Option(None, "--golden-cache", envvar="NPU_HARNESS_GOLDEN_CACHE",
+                              help="Local cache of an s3:// golden store. Default: "
+                              "$XDG_CACHE_HOME/npu-harness/goldens/<hash of the URL>.")
+GoldenCacheMaxOpt = typer.Option(None, "--golden-cache-max", envvar="NPU_HARNESS_GOLDEN_CACHE_MAX",
+                                 help="Size bound of that cache (e.g. 20GB); the least recently used entries "
+                                 "leave first. Default: unbounded.")
 
 
 def models_or_all(model: Optional[list[str]], all_models: bool) -> list[str]:

@@ -1,4 +1,4 @@
-"""``harness golden build|verify|list|clean``."""
+"""``harness golden build|verify|sign|list|clean|push|pull``."""
 from __future__ import annotations
 
 import time
@@ -12,7 +12,7 @@ from rich.table import Table
 
 from harness.cli.exits import CommandGroup
 from harness.errors import HarnessError
-from harness.cli.common import (DecodeOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, WeightsOpt,
+from harness.cli.common import (DecodeOpt, GoldenCacheMaxOpt, GoldenCacheOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, WeightsOpt,
                                 models_or_all, path_or_none)
 
 golden_app = typer.Typer(cls=CommandGroup, help="Build, verify, list and clean the golden store.",
@@ -53,12 +53,14 @@ def build(
     weights: Optional[Path] = WeightsOpt,
     local: bool = typer.Option(False, "--local", help="Also build the isolated-mode local baseline."),
     golden_dir: Optional[Path] = GoldenDirOpt,
+    golden_cache: Optional[Path] = GoldenCacheOpt,
+    golden_cache_max: Optional[str] = GoldenCacheMaxOpt,
 ) -> None:
     """Build (or reuse) and verify golden sets."""
     from harness.store import GoldenRequest, GoldenStore
     from harness.weights import WeightsSource
 
-    store = GoldenStore(golden_dir)
+    store = GoldenStore(golden_dir, cache=golden_cache, cache_max=golden_cache_max)
     for m in models_or_all(model, all_models):
         for s in seed:
             t0 = time.perf_counter()
@@ -82,7 +84,8 @@ def verify(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model. Default: all."),
 ) -> None:
     """Check every file of every entry against its manifest's sha256 (and, with a signing key set, each
-    manifest's signature); exit 3 naming each bad file or untrusted entry."""
+    manifest's signature); exit 3 naming each bad file or untrusted entry. With an s3:// golden dir the
+    remote's objects are checked (streamed, nothing kept)."""
     from harness.models import folder_name
     from harness.store import GoldenStore, verify_dir
     from harness.store.signing import SignatureProblem, signing_key
@@ -90,6 +93,21 @@ def verify(
     store = GoldenStore(golden_dir)
     key = signing_key()
     bad = checked = 0
+    if store.remote:
+        for rel in store.remote.entries():
+            if model and rel.split("/")[0] != folder_name(model):
+                continue
+            checked += 1
+            for problem in store.remote.verify(rel, key):
+                bad += 1
+                typer.echo(f"{'UNTRUSTED' if 'not trusted' in problem else 'CORRUPT'} {problem}")
+        if checked == 0:
+            typer.echo(f"no golden entries in {store.remote.public}", err=True)
+            raise typer.Exit(3)
+        typer.echo(f"{checked} entries checked in {store.remote.public}, {bad} problems")
+        if bad:
+            raise typer.Exit(3)
+        return
     for path, _ in store.entries():
         if model and path.parent.parent.name != folder_name(model):
             continue
@@ -192,3 +210,77 @@ def clean(
     kept = sum(e.size for e in entries if e not in drop)
     typer.echo(f"removed {n} entries ({sum(e.size for e in drop) / 1e6:.1f} MB); kept {len(entries) - n} "
                f"({kept / 1e6:.1f} MB)")
+
+
+def _remote_store(golden_dir: Optional[Path], golden_cache: Optional[Path], command: str,
+                  golden_cache_max: Optional[str] = None):
+    from harness.errors import HarnessError
+    from harness.store import GoldenStore
+
+    store = GoldenStore(golden_dir, cache=golden_cache, cache_max=golden_cache_max)
+    if store.remote is None:
+        raise HarnessError(f"golden {command} needs a remote store: --golden-dir s3://bucket/prefix "
+                           f"(or NPU_HARNESS_GOLDEN_DIR)")
+    return store
+
+
+@golden_app.command("push")
+def push(
+    golden_dir: Optional[Path] = GoldenDirOpt,
+    source: Optional[Path] = typer.Option(None, "--from", help="Local store to publish. Default: golden/."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model. Default: all."),
+) -> None:
+    """Publish the entries of a local store to the remote one (each verified first; files uploaded
+    first, the manifest last). Entries the remote already has are left as they are."""
+    from harness.models import folder_name
+    from harness.store import GoldenStore, verify_dir
+    from harness.store.golden import project_root
+
+    store = _remote_store(golden_dir, None, "push")
+    local = GoldenStore(source or project_root())
+    pushed = present = bad = 0
+    for path, _ in local.entries():
+        if model and path.parent.parent.name != folder_name(model):
+            continue
+        rel = path.relative_to(local.root).as_posix()
+        problems = verify_dir(path)
+        if problems:
+            bad += 1
+            typer.echo(f"NOT PUSHED {problems[0]}")
+        elif store.remote.has(rel):
+            present += 1
+        else:
+            store.remote.upload(rel, path)
+            pushed += 1
+            typer.echo(f"pushed {store.remote.name(rel)}")
+    typer.echo(f"{pushed} entries pushed, {present} already in {store.remote.public}, {bad} refused")
+    if bad:
+        raise typer.Exit(3)
+
+
+@golden_app.command("pull")
+def pull(
+    golden_dir: Optional[Path] = GoldenDirOpt,
+    golden_cache: Optional[Path] = GoldenCacheOpt,
+    golden_cache_max: Optional[str] = GoldenCacheMaxOpt,
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Only this model. Default: all."),
+) -> None:
+    """Download the remote entries into the local cache (each block verified); exit 3 naming a
+    tampered object."""
+    from harness.models import folder_name
+    from harness.store.golden import MANIFEST
+
+    store = _remote_store(golden_dir, golden_cache, "pull", golden_cache_max)
+    pulled = cached = 0
+    for rel in store.remote.entries():
+        if model and rel.split("/")[0] != folder_name(model):
+            continue
+        path = store.root / rel
+        with store._lock(path):
+            if (path / MANIFEST).is_file():
+                cached += 1
+                continue
+            store.remote.fill(rel, path, build=None, tmpdir=store._tmpdir)
+        pulled += 1
+        typer.echo(f"pulled {store.remote.name(rel)} -> {path}")
+    typer.echo(f"{pulled} entries pulled, {cached} already in {store.root}")

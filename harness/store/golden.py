@@ -33,7 +33,7 @@ import ml_dtypes  # noqa: F401  registers NumPy's "bfloat16" dtype, which safete
 import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
-from harness.store import signing  # optional keyed signatures over manifests
+from harness.store import cache, signing  # the remote store's local cache; optional keyed signatures
 from harness.fileio import MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, write_safetensors
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
@@ -49,10 +49,15 @@ HASH_THREADS = 2
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
+def project_root() -> Path:
+    """The project's ``golden/`` folder."""
+    return Path(__file__).resolve().parents[2] / "golden"
+
+
 def default_root() -> Path:
     """``$NPU_HARNESS_GOLDEN_DIR``, else the project's ``golden/`` folder."""
     env = os.environ.get(ENV_DIR)
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "golden"
+    return Path(env) if env else project_root()
 
 
 def _versions() -> dict[str, str]:
@@ -254,8 +259,14 @@ def _bf16(x: np.ndarray) -> np.ndarray:
 class GoldenStore:
     """Golden entries under ``root`` (default: ``$NPU_HARNESS_GOLDEN_DIR`` or ``golden/``)."""
 
-    def __init__(self, root: str | Path | None = None):
-        self.root = Path(root) if root else default_root()
+    def __init__(self, root: str | Path | None = None, *, cache: str | Path | None = None,
+                 cache_max: str | int | None = None):
+        # Fleet: an s3:// (fsspec) root is a remote store served through a local cache (harness/store/remote.py).
+        from harness.store.remote import RemoteStore, remote_url
+
+        url = remote_url(root or os.environ.get(ENV_DIR))
+        self.remote = RemoteStore(url, cache_dir=cache, cache_max=cache_max) if url else None
+        self.root = self.remote.cache_root if self.remote else Path(root) if root else default_root()
 
     # -- paths and locking -------------------------------------------------------------------------
     def entry_dir(self, request: GoldenRequest) -> Path:
@@ -298,15 +309,19 @@ class GoldenStore:
         if (path / MANIFEST).is_file():
             from harness.store.eviction import touch
 
-            touch(path)  # last use, for eviction (harness golden clean --keep-recent / --max-size)
+            touch(path)  # last use: least recently used entries leave first (golden clean, the remote's cache)
             return self.load(path)
-        if not build:
+        if not build and not self.remote:
             raise HarnessError(f"no golden for {request.model}/{request.scale} seed {request.seed} in {self.root} "
                                f"(run `harness golden build --model {request.model} --scale {request.scale}`)")
         check_machine(request.spec, request.tokens, request.decode_steps, self.root)  # before anything is written
         with self._lock(path):
             if not (path / MANIFEST).is_file():
-                self._build(request, path, progress)
+                if self.remote:  # download it, or build it once across machines and publish it
+                    self.remote.fill(path.relative_to(self.root).as_posix(), path, tmpdir=self._tmpdir,
+                                     build=(lambda: self._build(request, path, progress)) if build else None)
+                else:
+                    self._build(request, path, progress)
         return self.load(path)
 
     def ensure_local(self, golden: GoldenSet, progress: Progress | None = None) -> GoldenSet:
@@ -317,6 +332,8 @@ class GoldenStore:
         with self._lock(golden.path):
             if not golden.has_local:
                 self._build_local(golden, progress)
+                if self.remote:  # fleet: publish it for the other machines
+                    self.remote.upload(golden.path.relative_to(self.root).as_posix(), golden.path, local_only=True)
         return self.load(golden.path)
 
     def entries(self) -> Iterator[tuple[Path, dict | None]]:
