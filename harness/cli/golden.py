@@ -188,9 +188,9 @@ def clean(
     from harness.store import GoldenStore
     from harness.store.eviction import entry_of, parse_size, remove, select
 
-    if model:
-        from harness.models import folder_name, get
+    from harness.models import folder_name, get
 
+    if model:
         get(model)  # unknown ids are an error, not a silent no-op
     store = GoldenStore(golden_dir)
     if keep_recent is None and max_size is None:
@@ -201,8 +201,6 @@ def clean(
         typer.echo(f"removed {n} entries")
         return
     max_bytes = parse_size(max_size) if max_size is not None else None
-    from harness.models import folder_name
-
     entries = [entry_of(path) for path, _ in store.entries()
                if model is None or path.parent.parent.name == folder_name(model)]
     drop = select(entries, keep_recent=keep_recent, max_bytes=max_bytes)

@@ -13,7 +13,9 @@ import shutil
 from pathlib import Path
 
 from harness.store import eviction
-from harness.store.eviction import touch  # noqa: F401  (one rule for last use: the entry's mtime)
+from harness.store.eviction import touch
+
+__all__ = ["CACHE_ENV", "CACHE_MAX_ENV", "cache_root", "evict", "parse_size", "touch"]  # touch: one rule for last use
 
 CACHE_ENV = "NPU_HARNESS_GOLDEN_CACHE"
 CACHE_MAX_ENV = "NPU_HARNESS_GOLDEN_CACHE_MAX"

@@ -33,7 +33,7 @@ import ml_dtypes  # noqa: F401  registers NumPy's "bfloat16" dtype, which safete
 import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
-from harness.store import cache, signing  # the remote store's local cache; optional keyed signatures
+from harness.store import signing  # optional keyed signatures over manifests
 from harness.fileio import MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, write_safetensors
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
