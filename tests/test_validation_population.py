@@ -259,3 +259,12 @@ def test_row_lean_measures_a_scaling_in_ulps():
     assert abs(sweep.row_lean_ulp(g + 2.0 ** -9, g) - 0.25) < 1e-9
     assert sweep.classify({"failed_on": ["r_bias"], "row_lean_ulp": 1e-5}) == "r_bias tiny lean"
     assert sweep.classify({"failed_on": ["R", "r_bias"], "row_lean_ulp": 1e-5}) == "R/r_tail"
+
+
+def test_bf16_weights_are_rounded_once_and_only_when_needed():
+    arith = Arithmetic(storage="bf16")
+    w = np.array([[1.0, 1.0078125, -3.5]], dtype=np.float32)  # bf16 values
+    assert arith.weight(w) is w
+    off = w + np.float32(1e-4)
+    held = arith.weight(off)
+    assert held is not off and np.array_equal(held, round_bf16(off)) and np.array_equal(off, w + np.float32(1e-4))
