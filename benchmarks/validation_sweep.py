@@ -107,6 +107,8 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
         lean, base_lean = leans.get((r.phase, r.tap), (None, None))
         lines.append({**head, "phase": r.phase, "tap": r.tap, "kind": tapspec.parse(r.tap).kind,
                       "R": stats.get("r"), "r_tail": stats.get("r_tail"), "r_bias": stats.get("r_bias"),
+                      # whatever else the policy's statistics return (a recalibrated policy may add some)
+                      **{f"stat_{k}": v for k, v in stats.items() if k not in ("r", "r_tail", "r_bias")},
                       **{k: m.get(k) for k in METRIC_KEYS}, "passed": r.passed,
                       "failed_on": [x.split(" ", 1)[0] for x in reasons],
                       "row_lean_ulp": lean, "baseline_row_lean_ulp": base_lean,
