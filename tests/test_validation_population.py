@@ -268,3 +268,13 @@ def test_bf16_weights_are_rounded_once_and_only_when_needed():
     off = w + np.float32(1e-4)
     held = arith.weight(off)
     assert held is not off and np.array_equal(held, round_bf16(off)) and np.array_equal(off, w + np.float32(1e-4))
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_factories_pickle_by_reference(name):
+    """A child process can rebuild every member's factory (the harness may run deployments there)."""
+    import pickle
+
+    factory = ALL[name].factory
+    again = pickle.loads(pickle.dumps(factory))
+    assert again == factory and again.name == name

@@ -27,27 +27,42 @@ class Member:
     expected_failure: str | None = None  # IMPRECISE members: the tap the gate must fail first
 
 
-def numpy_factory(name: str, arith: Arithmetic) -> Callable:
-    """A deployment factory of the NumPy decoder with ``arith``; ``factory.name`` names the member."""
+@dataclass(frozen=True)
+class NumpyFactory:
+    """Deployment factory of the NumPy decoder with ``arithmetic``. A class, not a closure, so it
+    pickles by reference: the harness can rebuild it in a child process."""
 
-    def factory(spec: ModelSpec, weights: dict[str, np.ndarray]):
+    name: str
+    arithmetic: Arithmetic
+
+    def __call__(self, spec: ModelSpec, weights: dict[str, np.ndarray]):
         from harness.deployment.validation.numpy_decoder import NumpyDecoder
 
-        return NumpyDecoder(spec, weights, arith, name)
-
-    factory.name = name
-    factory.arithmetic = arith
-    return factory
+        return NumpyDecoder(spec, weights, self.arithmetic, self.name)
 
 
-def hf_factory(attention: str) -> Callable:
-    def factory(spec: ModelSpec, weights: dict[str, np.ndarray]):
+@dataclass(frozen=True)
+class HFFactory:
+    """Deployment factory of transformers in bf16 with ``attention`` ("eager" or "sdpa")."""
+
+    attention: str
+
+    @property
+    def name(self) -> str:
+        return f"hf-bf16-{self.attention}"
+
+    def __call__(self, spec: ModelSpec, weights: dict[str, np.ndarray]):
         from harness.deployment.validation.hf_decoder import HFDeployment
 
-        return HFDeployment(spec, weights, attention)
+        return HFDeployment(spec, weights, self.attention)
 
-    factory.name = f"hf-bf16-{attention}"
-    return factory
+
+def numpy_factory(name: str, arith: Arithmetic) -> NumpyFactory:
+    return NumpyFactory(name, arith)
+
+
+def hf_factory(attention: str) -> HFFactory:
+    return HFFactory(attention)
 
 
 numpy_fp32 = numpy_factory("numpy-fp32", Arithmetic())
