@@ -20,6 +20,7 @@ its weights take several GB. One job is one (model, seed), so no two workers bui
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -94,9 +95,12 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
 
     factory.name = member.name
     t0 = time.perf_counter()
+    kwargs = {}
+    if "isolation" in inspect.signature(harness.check).parameters:
+        kwargs["isolation"] = "inline"  # numerics only; the lean probe needs the judge in this process
     try:
         v = harness.check(model, factory, scale=scale, seed=seed, decode_steps=steps, mode=mode,
-                          golden_dir=golden_dir)
+                          golden_dir=golden_dir, **kwargs)
     except Exception as exc:  # a member that cannot run is recorded, not fatal to the sweep
         return [{**head, "error": f"{type(exc).__name__}: {exc}"}]
     elapsed = round(time.perf_counter() - t0, 3)
