@@ -13,6 +13,7 @@ or R / r_tail. docs/validation.md describes the members and quotes the figures.
     .venv/bin/python benchmarks/validation_sweep.py [--members all|calibration|heldout|NAME,...]
         [--models all|ID,...] [--seeds 0-1] [--modes both] [--scale tiny|full] [--decode-steps 4]
         [--imprecise] [--jobs 2] [--out reports/validation_sweep.jsonl] [--golden-dir DIR]
+    .venv/bin/python benchmarks/validation_sweep.py --from-jsonl FILE...   # the table of earlier runs
 
 ``--scale full`` runs one seed (the first) in one worker: a full-scale golden set of a 1.7B model and
 its weights take several GB. One job is one (model, seed), so no two workers build the same golden.
@@ -211,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="Worker processes, at most 2. Default: 2 (full scale: 1).")
     p.add_argument("--out", default="reports/validation_sweep.jsonl", help="JSON lines output file.")
     p.add_argument("--golden-dir", default=None, help="Golden store. Default: the project's golden/.")
+    p.add_argument("--from-jsonl", nargs="+", metavar="FILE", help="Print the table of earlier runs' lines; run nothing.")
     args = p.parse_args(argv)
+    if args.from_jsonl:
+        lines = [json.loads(row) for name in args.from_jsonl for row in Path(name).read_text().splitlines() if row]
+        for row in false_alarm_table(lines):
+            print(row)
+        return 0
     try:
         members = _members(args.members, args.imprecise)
         from harness.deployment.validation import member as lookup
