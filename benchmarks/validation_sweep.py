@@ -13,6 +13,7 @@ or R / r_tail. docs/validation.md describes the members and quotes the figures.
     .venv/bin/python benchmarks/validation_sweep.py [--members all|calibration|heldout|NAME,...]
         [--models all|ID,...] [--seeds 0-1] [--modes both] [--scale tiny|full] [--decode-steps 4]
         [--imprecise] [--jobs 2] [--out reports/validation_sweep.jsonl] [--golden-dir DIR]
+    .venv/bin/python benchmarks/validation_sweep.py --from-jsonl FILE...   # the table of earlier runs
 
 ``--scale full`` runs one seed (the first) in one worker: a full-scale golden set of a 1.7B model and
 its weights take several GB. One job is one (model, seed), so no two workers build the same golden.
@@ -20,6 +21,7 @@ its weights take several GB. One job is one (model, seed), so no two workers bui
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -64,9 +66,12 @@ class _LeanRecorder:
         def tap(name, value):
             out = judge(name, value)
             results = getattr(judge, "results", None)
-            if results and results[-1].tap == name and not results[-1].passed and hasattr(judge, "golden"):
-                golden = judge.golden.tensor(judge.phase, name, "fp32")
-                base = judge.golden.tensor(judge.phase, name, judge.baseline)
+            if results and results[-1].tap == name and not results[-1].passed:
+                try:
+                    golden = judge.golden.tensor(judge.phase, name, "fp32")
+                    base = judge.golden.tensor(judge.phase, name, judge.baseline)
+                except Exception:  # a judge without store access: the lean stays unknown
+                    return out
                 self.leans[(judge.phase, name)] = (row_lean_ulp(value, golden), row_lean_ulp(base, golden))
             return out
         return tap
@@ -91,9 +96,12 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
 
     factory.name = member.name
     t0 = time.perf_counter()
+    kwargs = {}
+    if "isolation" in inspect.signature(harness.check).parameters:
+        kwargs["isolation"] = "inline"  # numerics only; the lean probe needs the judge in this process
     try:
         v = harness.check(model, factory, scale=scale, seed=seed, decode_steps=steps, mode=mode,
-                          golden_dir=golden_dir)
+                          golden_dir=golden_dir, **kwargs)
     except Exception as exc:  # a member that cannot run is recorded, not fatal to the sweep
         return [{**head, "error": f"{type(exc).__name__}: {exc}"}]
     elapsed = round(time.perf_counter() - t0, 3)
@@ -107,6 +115,8 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
         lean, base_lean = leans.get((r.phase, r.tap), (None, None))
         lines.append({**head, "phase": r.phase, "tap": r.tap, "kind": tapspec.parse(r.tap).kind,
                       "R": stats.get("r"), "r_tail": stats.get("r_tail"), "r_bias": stats.get("r_bias"),
+                      # whatever else the policy's statistics return (a recalibrated policy may add some)
+                      **{f"stat_{k}": v for k, v in stats.items() if k not in ("r", "r_tail", "r_bias")},
                       **{k: m.get(k) for k in METRIC_KEYS}, "passed": r.passed,
                       "failed_on": [x.split(" ", 1)[0] for x in reasons],
                       "row_lean_ulp": lean, "baseline_row_lean_ulp": base_lean,
@@ -202,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="Worker processes, at most 2. Default: 2 (full scale: 1).")
     p.add_argument("--out", default="reports/validation_sweep.jsonl", help="JSON lines output file.")
     p.add_argument("--golden-dir", default=None, help="Golden store. Default: the project's golden/.")
+    p.add_argument("--from-jsonl", nargs="+", metavar="FILE", help="Print the table of earlier runs' lines; run nothing.")
     args = p.parse_args(argv)
+    if args.from_jsonl:
+        lines = [json.loads(row) for name in args.from_jsonl for row in Path(name).read_text().splitlines() if row]
+        for row in false_alarm_table(lines):
+            print(row)
+        return 0
     try:
         members = _members(args.members, args.imprecise)
         from harness.deployment.validation import member as lookup

@@ -32,6 +32,16 @@ EAGER_XFAIL = pytest.mark.xfail(strict=True, reason="isolated allowance calibrat
 FORBIDDEN = ("harness.deployment.emulator", "harness.spec.rope", "harness.reference")
 
 
+def _check(model, factory, **kw):
+    """harness.check in this process: these tests judge numerics, and a child process per check (the
+    isolation default, where the harness has it) costs seconds each; one test keeps the default."""
+    import inspect
+
+    if "isolation" in inspect.signature(harness.check).parameters:
+        kw.setdefault("isolation", "inline")
+    return harness.check(model, factory, **kw)
+
+
 def _imports(path: Path) -> set[str]:
     """Every module a source file imports (absolute names; relative imports resolved in the package)."""
     found = set()
@@ -179,7 +189,7 @@ def test_rope_is_a_rotation_of_each_pair(positions, seed):
 @pytest.mark.parametrize("name", ["numpy-fp32", "numpy-f64"])
 def test_fp32_and_f64_members_match_the_fp32_golden(name, golden_root):
     """Every tap within 1e-5 relative (Frobenius) of the fp32 golden: more precise than bf16 by 100x."""
-    v = harness.check("qwen3-0.6b", MEMBERS[name].factory, decode_steps=STEPS, mode="cumulative", golden_dir=golden_root)
+    v = _check("qwen3-0.6b", MEMBERS[name].factory, decode_steps=STEPS, mode="cumulative", golden_dir=golden_root)
     worst = max(v.results, key=lambda r: r.metrics["rel_fro"])
     assert worst.metrics["rel_fro"] < 1e-5, (worst.phase, worst.name, worst.metrics["rel_fro"])
     assert len(v.results) == (STEPS + 1) * len(tapspec.tap_names(harness.models.get("qwen3-0.6b", "tiny")))
@@ -197,7 +207,7 @@ def _cases():
 
 @pytest.mark.parametrize("name,model,mode", list(_cases()))
 def test_member_passes_the_check(name, model, mode, golden_root):
-    v = harness.check(model, MEMBERS[name].factory, decode_steps=STEPS, mode=mode, golden_dir=golden_root)
+    v = _check(model, MEMBERS[name].factory, decode_steps=STEPS, mode=mode, golden_dir=golden_root)
     assert v.passed, v.summary()
     assert v.coverage.required_missing == [] and v.coverage.not_exposed == []
 
@@ -206,7 +216,7 @@ def test_member_passes_the_check(name, model, mode, golden_root):
 @pytest.mark.parametrize("model", ["llama-3.2-1b", "qwen2.5-0.5b"])
 def test_imprecise_member_fails_at_its_expected_tap(model, mode, golden_root):
     member = IMPRECISE["numpy-bf16-rmsnorm-stats"]
-    v = harness.check(model, member.factory, decode_steps=STEPS, mode=mode, golden_dir=golden_root)
+    v = _check(model, member.factory, decode_steps=STEPS, mode=mode, golden_dir=golden_root)
     assert not v.passed
     assert (v.first_failure.phase, v.first_failure.tap) == ("prefill", member.expected_failure)
 
@@ -259,3 +269,22 @@ def test_row_lean_measures_a_scaling_in_ulps():
     assert abs(sweep.row_lean_ulp(g + 2.0 ** -9, g) - 0.25) < 1e-9
     assert sweep.classify({"failed_on": ["r_bias"], "row_lean_ulp": 1e-5}) == "r_bias tiny lean"
     assert sweep.classify({"failed_on": ["R", "r_bias"], "row_lean_ulp": 1e-5}) == "R/r_tail"
+
+
+def test_bf16_weights_are_rounded_once_and_only_when_needed():
+    arith = Arithmetic(storage="bf16")
+    w = np.array([[1.0, 1.0078125, -3.5]], dtype=np.float32)  # bf16 values
+    assert arith.weight(w) is w
+    off = w + np.float32(1e-4)
+    held = arith.weight(off)
+    assert held is not off and np.array_equal(held, round_bf16(off)) and np.array_equal(off, w + np.float32(1e-4))
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_factories_pickle_by_reference(name):
+    """A child process can rebuild every member's factory (the harness may run deployments there)."""
+    import pickle
+
+    factory = ALL[name].factory
+    again = pickle.loads(pickle.dumps(factory))
+    assert again == factory and again.name == name

@@ -59,10 +59,9 @@ class Arithmetic:
         """A weight as the deployment holds it, converted once: bf16 storage rounds it (returning the
         caller's array itself when it is bf16-representable already, so nothing is copied)."""
         w = np.asarray(w, dtype=np.float32)
-        if self.storage != "bf16":
+        if self.storage != "bf16" or _is_bf16(w):
             return w
-        rounded = round_bf16(w)
-        return w if np.array_equal(rounded, w) else rounded
+        return round_bf16(w)
 
     # -- GEMM: x [M, K] @ w[N, K]^T -------------------------------------------------------------
     def matmul(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -147,6 +146,13 @@ class Arithmetic:
             acc = acc * correction + p @ vv[:, k0:k1]
             run_max = new_max
         return acc / run_sum
+
+
+def _is_bf16(w: np.ndarray) -> bool:
+    """Whether every float32 value is a bf16 value (low 16 bits zero), checked in chunks so a large
+    embedding table needs no full-size temporary."""
+    flat = np.ascontiguousarray(w).reshape(-1).view(np.uint32)
+    return not any(np.any(flat[i:i + _CHUNK_ELEMENTS] & 0xFFFF) for i in range(0, flat.size, _CHUNK_ELEMENTS))
 
 
 def _matmul_f64(x: np.ndarray, w: np.ndarray) -> np.ndarray:

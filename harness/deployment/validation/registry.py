@@ -23,46 +23,53 @@ class Member:
     factory: Callable
     description: str
     varies: str                      # what it does differently from HF bf16 / the emulator
-    split: str = "heldout"           # "calibration" | "heldout"
+    split: str = "heldout"           # "calibration" | "heldout" ("imprecise" for IMPRECISE)
     expected_failure: str | None = None  # IMPRECISE members: the tap the gate must fail first
 
 
-def numpy_factory(name: str, arith: Arithmetic) -> Callable:
-    """A deployment factory of the NumPy decoder with ``arith``; ``factory.name`` names the member."""
+@dataclass(frozen=True)
+class NumpyFactory:
+    """Deployment factory of the NumPy decoder with ``arithmetic``. A class, not a closure, so it
+    pickles by reference: the harness can rebuild it in a child process."""
 
-    def factory(spec: ModelSpec, weights: dict[str, np.ndarray]):
+    name: str
+    arithmetic: Arithmetic
+
+    def __call__(self, spec: ModelSpec, weights: dict[str, np.ndarray]):
         from harness.deployment.validation.numpy_decoder import NumpyDecoder
 
-        return NumpyDecoder(spec, weights, arith, name)
-
-    factory.name = name
-    factory.arithmetic = arith
-    return factory
+        return NumpyDecoder(spec, weights, self.arithmetic, self.name)
 
 
-def hf_factory(attention: str) -> Callable:
-    def factory(spec: ModelSpec, weights: dict[str, np.ndarray]):
+@dataclass(frozen=True)
+class HFFactory:
+    """Deployment factory of transformers in bf16 with ``attention`` ("eager" or "sdpa")."""
+
+    attention: str
+
+    @property
+    def name(self) -> str:
+        return f"hf-bf16-{self.attention}"
+
+    def __call__(self, spec: ModelSpec, weights: dict[str, np.ndarray]):
         from harness.deployment.validation.hf_decoder import HFDeployment
 
-        return HFDeployment(spec, weights, attention)
-
-    factory.name = f"hf-bf16-{attention}"
-    return factory
+        return HFDeployment(spec, weights, self.attention)
 
 
-numpy_fp32 = numpy_factory("numpy-fp32", Arithmetic())
-numpy_f64 = numpy_factory("numpy-f64", Arithmetic(compute="f64"))
-numpy_bf16_pairwise = numpy_factory("numpy-bf16-pairwise", Arithmetic(storage="bf16", gemm="pairwise", k_block=32))
-numpy_bf16_blocked = numpy_factory("numpy-bf16-blocked", Arithmetic(storage="bf16", gemm="blocked", k_block=96))
-numpy_flash_bf16stats = numpy_factory("numpy-flash-bf16stats",
+numpy_fp32 = NumpyFactory("numpy-fp32", Arithmetic())
+numpy_f64 = NumpyFactory("numpy-f64", Arithmetic(compute="f64"))
+numpy_bf16_pairwise = NumpyFactory("numpy-bf16-pairwise", Arithmetic(storage="bf16", gemm="pairwise", k_block=32))
+numpy_bf16_blocked = NumpyFactory("numpy-bf16-blocked", Arithmetic(storage="bf16", gemm="blocked", k_block=96))
+numpy_flash_bf16stats = NumpyFactory("numpy-flash-bf16stats",
                                       Arithmetic(storage="bf16", attn="flash", kv_block=16))
-numpy_flash48_bf16stats = numpy_factory("numpy-flash48-bf16stats",
+numpy_flash48_bf16stats = NumpyFactory("numpy-flash48-bf16stats",
                                         Arithmetic(storage="bf16", attn="flash", kv_block=48))
-numpy_fused = numpy_factory("numpy-fused", Arithmetic(storage="bf16", fused=True, norm="reversed"))
-numpy_bf16_twopass_norm = numpy_factory("numpy-bf16-twopass-norm", Arithmetic(storage="bf16", norm="two_pass"))
-numpy_bf16_rmsnorm_stats = numpy_factory("numpy-bf16-rmsnorm-stats", Arithmetic(storage="bf16", norm="bf16_stats"))
-hf_bf16_eager = hf_factory("eager")
-hf_bf16_sdpa = hf_factory("sdpa")
+numpy_fused = NumpyFactory("numpy-fused", Arithmetic(storage="bf16", fused=True, norm="reversed"))
+numpy_bf16_twopass_norm = NumpyFactory("numpy-bf16-twopass-norm", Arithmetic(storage="bf16", norm="two_pass"))
+numpy_bf16_rmsnorm_stats = NumpyFactory("numpy-bf16-rmsnorm-stats", Arithmetic(storage="bf16", norm="bf16_stats"))
+hf_bf16_eager = HFFactory("eager")
+hf_bf16_sdpa = HFFactory("sdpa")
 
 _ALL = [
     Member("numpy-fp32", numpy_fp32, "plain NumPy decoder in float32",
