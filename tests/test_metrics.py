@@ -52,8 +52,10 @@ def test_keys_and_json_ready() -> None:
 @pytest.mark.parametrize("shape", [(3, 200), (1, 151936 // 4), (64, 4864)])
 def test_matches_plain_numpy(shape: tuple[int, int]) -> None:
     """The streamed, sampled pass agrees with a direct float64 evaluation (the (64, 4864) case takes
-    the sampled-candidate quantile path and the threaded block pass)."""
+    the sampled-candidate quantile path and the threaded block pass). Every other row is scaled by
+    0.4% (a lean of ~0.7 ULP, over the lean floor), so r_bias has rows to count and rows to skip."""
     d, g, b = _triple(1, shape)
+    d[::2] *= np.float32(1.004)
     m = tap_metrics(d, g, b)
     e = d.astype(np.float64) - g
     assert m["max_abs"] == pytest.approx(np.abs(e).max(), rel=1e-6)
@@ -79,10 +81,14 @@ def test_matches_plain_numpy(shape: tuple[int, int]) -> None:
     assert m["ulp_bias"] == pytest.approx(float(signed_d.mean()), rel=1e-9, abs=1e-12)
     assert m["baseline_ulp_bias"] == pytest.approx(float(signed_b.mean()), rel=1e-9, abs=1e-12)
     t_d, t_b = _t_rows(signed_d), _t_rows(signed_b)
-    per_row = np.abs(t_d) / np.maximum(np.abs(t_b), 3.0)
+    lean = signed_d.mean(axis=1)
+    per_row = np.where(np.abs(lean) >= M.BIAS_LEAN_FLOOR_ULP, np.abs(t_d) / np.maximum(np.abs(t_b), 3.0), 0.0)
     worst = int(np.argmax(per_row))
+    assert per_row[worst] > 0 and np.all(np.abs(lean[1::2]) < M.BIAS_LEAN_FLOOR_ULP)
     assert m["r_bias"] == pytest.approx(float(per_row[worst]), rel=1e-7)
     assert (m["bias_t"], m["baseline_bias_t"]) == (pytest.approx(t_d[worst], rel=1e-7), pytest.approx(t_b[worst], rel=1e-7))
+    assert m["bias_lean_ulp"] == pytest.approx(lean[worst], rel=1e-9)
+    assert m["baseline_bias_lean_ulp"] == pytest.approx(signed_b[worst].mean(), rel=1e-9, abs=1e-12)
 
 
 def _t_rows(e: np.ndarray) -> np.ndarray:

@@ -571,17 +571,18 @@ def _t(total, squares, f):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(**_EXACT)
-def row_summary(rows, features, floor_rel):  # type: ignore[no-untyped-def]
-    """Per-row profile from the row sums (NaN-safe: the float64 path's sums come here too):
-    (relative error per row; R per row, its denominator floored at ``floor_rel`` times the golden's
-    norm; r_bias, the worst row's |t| of the dut's ULP errors along the golden over the baseline's
-    (at least BIAS_T_FLOOR), with that row's two t values; the TOP rows with the largest relative
-    error (NaN first); the sums over rows, ROW_SUMS order)."""
+def row_summary(rows, features, floor_rel, lean_floor):  # type: ignore[no-untyped-def]
+    """Per-row profile from the row sums (NaN-safe): (relative error per row; R per row, its
+    denominator floored at ``floor_rel`` times the golden's norm; r_bias, the worst row's |t| of the
+    dut's ULP errors along the golden over the baseline's (at least BIAS_T_FLOOR) among the rows
+    whose mean such error (the lean, in ULP) is at least ``lean_floor``, with that row's two t values
+    and two leans; the TOP rows with the largest relative error (NaN first); the sums over rows,
+    ROW_SUMS order)."""
     r = rows.shape[1]
     tok_err = np.zeros(r)
     tok_r = np.zeros(r)
     key = np.zeros(r)
-    r_bias, t_d_worst, t_b_worst = 0.0, 0.0, 0.0
+    r_bias, t_d_worst, t_b_worst, lean_d, lean_b = 0.0, 0.0, 0.0, 0.0, 0.0
     for i in range(r):
         gg, dd, bb = rows[0, i], rows[1, i], rows[3, i]
         if dd != 0.0:
@@ -590,13 +591,16 @@ def row_summary(rows, features, floor_rel):  # type: ignore[no-untyped-def]
             den = max(math.sqrt(bb), floor_rel * ng)
             tok_r[i] = math.sqrt(dd) / den if den > 0.0 else math.inf
         key[i] = math.inf if math.isnan(tok_err[i]) or math.isnan(dd) else tok_err[i]
+        lean = rows[5, i] / features
+        if abs(lean) < lean_floor:                      # too small to matter, however significant (NaN counts)
+            continue
         t_d = _t(rows[5, i], rows[7, i], features)
         if t_d != 0.0:
             t_b = _t(rows[6, i], rows[8, i], features)
             ratio = abs(t_d) / max(abs(t_b), BIAS_T_FLOOR)
             if not ratio <= r_bias:                     # NaN wins
-                r_bias, t_d_worst, t_b_worst = ratio, t_d, t_b
+                r_bias, t_d_worst, t_b_worst, lean_d, lean_b = ratio, t_d, t_b, lean, rows[6, i] / features
     totals = np.zeros(rows.shape[0])
     for k in range(rows.shape[0]):
         totals[k] = rows[k].sum()
-    return tok_err, tok_r, (r_bias, t_d_worst, t_b_worst), _top(key, np.arange(r)), totals
+    return tok_err, tok_r, (r_bias, t_d_worst, t_b_worst, lean_d, lean_b), _top(key, np.arange(r)), totals

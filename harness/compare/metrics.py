@@ -31,7 +31,10 @@ their mean over the tap (``baseline_ulp_bias`` the baseline's). Per row, their o
 statistic says how surely the errors lean along the golden; ``r_bias`` is the worst row's |t| of
 the dut over the baseline's own (at least ``kernel.BIAS_T_FLOOR``), with that row's ``bias_t`` and
 ``baseline_bias_t``: a scaled output scores t >= 13 per 1% on the nine models' decode rows, where
-clean rows stay near the baseline's t.
+clean rows stay near the baseline's t. A lean must also be large enough to matter: only rows whose
+mean signed ULP error (``bias_lean_ulp``, the baseline's there ``baseline_bias_lean_ulp``) is at
+least ``BIAS_LEAN_FLOOR_ULP`` count, since a t statistic grows with the row's consistency, not its
+size: an fp32 implementation leaning 4.5e-5 ULP scored r_bias 17 (docs/policies.md, "The lean floor").
 """
 from __future__ import annotations
 
@@ -55,6 +58,10 @@ BF16_ROUNDING_REL_RMS = 2.0 ** -7.5 / math.sqrt(12.0)
 R_FLOOR_ROUNDINGS = 0.5             # R's denominator >= half of one bf16 rounding of the golden
 TAIL_FLOOR_ULP = 0.5                # r_tail's denominator >= 0.5 ULP, the worst error of one rounding
 TAIL_QUANTILE = 0.99
+# r_bias counts a row only when its mean signed ULP error is at least this (docs/policies.md, "The
+# lean floor"): fp32 and float64 implementations lean <= 4.5e-5 ULP, a 1% scaling >= 1.68 ULP,
+# round-toward-zero 0.5 ULP, the RMSNorm with bf16 statistics >= 0.5 ULP in the rows that fail it.
+BIAS_LEAN_FLOOR_ULP = 0.25
 TOP = kernel.TOP                    # worst_tokens / worst_elements length (the kernel selects them)
 
 _SMALL = 1 << 11                    # up to this many elements every element is a quantile candidate
@@ -178,7 +185,7 @@ def tap_metrics(dut: Any, golden: Any, baseline: Any) -> dict[str, Any]:
     Inputs are 2-D ``[tokens, features]`` arrays of one shape (converted to float32). Keys: max_abs,
     mean_abs, rmse, rel_fro, nmse, cosine, snr_db, ulp_mean, ulp_p99, ulp_max, beyond_4ulp, nan, inf,
     n, r, r_tail, baseline_rel_fro, baseline_ulp_p99, gain, baseline_gain, ulp_bias, baseline_ulp_bias,
-    bias_t, baseline_bias_t, r_bias, token_rel_err, token_r, worst_tokens, worst_elements ([token,
+    bias_t, baseline_bias_t, r_bias, bias_lean_ulp, baseline_bias_lean_ulp, token_rel_err, token_r, worst_tokens, worst_elements ([token,
     feature, dut, golden], worst ULP error first).
     """
     d, g, b = _as_2d(dut, "dut"), _as_2d(golden, "golden"), _as_2d(baseline, "baseline")
@@ -191,8 +198,8 @@ def _assemble(raw: _Raw, d0: np.ndarray, g0: np.ndarray) -> dict[str, Any]:
     n = g0.size
     feats = g0.shape[1]
     floor_rel = R_FLOOR_ROUNDINGS * BF16_ROUNDING_REL_RMS
-    tok_err, tok_r, (r_bias, bias_t, baseline_bias_t), worst_tokens, totals = kernel.row_summary(
-        raw.rows, feats, floor_rel)
+    tok_err, tok_r, (r_bias, bias_t, baseline_bias_t, lean, baseline_lean), worst_tokens, totals = (
+        kernel.row_summary(raw.rows, feats, floor_rel, BIAS_LEAN_FLOOR_ULP))
     gg, dd, gd, bb, gb, ud, ub = (float(x) for x in totals[:7])
     dg = gg + gd                                    # <dut, golden> = <g, g> + <g, d>
     dut2 = max(gg + 2.0 * gd + dd, 0.0)
@@ -228,6 +235,8 @@ def _assemble(raw: _Raw, d0: np.ndarray, g0: np.ndarray) -> dict[str, Any]:
         "bias_t": bias_t,
         "baseline_bias_t": baseline_bias_t,
         "r_bias": r_bias,
+        "bias_lean_ulp": lean,
+        "baseline_bias_lean_ulp": baseline_lean,
         "token_rel_err": tok_err.tolist(),
         "token_r": tok_r.tolist(),
         "worst_tokens": worst_tokens.tolist(),

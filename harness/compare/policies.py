@@ -169,8 +169,10 @@ class CalibratedPolicy(Policy):
             reasons.append(_over("r_tail", stats["r_tail"], limits["r_tail"]) + f": p99 error "
                            f"{_fmt(metrics['ulp_p99'])} ULP vs bf16 baseline {_fmt(metrics['baseline_ulp_p99'])} ULP")
         if not stats["r_bias"] <= limits["r_bias"]:
+            lean = metrics.get("bias_lean_ulp")
+            by = f" by {_fmt(lean)} ULP on average" if lean is not None else ""
             reasons.append(_over("r_bias", stats["r_bias"], limits["r_bias"]) + f": the errors lean along the "
-                           f"golden (t {_fmt(metrics['bias_t'])} vs bf16 baseline t {_fmt(metrics['baseline_bias_t'])}): "
+                           f"golden{by} (t {_fmt(metrics['bias_t'])} vs bf16 baseline t {_fmt(metrics['baseline_bias_t'])}): "
                            "a scaled output")
         return {f"{k}_max": v for k, v in limits.items()}, reasons, stats
 

@@ -46,7 +46,7 @@ class Case:
 
 # The metrics the calibrated policy's statistics are computed from (CalibratedPolicy.statistics).
 CALIBRATION_KEYS = ("rel_fro", "baseline_rel_fro", "ulp_p99", "baseline_ulp_p99", "r_bias", "bias_t",
-                    "baseline_bias_t")
+                    "baseline_bias_t", "bias_lean_ulp")
 
 
 @dataclass
