@@ -18,6 +18,12 @@ BUILTIN = {
     "replay-bf16": "harness.deployment.replay:bf16_replay",
     "replay-fp32": "harness.deployment.replay:fp32_replay",
 }
+# The validation population (docs/validation.md): independent correct deployments, and the one the
+# gate must fail (numpy-bf16-rmsnorm-stats).
+BUILTIN.update({name: f"harness.deployment.validation:{name.replace('-', '_')}" for name in (
+    "numpy-fp32", "numpy-f64", "numpy-bf16-pairwise", "numpy-bf16-blocked", "hf-bf16-sdpa", "hf-bf16-eager",
+    "numpy-flash-bf16stats", "numpy-flash48-bf16stats", "numpy-fused", "numpy-bf16-twopass-norm",
+    "numpy-bf16-rmsnorm-stats")})
 
 
 class DeploymentError(HarnessError):
