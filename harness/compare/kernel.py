@@ -571,19 +571,25 @@ def _t(total, squares, f):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(**_EXACT)
-def row_summary(rows, features, floor_rel, lean_floor):  # type: ignore[no-untyped-def]
+def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor):  # type: ignore[no-untyped-def]
     """Per-row profile from the row sums (NaN-safe): (relative error per row; R per row, its
     denominator floored at ``floor_rel`` times the golden's norm; r_bias, the worst row's |t| of the
     dut's ULP errors along the golden over the baseline's (at least BIAS_T_FLOOR) among the rows
     whose mean such error (the lean, in ULP) is at least ``lean_floor``, with that row's two t values
-    and two leans; the TOP rows with the largest relative error (NaN first); the sums over rows,
-    ROW_SUMS order)."""
+    and two leans; r_ulp, the worst row's RMS ULP error over the baseline's (floored at
+    ``ulp_rms_floor`` ULP); the TOP rows with the largest relative error (NaN first); the sums over
+    rows, ROW_SUMS order)."""
     r = rows.shape[1]
     tok_err = np.zeros(r)
     tok_r = np.zeros(r)
     key = np.zeros(r)
     r_bias, t_d_worst, t_b_worst, lean_d, lean_b = 0.0, 0.0, 0.0, 0.0, 0.0
+    r_ulp = 0.0
     for i in range(r):
+        if rows[7, i] != 0.0:                           # sum of squared ULP errors (signs square away)
+            ratio = math.sqrt(rows[7, i] / max(rows[8, i], ulp_rms_floor * ulp_rms_floor * features))
+            if not ratio <= r_ulp:                      # NaN wins
+                r_ulp = ratio
         gg, dd, bb = rows[0, i], rows[1, i], rows[3, i]
         if dd != 0.0:
             ng = math.sqrt(gg)
@@ -603,4 +609,4 @@ def row_summary(rows, features, floor_rel, lean_floor):  # type: ignore[no-untyp
     totals = np.zeros(rows.shape[0])
     for k in range(rows.shape[0]):
         totals[k] = rows[k].sum()
-    return tok_err, tok_r, (r_bias, t_d_worst, t_b_worst, lean_d, lean_b), _top(key, np.arange(r)), totals
+    return tok_err, tok_r, (r_bias, t_d_worst, t_b_worst, lean_d, lean_b), r_ulp, _top(key, np.arange(r)), totals

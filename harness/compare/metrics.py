@@ -35,6 +35,13 @@ clean rows stay near the baseline's t. A lean must also be large enough to matte
 mean signed ULP error (``bias_lean_ulp``, the baseline's there ``baseline_bias_lean_ulp``) is at
 least ``BIAS_LEAN_FLOOR_ULP`` count, since a t statistic grows with the row's consistency, not its
 size: an fp32 implementation leaning 4.5e-5 ULP scored r_bias 17 (docs/policies.md, "The lean floor").
+
+``r_ulp`` is the worst row's RMS ULP error over the baseline's (its denominator floored at
+``ULP_RMS_FLOOR``, one correct rounding's): R with every element weighted alike, so a row's few
+outlier channels, whose one rounding can be as large as a 1% error elsewhere, do not hide an error
+spread over the others (``ulp_rms`` / ``baseline_ulp_rms``: the same over the whole tap). Reported,
+not judged: on the validation population clean taps reach r_ulp 4.7-6.5 (flash attention with bf16
+statistics, RoPE outputs), as high as 1% relative noise scores (docs/policies.md).
 """
 from __future__ import annotations
 
@@ -62,6 +69,7 @@ TAIL_QUANTILE = 0.99
 # lean floor"): fp32 and float64 implementations lean <= 4.5e-5 ULP, a 1% scaling >= 1.68 ULP,
 # round-toward-zero 0.5 ULP, the RMSNorm with bf16 statistics >= 0.5 ULP in the rows that fail it.
 BIAS_LEAN_FLOOR_ULP = 0.25
+ULP_RMS_FLOOR = 0.5 / math.sqrt(3.0)  # r_ulp's denominator >= the rms ULP error of one correct rounding
 TOP = kernel.TOP                    # worst_tokens / worst_elements length (the kernel selects them)
 
 _SMALL = 1 << 11                    # up to this many elements every element is a quantile candidate
@@ -185,7 +193,8 @@ def tap_metrics(dut: Any, golden: Any, baseline: Any) -> dict[str, Any]:
     Inputs are 2-D ``[tokens, features]`` arrays of one shape (converted to float32). Keys: max_abs,
     mean_abs, rmse, rel_fro, nmse, cosine, snr_db, ulp_mean, ulp_p99, ulp_max, beyond_4ulp, nan, inf,
     n, r, r_tail, baseline_rel_fro, baseline_ulp_p99, gain, baseline_gain, ulp_bias, baseline_ulp_bias,
-    bias_t, baseline_bias_t, r_bias, bias_lean_ulp, baseline_bias_lean_ulp, token_rel_err, token_r, worst_tokens, worst_elements ([token,
+    bias_t, baseline_bias_t, r_bias, bias_lean_ulp, baseline_bias_lean_ulp, r_ulp, ulp_rms, baseline_ulp_rms,
+    token_rel_err, token_r, worst_tokens, worst_elements ([token,
     feature, dut, golden], worst ULP error first).
     """
     d, g, b = _as_2d(dut, "dut"), _as_2d(golden, "golden"), _as_2d(baseline, "baseline")
@@ -198,8 +207,8 @@ def _assemble(raw: _Raw, d0: np.ndarray, g0: np.ndarray) -> dict[str, Any]:
     n = g0.size
     feats = g0.shape[1]
     floor_rel = R_FLOOR_ROUNDINGS * BF16_ROUNDING_REL_RMS
-    tok_err, tok_r, (r_bias, bias_t, baseline_bias_t, lean, baseline_lean), worst_tokens, totals = (
-        kernel.row_summary(raw.rows, feats, floor_rel, BIAS_LEAN_FLOOR_ULP))
+    tok_err, tok_r, (r_bias, bias_t, baseline_bias_t, lean, baseline_lean), r_ulp, worst_tokens, totals = (
+        kernel.row_summary(raw.rows, feats, floor_rel, BIAS_LEAN_FLOOR_ULP, ULP_RMS_FLOOR))
     gg, dd, gd, bb, gb, ud, ub = (float(x) for x in totals[:7])
     dg = gg + gd                                    # <dut, golden> = <g, g> + <g, d>
     dut2 = max(gg + 2.0 * gd + dd, 0.0)
@@ -235,6 +244,9 @@ def _assemble(raw: _Raw, d0: np.ndarray, g0: np.ndarray) -> dict[str, Any]:
         "bias_t": bias_t,
         "baseline_bias_t": baseline_bias_t,
         "r_bias": r_bias,
+        "r_ulp": r_ulp,
+        "ulp_rms": math.sqrt(totals[7] / n) if n else 0.0,
+        "baseline_ulp_rms": math.sqrt(totals[8] / n) if n else 0.0,
         "bias_lean_ulp": lean,
         "baseline_bias_lean_ulp": baseline_lean,
         "token_rel_err": tok_err.tolist(),
