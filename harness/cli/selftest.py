@@ -1,6 +1,8 @@
-"""``harness selftest``: every emulator fault and the clean emulator, scored under our policy and the
-classic ones (see harness.selftest). Exit 0 when our policy meets its targets, 1 when it misses one,
-3 when the self-test itself cannot run (bad option, unknown model or fault)."""
+"""``harness selftest``: three populations scored under our policy and the classic ones (see
+harness.selftest.scoreboard): every emulator fault and the clean emulator, the validation deployments
+(independent correct implementations, and an imprecise one that must fail), and generic bug shapes
+injected into one tap. Exit 0 when our policy meets its targets, 1 when it misses one, 3 when the
+self-test itself cannot run (bad option, unknown model, fault, member or shape)."""
 from __future__ import annotations
 
 import time
@@ -34,6 +36,14 @@ def register(app: typer.Typer) -> None:
         seeds: int = typer.Option(20, "--seeds", min=1, help="Clean seeds per model (0..N-1). Default: 20."),
         models: str = typer.Option("", "--models", help="Comma-separated model ids. Default: all nine."),
         faults: str = typer.Option("", "--faults", help="Comma-separated emulator faults. Default: all."),
+        members: str = typer.Option("", "--members", help="Comma-separated validation deployments, or 'none'. "
+                                                          "Default: every member and the imprecise one."),
+        member_seeds: int = typer.Option(10, "--member-seeds", min=0, help="Seeds per model for the validation "
+                                                                          "members (0..N-1). Default: 10."),
+        shapes: str = typer.Option("", "--shapes", help="Comma-separated bug shapes, or 'none'. Default: all."),
+        shape_seeds: int = typer.Option(2, "--shape-seeds", min=0, help="Seeds per model for the bug shapes, two "
+                                                                        "taps each (a prefill and a decode one). "
+                                                                        "Default: 2."),
         jobs: int = typer.Option(0, "--jobs", min=0, help="Worker processes. Default: 0 = every core."),
         json_path: Path = typer.Option(DEFAULT_JSON, "--json", help=f"JSON report. Default: {DEFAULT_JSON}."),
         md_path: Path = typer.Option(DEFAULT_MD, "--md", help=f"Markdown report. Default: {DEFAULT_MD}."),
@@ -44,22 +54,30 @@ def register(app: typer.Typer) -> None:
         from rich.progress import Progress
 
         from harness.deployment.emulator.faults import names as fault_names
-        from harness.selftest.runner import population, quick_population, run_cases
+        from harness.deployment.validation import IMPRECISE, MEMBERS
+        from harness.selftest.bug_shapes import SHAPES
+        from harness.selftest.runner import (member_population, population, quick_population, run_cases,
+                                             shape_population)
         from harness.selftest.scoreboard import Scoreboard
         from harness.spec.model_spec import names as model_names
 
         try:
             chosen = _names(models, model_names(), "--models") or model_names()
             chosen_faults = _names(faults, fault_names(), "--faults")
+            all_members = [*MEMBERS, *IMPRECISE]
+            chosen_members = [] if members == "none" else _names(members, all_members, "--members") or all_members
+            chosen_shapes = [] if shapes == "none" else _names(shapes, list(SHAPES), "--shapes") or list(SHAPES)
         except HarnessError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(3) from None
         if quick:
-            cases = quick_population(chosen)
+            cases = quick_population(chosen, members=chosen_members, shapes=chosen_shapes)
             if chosen_faults is not None:
                 cases = [c for c in cases if c.fault == "clean" or c.fault in chosen_faults]
         else:
-            cases = population(chosen, range(seeds), chosen_faults)
+            cases = (population(chosen, range(seeds), chosen_faults)
+                     + member_population(chosen, range(member_seeds), chosen_members)
+                     + shape_population(chosen, range(shape_seeds), chosen_shapes))
         console = Console()
         t0 = time.perf_counter()
         with Progress(console=console, transient=True) as bar:

@@ -6,10 +6,14 @@ needed ~20 passes over temporaries and ~60 calls per tap, and that fixed cost do
 one-row decode taps of a golden set.
 
 Numerics: sums are float64 (float32 inputs cannot overflow them, so no rescaling is needed). The
-loops vectorise: ``fastmath`` reassociates the sums (changing only their last bits) and assumes no
-NaN/Inf, so each row's norm pass detects special values from the exponent bits and the caller then
-takes its plain float64 path; maxima are integer maxima of the float bits (non-negative floats order as their
-bits do) because LLVM does not vectorise a floating-point max.
+loops vectorise: ``fastmath`` reassociates the sums (changing only their last bits) but keeps IEEE
+NaN/Inf semantics (no ``nnan``/``ninf``: measured no slower), so any mix of NaN and Inf at any size
+goes through this same pass: sums propagate NaN as numpy's do, each row's norm pass detects special
+values from the exponent bits, and such rows get one more exact pass that counts the dut's NaN/Inf
+(where the golden is finite) and makes NaN errors the worst candidates; a tap with a NaN ULP error has
+a NaN p99 (as np.quantile), so it never needs the keep-everything rerun. Maxima are integer maxima of
+the float bits (non-negative floats, NaN above Inf, order as their bits do) because LLVM does not
+vectorise a floating-point max.
 
 ULP of a golden element: its bf16 spacing 2^(E - 134) for float32 exponent field E, with E raised to
 the row's floor field (the exponent of ``max(rms * floor_fraction, min_magnitude)`` rounded to
@@ -38,12 +42,20 @@ ROW_SUMS = ("gg", "dd", "gd", "bb", "gb", "ud", "ub", "ud2", "ub2")
 BIAS_T_FLOOR = 3.0                  # r_bias: the baseline's t counts from this (below it: no evidence of bias)
 # scalars[k]: sum |d|, max |d|, sum ULP error, max ULP error, elements beyond `beyond_ulp` ULP, p99 dut
 # ULP error, p99 baseline ULP error
-SCALARS = ("abs_sum", "max_abs", "ulp_sum", "ulp_max", "beyond", "p99_d", "p99_b")
+SCALARS = ("abs_sum", "max_abs", "ulp_sum", "ulp_max", "beyond", "p99_d", "p99_b", "nan", "inf")
+# a block's partials (accs columns): the first five scalars, candidate counts (dut, baseline), rows with
+# NaN/Inf, the dut's NaN and Inf where the golden is finite, NaN ULP errors (dut, baseline)
+_ACC = 12
 TOP = 5
 _CHUNK = 2048                       # columns per scratch chunk of a row (multiple of 8)
 
-_FAST = {"nnan", "ninf", "nsz", "reassoc", "contract"}
+_FAST = {"nsz", "reassoc", "contract"}          # no nnan/ninf: NaN and Inf keep their IEEE meaning
 _JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+# Helpers that must compare NaN exactly (the selection, the conclusion, the row profile) say so
+# explicitly: numba makes a callee without a fastmath setting inherit its caller's, and the fastmath
+# entry points call them; under ``nnan`` a NaN compared both "<" and ">=" its pivot, the quickselect's
+# scans ran past their sentinels and off the array (the segfault of a NaN tap of 65k+ elements).
+_EXACT = {**_JIT, "fastmath": False}
 
 
 @intrinsic
@@ -141,17 +153,50 @@ def _sample_errors(dut, g, base, sample_ptr, sample_cols, floor_fraction, min_ma
     return u_d, u_b
 
 
+@numba.njit(**_EXACT)
+def _special_row(dut, g, base, i, e_floor, t_d, keep_all, k_row, k_d, end, cand_d, cand_idx, counts):  # type: ignore[no-untyped-def]  # noqa: E501
+    """Row i holds NaN or Inf: count the dut's NaN and Inf where the golden is finite (counts[0:2]) and
+    the NaN ULP errors of dut and baseline (counts[2:4]), and make every NaN dut error a candidate
+    valued +inf, worst of all (kept already when keeping all: its value is replaced; else appended
+    from position k_d, as is an infinite error the threshold missed). Returns the new k_d."""
+    f = g.shape[1]
+    gbits = g.view(np.uint32)
+    for j in range(f):
+        x = np.float64(g[i, j])
+        dv = np.float64(dut[i, j])
+        if math.isfinite(x):
+            counts[0] += 1 if math.isnan(dv) else 0
+            counts[1] += 1 if math.isinf(dv) else 0
+        inv = _inv_ulp(gbits[i, j], e_floor)
+        u = abs(dv - x) * inv
+        counts[3] += 1 if math.isnan(abs(np.float64(base[i, j]) - x) * inv) else 0
+        if math.isnan(u):
+            counts[2] += 1
+            if keep_all:
+                cand_d[k_row + j] = np.inf
+                continue
+        elif keep_all or not (math.isinf(u) and not u > t_d):
+            continue
+        if k_d < end:
+            cand_d[k_d] = np.inf
+            cand_idx[k_d] = i * f + j
+        k_d += 1
+    return k_d
+
+
 @numba.njit(fastmath=_FAST, **_JIT)
 def _rows(dut, g, base, r0, r1, floor_fraction, min_magnitude, beyond_ulp, t_d, t_b,  # type: ignore[no-untyped-def]  # noqa: C901,E501
           rows, acc, cand_d, cand_idx, cand_b, start, end):
     """Every sum of rows r0:r1 into rows[:, r0:r1] and acc[:5], and their quantile candidates (dut ULP
     errors > t_d with their flat indices, baseline ULP errors > t_b) from position ``start`` of the
     candidate buffers up to ``end``; acc[5], acc[6] = how many there were (more than fit: the caller
-    reruns); acc[7] = 1 when an input holds NaN or Inf (the rest is then meaningless). Each row is
-    read from memory once: its norm pass (which sets its ULP floor) brings it into cache."""
+    reruns); acc[7] = 1 when an input holds NaN or Inf, acc[8:12] then the dut's NaN and Inf where the
+    golden is finite and the NaN ULP errors of dut and baseline (``_special_row``). Each row is read
+    from memory once: its norm pass (which sets its ULP floor) brings it into cache."""
     f = g.shape[1]
     dbits, gbits, bbits = dut.view(np.uint32), g.view(np.uint32), base.view(np.uint32)
     special = 0
+    counts = np.zeros(4, np.int64)                      # _special_row's counts over the block
     width = min(_CHUNK, (f + 7) // 8 * 8)               # a chunk of a row: its scratch stays in cache
     su = np.empty(width)                                # ULP errors of the chunk
     sb = np.empty(width)
@@ -171,6 +216,7 @@ def _rows(dut, g, base, r0, r1, floor_fraction, min_magnitude, beyond_ulp, t_d, 
         gg, bad = _row_norm(dbits, g, gbits, bbits, i)
         rows[0, i] = gg
         special |= bad
+        k_row = k_d
         e_floor = _floor_exponent(gg, f, floor_fraction, min_magnitude)
         s_dd = 0.0
         s_gd = 0.0
@@ -239,6 +285,8 @@ def _rows(dut, g, base, r0, r1, floor_fraction, min_magnitude, beyond_ulp, t_d, 
                         cand_b[k_b] = sb[8 * w + np.int64(_ctz(x) >> np.uint64(3))]
                     k_b += 1
                     x &= x - np.uint64(1)
+        if bad:
+            k_d = _special_row(dut, g, base, i, e_floor, t_d, keep_all, k_row, k_d, end, cand_d, cand_idx, counts)
         rows[1, i] = s_dd
         rows[2, i] = s_gd
         rows[3, i] = s_bb
@@ -255,9 +303,10 @@ def _rows(dut, g, base, r0, r1, floor_fraction, min_magnitude, beyond_ulp, t_d, 
     acc[5] = k_d - start
     acc[6] = k_b - start
     acc[7] = special
+    acc[8:12] = counts
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT)
 def _select(a, k):  # type: ignore[no-untyped-def]
     """The k-th smallest value of ``a`` (0-based); ``a`` is reordered in place so that a[:k] <= a[k]
     <= a[k + 1:]. Quickselect with a median-of-three pivot and Hoare partitioning, which stays
@@ -294,7 +343,7 @@ def _select(a, k):  # type: ignore[no-untyped-def]
     return a[k]
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT)
 def _kth_pair(a, k):  # type: ignore[no-untyped-def]
     """(k-th, (k+1)-th) smallest values of ``a`` (0-based; the k-th twice when k is the last), ``a``
     being reordered. Near the top (the p99 of a small tap), one pass keeps the largest values.
@@ -304,6 +353,9 @@ def _kth_pair(a, k):  # type: ignore[no-untyped-def]
     below the window and copies those inside, and quickselect runs on the window alone (on the
     whole array when the window missed)."""
     n = a.size
+    for i in range(n):                                  # NaN ranks above everything, as in np.sort: the
+        if a[i] != a[i]:                                # partition's sentinels need a total order
+            a[i] = np.inf
     top_m = n - k                                       # the k-th smallest is the top_m-th largest
     if top_m <= 32:                                     # near the top (a p99 of a small tap): keep the
         top = np.full(top_m, -np.inf)                   # largest values, descending; inserts are rare
@@ -345,7 +397,7 @@ def _kth_pair(a, k):  # type: ignore[no-untyped-def]
     return v_k, (a[k + 1:].min() if k + 1 < n else v_k)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT)
 def _quantile(cand, t, n, q):  # type: ignore[no-untyped-def]
     """(np.quantile(all, q) with linear interpolation, True) from the candidates > t of n values >= 0;
     (0, False) when the candidates do not hold the two order statistics it needs."""
@@ -364,10 +416,12 @@ def _quantile(cand, t, n, q):  # type: ignore[no-untyped-def]
         v_lo, v_hi = _kth_pair(cand.copy(), lo - below)  # a copy: the candidates keep their order for _top
         if hi == lo:
             v_hi = v_lo
+    if v_hi == v_lo:                                    # also inf between inf and inf (not inf - inf = NaN)
+        return v_lo, True
     return v_lo + (v_hi - v_lo) * (h - lo), True
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT)
 def _top(values, index):  # type: ignore[no-untyped-def]
     """Flat indices of the TOP largest positive values, largest first (ties: lower index first)."""
     best_v = np.zeros(TOP)
@@ -386,40 +440,55 @@ def _top(values, index):  # type: ignore[no-untyped-def]
     return best_i[best_i >= 0]
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT)
+def _nanmax(a):  # type: ignore[no-untyped-def]
+    """max(a), NaN when any value is NaN (as np.max)."""
+    m = -np.inf
+    for v in a:
+        if not v <= m:
+            m = v
+    return m
+
+
+@numba.njit(**_EXACT)
 def _conclude(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, n, q, scalars):  # type: ignore[no-untyped-def]  # noqa: E501
-    """Combine the blocks into scalars (SCALARS order) and the worst flat indices: (0, worst); (1, -)
-    when an input held NaN or Inf; (-1, -) when the candidates overflowed their buffers or do not
-    hold the quantiles (the caller reruns keeping every element)."""
+    """Combine the blocks into scalars (SCALARS order) and the worst flat indices: (True, worst); (False,
+    -) when the candidates overflowed their buffers or do not hold the quantiles (the caller reruns
+    keeping every element). A NaN ULP error makes that side's p99 NaN (as np.quantile): its
+    candidates then only serve the worst elements, and their overflow needs no rerun."""
     nb = starts.size
     none = np.zeros(0, np.int64)
-    if accs[:, 7].sum() > 0:
-        return 1, none
+    nan_d, nan_b = accs[:, 10].sum() > 0, accs[:, 11].sum() > 0
     for blk in range(nb):
-        if max(accs[blk, 5], accs[blk, 6]) > ends[blk] - starts[blk]:
-            return -1, none
-    s0, k_d0, k_b0 = starts[0], int(accs[0, 5]), int(accs[0, 6])
+        cap = ends[blk] - starts[blk]
+        if (accs[blk, 5] > cap and not nan_d) or (accs[blk, 6] > cap and not nan_b):
+            return False, none
+    s0, cap0 = starts[0], ends[0] - starts[0]
+    k_d0, k_b0 = min(int(accs[0, 5]), cap0), min(int(accs[0, 6]), cap0)
     cd, ci, cb = cand_d[s0:s0 + k_d0], cand_idx[s0:s0 + k_d0], cand_b[s0:s0 + k_b0]
     if nb == 2:                                         # the second block's candidates follow
-        s1, k_d1, k_b1 = starts[1], int(accs[1, 5]), int(accs[1, 6])
+        s1, cap1 = starts[1], ends[1] - starts[1]
+        k_d1, k_b1 = min(int(accs[1, 5]), cap1), min(int(accs[1, 6]), cap1)
         cd = np.concatenate((cd, cand_d[s1:s1 + k_d1]))
         ci = np.concatenate((ci, cand_idx[s1:s1 + k_d1]))
         cb = np.concatenate((cb, cand_b[s1:s1 + k_b1]))
-    p99_d, ok_d = _quantile(cd, t_d, n, q)
-    p99_b, ok_b = _quantile(cb, t_b, n, q)
+    p99_d, ok_d = (math.nan, True) if nan_d else _quantile(cd, t_d, n, q)
+    p99_b, ok_b = (math.nan, True) if nan_b else _quantile(cb, t_b, n, q)
     if not (ok_d and ok_b):
-        return -1, none
+        return False, none
     scalars[0] = accs[:, 0].sum()
-    scalars[1] = accs[:, 1].max()
+    scalars[1] = _nanmax(accs[:, 1])
     scalars[2] = accs[:, 2].sum()
-    scalars[3] = accs[:, 3].max()
+    scalars[3] = _nanmax(accs[:, 3])
     scalars[4] = accs[:, 4].sum()
     scalars[5] = p99_d
     scalars[6] = p99_b
-    return 0, _top(cd, ci)
+    scalars[7] = accs[:, 8].sum()
+    scalars[8] = accs[:, 9].sum()
+    return True, _top(cd, ci)
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT)
 def _thresholds(dut, g, base, sample_ptr, sample_cols, k, floor_fraction, min_magnitude):  # type: ignore[no-untyped-def]  # noqa: E501
     """Candidate thresholds (dut, baseline): the k-th smallest sampled ULP errors; with no sample,
     (-1, -1), which keeps every element."""
@@ -429,7 +498,7 @@ def _thresholds(dut, g, base, sample_ptr, sample_cols, k, floor_fraction, min_ma
     return _kth_pair(u_d, k)[0], _kth_pair(u_b, k)[0]
 
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT)
 def _buffers(bounds, f, keep_all):  # type: ignore[no-untyped-def]
     """Candidate buffers for the row blocks ``bounds`` and each block's [start, end) in them (every
     element when keeping all, else 4% of them plus 1024: the sampled threshold keeps ~1.5-2%, and
@@ -444,17 +513,16 @@ def _buffers(bounds, f, keep_all):  # type: ignore[no-untyped-def]
         starts[blk] = pos
         pos += elements if keep_all else min(elements, elements // 25 + 1024)
         ends[blk] = pos
-    return starts, ends, np.empty(pos), np.empty(pos, np.int64), np.empty(pos), np.zeros((nb, 8))
+    return starts, ends, np.empty(pos), np.empty(pos, np.int64), np.empty(pos), np.zeros((nb, _ACC))
 
 
 @numba.njit(fastmath=_FAST, parallel=True, **_JIT)
 def tap_pass_parallel(dut, g, base, sample_ptr, sample_cols, k, q, floor_fraction, min_magnitude,  # type: ignore[no-untyped-def]  # noqa: E501
                       beyond_ulp):
-    """(special, rows, scalars, worst flat indices) of one tap, rows split in two blocks over the
+    """(rows, scalars, worst flat indices) of one tap, rows split in two blocks over the
     cores. The sample (row i's sampled columns: sample_cols[sample_ptr[i]:sample_ptr[i + 1]]; none:
     keep every element as a candidate) sets the candidate threshold at its ``k``-th smallest ULP
-    error; ``q`` is the quantile. ``special`` is 1 (and nothing else meaningful) when an input
-    holds NaN or Inf."""
+    error; ``q`` is the quantile. Any mix of NaN and Inf is measured, never assumed away."""
     r, f = g.shape
     rows = np.zeros((len(ROW_SUMS), r))
     scalars = np.zeros(len(SCALARS))
@@ -465,9 +533,9 @@ def tap_pass_parallel(dut, g, base, sample_ptr, sample_cols, k, q, floor_fractio
         for blk in numba.prange(2):
             _rows(dut, g, base, bounds[blk], bounds[blk + 1], floor_fraction, min_magnitude, beyond_ulp, t_d,
                   t_b, rows, accs[blk], cand_d, cand_idx, cand_b, starts[blk], ends[blk])
-        status, worst = _conclude(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, r * f, q, scalars)
-        if status >= 0:
-            return status, rows, scalars, worst
+        done, worst = _conclude(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, r * f, q, scalars)
+        if done:
+            return rows, scalars, worst
         t_d = t_b = -1.0                                # the sample misjudged: keep every element
     raise AssertionError("a pass keeping every element always covers the quantile")
 
@@ -486,13 +554,13 @@ def tap_pass_serial(dut, g, base, sample_ptr, sample_cols, k, q, floor_fraction,
         starts, ends, cand_d, cand_idx, cand_b, accs = _buffers(bounds, f, t_d < 0.0)
         _rows(dut, g, base, 0, r, floor_fraction, min_magnitude, beyond_ulp, t_d, t_b, rows, accs[0], cand_d,
               cand_idx, cand_b, 0, ends[0])
-        status, worst = _conclude(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, r * f, q, scalars)
-        if status >= 0:
-            return status, rows, scalars, worst
+        done, worst = _conclude(accs, starts, ends, cand_d, cand_idx, cand_b, t_d, t_b, r * f, q, scalars)
+        if done:
+            return rows, scalars, worst
         t_d = t_b = -1.0                                # the sample misjudged: keep every element
     raise AssertionError("a pass keeping every element always covers the quantile")
 
-@numba.njit(**_JIT)
+@numba.njit(**_EXACT)
 def _t(total, squares, f):  # type: ignore[no-untyped-def]
     """One-sample t statistic of f values from their sum and sum of squares (0 for a zero sum)."""
     if total == 0.0 or f < 2:
@@ -502,19 +570,26 @@ def _t(total, squares, f):  # type: ignore[no-untyped-def]
     return mean / math.sqrt(var / f) if var > 0.0 else math.copysign(math.inf, mean)
 
 
-@numba.njit(**_JIT)
-def row_summary(rows, features, floor_rel):  # type: ignore[no-untyped-def]
-    """Per-row profile from the row sums (NaN-safe: the float64 path's sums come here too):
-    (relative error per row; R per row, its denominator floored at ``floor_rel`` times the golden's
-    norm; r_bias, the worst row's |t| of the dut's ULP errors along the golden over the baseline's
-    (at least BIAS_T_FLOOR), with that row's two t values; the TOP rows with the largest relative
-    error (NaN first); the sums over rows, ROW_SUMS order)."""
+@numba.njit(**_EXACT)
+def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor):  # type: ignore[no-untyped-def]
+    """Per-row profile from the row sums (NaN-safe): (relative error per row; R per row, its
+    denominator floored at ``floor_rel`` times the golden's norm; r_bias, the worst row's |t| of the
+    dut's ULP errors along the golden over the baseline's (at least BIAS_T_FLOOR) among the rows
+    whose mean such error (the lean, in ULP) is at least ``lean_floor``, with that row's two t values
+    and two leans; r_ulp, the worst row's RMS ULP error over the baseline's (floored at
+    ``ulp_rms_floor`` ULP); the TOP rows with the largest relative error (NaN first); the sums over
+    rows, ROW_SUMS order)."""
     r = rows.shape[1]
     tok_err = np.zeros(r)
     tok_r = np.zeros(r)
     key = np.zeros(r)
-    r_bias, t_d_worst, t_b_worst = 0.0, 0.0, 0.0
+    r_bias, t_d_worst, t_b_worst, lean_d, lean_b = 0.0, 0.0, 0.0, 0.0, 0.0
+    r_ulp = 0.0
     for i in range(r):
+        if rows[7, i] != 0.0:                           # sum of squared ULP errors (signs square away)
+            ratio = math.sqrt(rows[7, i] / max(rows[8, i], ulp_rms_floor * ulp_rms_floor * features))
+            if not ratio <= r_ulp:                      # NaN wins
+                r_ulp = ratio
         gg, dd, bb = rows[0, i], rows[1, i], rows[3, i]
         if dd != 0.0:
             ng = math.sqrt(gg)
@@ -522,13 +597,16 @@ def row_summary(rows, features, floor_rel):  # type: ignore[no-untyped-def]
             den = max(math.sqrt(bb), floor_rel * ng)
             tok_r[i] = math.sqrt(dd) / den if den > 0.0 else math.inf
         key[i] = math.inf if math.isnan(tok_err[i]) or math.isnan(dd) else tok_err[i]
+        lean = rows[5, i] / features
+        if abs(lean) < lean_floor:                      # too small to matter, however significant (NaN counts)
+            continue
         t_d = _t(rows[5, i], rows[7, i], features)
         if t_d != 0.0:
             t_b = _t(rows[6, i], rows[8, i], features)
             ratio = abs(t_d) / max(abs(t_b), BIAS_T_FLOOR)
             if not ratio <= r_bias:                     # NaN wins
-                r_bias, t_d_worst, t_b_worst = ratio, t_d, t_b
+                r_bias, t_d_worst, t_b_worst, lean_d, lean_b = ratio, t_d, t_b, lean, rows[6, i] / features
     totals = np.zeros(rows.shape[0])
     for k in range(rows.shape[0]):
         totals[k] = rows[k].sum()
-    return tok_err, tok_r, (r_bias, t_d_worst, t_b_worst), _top(key, np.arange(r)), totals
+    return tok_err, tok_r, (r_bias, t_d_worst, t_b_worst, lean_d, lean_b), r_ulp, _top(key, np.arange(r)), totals

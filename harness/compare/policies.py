@@ -22,40 +22,59 @@ from harness.errors import HarnessError
 
 # The calibrated rule's thresholds, in one place, per family: mode (cumulative: the end-to-end HF
 # bf16 run is the baseline; isolated: the teacher-forced one, each op's own rounding) x phase kind
-# (prefill; decode, a one-row tensor whose baseline error, the denominator, is noisy).
+# (prefill; decode, a one-row tensor whose baseline error, the denominator, is noisy); the attention
+# tap has limits of its own (prefix attn_).
 # Derivation (docs/policies.md, "Calibration"; reproduce with `python benchmarks/calibrate_policy.py`):
-# the clean XDNA 2 emulator on all nine models at tiny scale, calibration seeds 100-139 (720 checks:
-# 9 models x 40 seeds x 2 modes, prefill and 4 decode steps), every tap judged against the fp32 golden:
-#   cumulative prefill: 17,640 taps, R max 1.092 (p99.9 1.036), r_tail max 1.265 (p99.9 1.150),
-#                       r_bias max 2.677 (p99.9 2.189)
-#   cumulative decode:  70,560 taps, R max 2.589 (p99.9 1.973), r_tail max 7.891 (p99.9 3.441),
-#                       r_bias max 2.286 (p99.9 1.363)
-#   isolated prefill:   17,640 taps, R max 1.169 (p99.9 1.140), r_tail max 2.399 (p99.9 2.285),
-#                       r_bias max 3.446 (p99.9 2.544)
-#                       (isolated `act`: the NPU's bf16-step SiLU rounds more than HF's)
-#   isolated decode:    70,560 taps, R max 2.149 (p99.9 1.401), r_tail max 4.343 (p99.9 2.918),
-#                       r_bias max 2.290 (p99.9 1.659)
-# Margin rule: threshold = 1.5 x the calibration maximum, rounded up to 0.25 (R) or 0.5 (tail, bias).
-# Held out: the self-test's seeds 0-19 (360 clean checks) give 0 false alarms, and all 148 fault runs
-# are still caught (docs/selftest.md). The floors did not move the maxima (swept 0.5-2 rounding,
-# 0.5-3 ULP), so they keep their meaning: a decode row's baseline can land below one rounding by chance.
+# clean runs of correct deployments on all nine models at tiny scale, both modes, prefill and 4
+# decode steps, every tap judged against the fp32 golden (floors applied, exact-baseline taps out):
+# the XDNA 2 emulator on seeds 100-109 and the validation population's calibration members
+# (numpy-fp32, numpy-bf16-pairwise, hf-bf16-sdpa, numpy-flash-bf16stats) on seeds 100-104: 540 checks.
+# Maxima (shared limits / attention):
+#   cumulative prefill: 13,230 taps, R 1.146 / 1.137, r_tail 1.227 / 1.121, r_bias 2.902 / 2.611
+#   cumulative decode:  52,920 taps, R 2.678 / 2.523, r_tail 10.10 / 3.664, r_bias 2.414 / 1.377
+#   isolated prefill:   13,230 taps, R 1.169 / 1.644, r_tail 2.399 / 1.725, r_bias 3.446 / 4.586
+#   isolated decode:    52,920 taps, R 2.149 / 3.466, r_tail 4.057 / 5.856, r_bias 1.864 / 1.811
+#   (attention's excess: numpy-flash-bf16stats, an online softmax with bf16 running statistics;
+#    cumulative decode r_tail 10.1: the same member's drifting k in decode)
+# Margin rule: threshold = 1.5 x the calibration maximum, rounded up to 0.25 (R) or 0.5 (tail, bias),
+# attention's never below the shared one, none below the emulator-only calibration of seeds 100-139
+# (calibration.EMULATOR_SEEDS_100_139, the previous table: its seeds 110-139 were not rerun), and
+# isolated decode attention R capped at 4.5 (calibration.CAPS: 5.25 let a catalogue fault through).
+# Held out (docs/policies.md): seeds 0-9 of every member, held-out members never seen, the fault
+# catalogue, the imprecise member and the generic bug shapes, re-judged under these thresholds.
 CALIBRATED_THRESHOLDS: dict[str, float] = {
-    "r_max": 1.75,                    # cumulative prefill R: 1.092 x 1.5
-    "tail_max": 2.0,                  # cumulative prefill r_tail: 1.265 x 1.5
-    "decode_r_max": 4.0,              # cumulative decode R: 2.589 x 1.5
-    "decode_tail_max": 12.0,          # cumulative decode r_tail: 7.891 x 1.5
-    "isolated_r_max": 2.0,            # isolated prefill R: 1.169 x 1.5
-    "isolated_tail_max": 4.0,         # isolated prefill r_tail: 2.399 x 1.5
-    "isolated_decode_r_max": 3.25,    # isolated decode R: 2.149 x 1.5
-    "isolated_decode_tail_max": 7.0,  # isolated decode r_tail: 4.343 x 1.5
+    "r_max": 1.75,                    # cumulative prefill R: 1.146 x 1.5
+    "tail_max": 2.0,                  # cumulative prefill r_tail: 1.227 x 1.5 (emulator k)
+    "decode_r_max": 4.25,             # cumulative decode R: 2.678 x 1.5 (flash-bf16stats k_norm)
+    "decode_tail_max": 15.5,          # cumulative decode r_tail: 10.10 x 1.5 (flash-bf16stats k)
+    "isolated_r_max": 2.0,            # isolated prefill R: 1.169 x 1.5 (emulator act)
+    "isolated_tail_max": 4.0,         # isolated prefill r_tail: 2.399 x 1.5 (emulator act)
+    "isolated_decode_r_max": 3.25,    # isolated decode R: 2.149 x 1.5 (emulator and bf16-pairwise out)
+    "isolated_decode_tail_max": 7.0,  # isolated decode r_tail: 4.057 x 1.5 -> 6.5; seeds 100-139: 7.0
     # r_bias (the worst row's t statistic of the dut's ULP errors signed along the golden, over the
-    # baseline's, at least 3; tap_metrics) catches a scaled output where R cannot: on decode rows ruled
-    # by a few outlier channels one rounding is ~0.35% of the norm, so a 1% scaling scores R ~3,
-    # inside the clean maximum, while its t is >= 13 and a clean row's stays near the baseline's.
-    "bias_max": 4.5,                  # cumulative prefill r_bias: 2.677 x 1.5 (act)
-    "decode_bias_max": 3.5,           # cumulative decode r_bias: 2.286 x 1.5 (logits)
-    "isolated_bias_max": 5.5,         # isolated prefill r_bias: 3.446 x 1.5 (ffn_norm)
-    "isolated_decode_bias_max": 3.5,  # isolated decode r_bias: 2.290 x 1.5 (final_norm)
+    # baseline's, at least 3, among rows leaning at least 0.25 ULP; tap_metrics) catches a scaled output
+    # where R cannot: on decode rows ruled by a few outlier channels one rounding is ~0.35% of the
+    # norm, so a 1% scaling scores R ~3, inside the clean maximum, while its t is >= 13 and a clean
+    # row's stays near the baseline's.
+    "bias_max": 4.5,                  # cumulative prefill r_bias: 2.902 x 1.5 (flash-bf16stats logits)
+    "decode_bias_max": 4.0,           # cumulative decode r_bias: 2.414 x 1.5 (flash-bf16stats logits)
+    "isolated_bias_max": 5.5,         # isolated prefill r_bias: 3.446 x 1.5 (bf16-pairwise ffn_norm)
+    "isolated_decode_bias_max": 3.5,  # isolated decode r_bias: 1.864 x 1.5 -> 3.0; seeds 100-139: 3.5
+    # The attention tap's own limits (prefix attn_): attention is where correct implementations
+    # differ most (online softmax, bf16 running statistics, eager vs SDPA), so the validation
+    # population widens its allowance there, and only there.
+    "attn_r_max": 1.75,               # 1.137 x 1.5 -> the shared 1.75
+    "attn_tail_max": 2.0,             # 1.121 x 1.5 -> the shared 2.0
+    "attn_decode_r_max": 4.25,        # 2.523 x 1.5 -> the shared 4.25
+    "attn_decode_tail_max": 15.5,     # 3.664 x 1.5 -> the shared 15.5
+    "attn_isolated_r_max": 2.5,       # 1.644 x 1.5 (flash-bf16stats)
+    "attn_isolated_tail_max": 4.0,    # 1.725 x 1.5 -> the shared 4.0
+    "attn_isolated_decode_r_max": 4.5,      # 3.466 x 1.5 = 5.25, capped (calibration.CAPS): stale KV at 5.03
+    "attn_isolated_decode_tail_max": 9.0,   # 5.856 x 1.5 (flash-bf16stats)
+    "attn_bias_max": 4.5,             # 2.611 x 1.5 -> the shared 4.5
+    "attn_decode_bias_max": 4.0,      # 1.377 x 1.5 -> the shared 4.0
+    "attn_isolated_bias_max": 7.0,    # 4.586 x 1.5 (flash-bf16stats: its bf16 softmax sum scales rows)
+    "attn_isolated_decode_bias_max": 3.5,   # 1.811 x 1.5 -> the shared 3.5
     # Denominator floors, in units of one bf16 rounding of the golden (R) and ULP (tail). Prefill
     # keeps the metric's own floor (half a rounding); a decode row's baseline can land well below
     # one rounding by chance (the 2-in-18 false alarms of a plain R <= 2 rule), so decode floors it
@@ -151,6 +170,18 @@ class CalibratedPolicy(Policy):
     decode_bias_max: float = CALIBRATED_THRESHOLDS["decode_bias_max"]
     isolated_bias_max: float = CALIBRATED_THRESHOLDS["isolated_bias_max"]
     isolated_decode_bias_max: float = CALIBRATED_THRESHOLDS["isolated_decode_bias_max"]
+    attn_r_max: float = CALIBRATED_THRESHOLDS["attn_r_max"]
+    attn_tail_max: float = CALIBRATED_THRESHOLDS["attn_tail_max"]
+    attn_decode_r_max: float = CALIBRATED_THRESHOLDS["attn_decode_r_max"]
+    attn_decode_tail_max: float = CALIBRATED_THRESHOLDS["attn_decode_tail_max"]
+    attn_isolated_r_max: float = CALIBRATED_THRESHOLDS["attn_isolated_r_max"]
+    attn_isolated_tail_max: float = CALIBRATED_THRESHOLDS["attn_isolated_tail_max"]
+    attn_isolated_decode_r_max: float = CALIBRATED_THRESHOLDS["attn_isolated_decode_r_max"]
+    attn_isolated_decode_tail_max: float = CALIBRATED_THRESHOLDS["attn_isolated_decode_tail_max"]
+    attn_bias_max: float = CALIBRATED_THRESHOLDS["attn_bias_max"]
+    attn_decode_bias_max: float = CALIBRATED_THRESHOLDS["attn_decode_bias_max"]
+    attn_isolated_bias_max: float = CALIBRATED_THRESHOLDS["attn_isolated_bias_max"]
+    attn_isolated_decode_bias_max: float = CALIBRATED_THRESHOLDS["attn_isolated_decode_bias_max"]
     r_floor: float = CALIBRATED_THRESHOLDS["r_floor"]
     decode_r_floor: float = CALIBRATED_THRESHOLDS["decode_r_floor"]
     tail_floor: float = CALIBRATED_THRESHOLDS["tail_floor"]
@@ -159,7 +190,7 @@ class CalibratedPolicy(Policy):
     def _judge(self, dut, golden, baseline, metrics, *, kind, phase, mode):  # type: ignore[no-untyped-def]
         if metrics["baseline_rel_fro"] == 0.0:
             return ExactPolicy()._judge(dut, golden, baseline, metrics, kind=kind, phase=phase, mode=mode)
-        limits = self.limits(phase, mode)
+        limits = self.limits(phase, mode, kind)
         stats = self.statistics(metrics, phase)
         reasons = []
         if not stats["r"] <= limits["r"]:
@@ -169,8 +200,10 @@ class CalibratedPolicy(Policy):
             reasons.append(_over("r_tail", stats["r_tail"], limits["r_tail"]) + f": p99 error "
                            f"{_fmt(metrics['ulp_p99'])} ULP vs bf16 baseline {_fmt(metrics['baseline_ulp_p99'])} ULP")
         if not stats["r_bias"] <= limits["r_bias"]:
+            lean = metrics.get("bias_lean_ulp")
+            by = f" by {_fmt(lean)} ULP on average" if lean is not None else ""
             reasons.append(_over("r_bias", stats["r_bias"], limits["r_bias"]) + f": the errors lean along the "
-                           f"golden (t {_fmt(metrics['bias_t'])} vs bf16 baseline t {_fmt(metrics['baseline_bias_t'])}): "
+                           f"golden{by} (t {_fmt(metrics['bias_t'])} vs bf16 baseline t {_fmt(metrics['baseline_bias_t'])}): "
                            "a scaled output")
         return {f"{k}_max": v for k, v in limits.items()}, reasons, stats
 
@@ -186,11 +219,21 @@ class CalibratedPolicy(Policy):
                 "r_tail": _div(metrics["ulp_p99"], max(metrics["baseline_ulp_p99"], tail_floor)),
                 "r_bias": metrics["r_bias"]}
 
-    def limits(self, phase: str, mode: str = "cumulative") -> dict[str, float]:
-        """The limits of a phase (``prefill`` / ``decode.N``) in a mode: {"r", "r_tail", "r_bias"}."""
+    def limits(self, phase: str, mode: str = "cumulative", kind: str = "") -> dict[str, float]:
+        """The limits of a tap kind in a phase (``prefill`` / ``decode.N``) and mode: {"r", "r_tail",
+        "r_bias"}; an ``ATTENTION_KINDS`` tap has keys of its own (attn_...)."""
         prefix = threshold_prefix(phase, mode)
-        return {"r": getattr(self, prefix + "r_max"), "r_tail": getattr(self, prefix + "tail_max"),
-                "r_bias": getattr(self, prefix + "bias_max")}
+        own = kind_prefix(kind) + prefix
+        return {"r": getattr(self, own + "r_max"), "r_tail": getattr(self, own + "tail_max"),
+                "r_bias": getattr(self, own + "bias_max")}
+
+
+ATTENTION_KINDS = frozenset({"attn"})
+
+
+def kind_prefix(kind: str) -> str:
+    """'attn_' for a tap kind with its own R / r_tail limits, else ''."""
+    return "attn_" if kind in ATTENTION_KINDS else ""
 
 
 def threshold_prefix(phase: str, mode: str) -> str:

@@ -1,11 +1,12 @@
-"""Calibrate the default policy's thresholds on clean emulator runs, and verify them on held-out runs.
+"""Calibrate the default policy's thresholds on clean runs, and verify them on held-out runs.
 
 The calibrated rule (harness.compare.policies.CalibratedPolicy) passes a tap while R, r_tail and
-r_bias stay under a threshold per family: (cumulative | isolated) x (prefill | decode). Here: those
-statistics of every tap of clean runs (the floors of ``CALIBRATED_THRESHOLDS`` applied, exact-baseline
-taps left out) -> count, max and p99.9 per family -> thresholds = ``margin`` x max, rounded up
-(``derive``) -> every held-out run (clean seeds the calibration never saw, plus the fault runs)
-re-judged offline under them (``rejudge``), scored with the self-test's own scoreboard.
+r_bias stay under a threshold per family (attention taps: limits of their own): (cumulative | isolated) x (prefill | decode). Here: those
+statistics of every tap of clean runs of correct deployments (the clean emulator and the validation
+population's calibration members; the floors of ``CALIBRATED_THRESHOLDS`` applied, exact-baseline taps
+left out) -> count, max and p99.9 per family -> thresholds = ``margin`` x max, rounded up (``derive``)
+-> every held-out run (seeds and members the calibration never saw, plus the fault and bug-shape
+runs) re-judged offline under them (``rejudge``), scored with the self-test's own scoreboard.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.compare.policies import CALIBRATED_THRESHOLDS, CalibratedPolicy, threshold_prefix
+from harness.compare.policies import CALIBRATED_THRESHOLDS, CalibratedPolicy, kind_prefix, threshold_prefix
 from harness.selftest.runner import CLEAN, OURS, CaseResult
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import get
@@ -25,6 +26,7 @@ FAMILIES = {"prefill": ("cumulative", "prefill"), "decode": ("cumulative", "deco
             "isolated_prefill": ("isolated", "prefill"), "isolated_decode": ("isolated", "decode.0")}
 STATS = {"r": "r", "tail": "r_tail", "bias": "r_bias"}    # summary key -> CalibratedPolicy statistic
 ROUNDING = {"r": 0.25, "tail": 0.5, "bias": 0.5}           # thresholds are rounded up to these steps
+PER_KIND = ("r", "tail", "bias")   # the attention taps have limits of their own (policies.kind_prefix)
 KEYS = {"r": "r_max", "tail": "tail_max", "bias": "bias_max"}  # threshold key after the family prefix
 
 
@@ -33,13 +35,15 @@ def _family(phase: str, mode: str) -> str:
 
 
 def ratios(results: list[CaseResult], floors: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
-    """R, r_tail and r_bias of every compared tap of the *clean* results, per family, with where each was."""
+    """R, r_tail and r_bias of every compared tap of the *clean* results of correct
+    deployments, per family, with where each was and whether the tap has limits of its own (attention)."""
     policy = CalibratedPolicy(**{**CALIBRATED_THRESHOLDS, **(floors or {})})
-    out: dict[str, dict[str, Any]] = {k: {**{s: [] for s in STATS}, "where": []} for k in FAMILIES}
+    out: dict[str, dict[str, Any]] = {k: {**{s: [] for s in STATS}, "where": [], "own": []} for k in FAMILIES}
     for res in results:
-        if res.case.fault != CLEAN or res.error:
+        # clean runs of correct deployments only: no fault, no bug shape, not the imprecise member
+        if res.case.fault != CLEAN or res.case.shape or res.expected is not None or res.error:
             continue
-        for phase, tap, _kind, metrics, _passed in res.taps:
+        for phase, tap, kind, metrics, _passed in res.taps:
             if metrics["baseline_rel_fro"] == 0.0:   # exact baseline (embedding lookup): judged exactly
                 continue
             fam = out[_family(phase, res.case.mode)]
@@ -47,21 +51,31 @@ def ratios(results: list[CaseResult], floors: dict[str, float] | None = None) ->
             for key, name in STATS.items():
                 fam[key].append(stats[name])
             fam["where"].append(f"{res.case.id} {phase}/{tap}")
-    return {k: {**{s: np.asarray(v[s]) for s in STATS}, "where": v["where"]} for k, v in out.items()}
+            fam["own"].append(bool(kind_prefix(kind)))
+    return {k: {**{s: np.asarray(v[s]) for s in STATS}, "where": v["where"], "own": np.asarray(v["own"], bool)}
+            for k, v in out.items()}
 
 
 def summarise(data: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Count, max (and where) and p99.9 of each statistic per family."""
+    """Count, max (and where) and p99.9 of each statistic per family; for the statistics with
+    per-kind limits (``PER_KIND``), ``{key}_*`` cover the shared-limit taps and ``attn_{key}_*`` the
+    attention taps."""
     out = {}
     for fam, d in data.items():
         if not len(d["r"]):
             continue
         row: dict[str, Any] = {"count": int(len(d["r"]))}
+        own = d.get("own", np.zeros(len(d["r"]), bool))
         for key in STATS:
-            i = int(np.argmax(d[key]))
-            row[f"{key}_max"] = float(d[key][i])
-            row[f"{key}_p999"] = float(np.quantile(d[key], 0.999))
-            row[f"{key}_max_at"] = d["where"][i]
+            groups = [("", ~own), ("attn_", own)] if key in PER_KIND else [("", np.ones(len(own), bool))]
+            for pre, mask in groups:
+                if not mask.any():
+                    continue
+                vals, where = d[key][mask], [w for w, m in zip(d["where"], mask) if m]
+                i = int(np.argmax(vals))
+                row[f"{pre}{key}_max"] = float(vals[i])
+                row[f"{pre}{key}_p999"] = float(np.quantile(vals, 0.999))
+                row[f"{pre}{key}_max_at"] = where[i]
         out[fam] = row
     return out
 
@@ -70,15 +84,47 @@ def _round_up(x: float, step: float) -> float:
     return math.ceil(x / step - 1e-9) * step
 
 
-def derive(summary: dict[str, dict[str, Any]], margin: float = 1.5) -> dict[str, float]:
-    """Thresholds = ``margin`` x the clean maximum per family, rounded up (``ROUNDING``); floors
-    unchanged. A family without data keeps its current thresholds."""
+# The emulator-only calibration before issue 11 (clean emulator, seeds 100-139, 720 checks; its
+# maxima are in docs/policies.md): the recalibration reruns only seeds 100-119 of the emulator, so
+# these thresholds stay the least a recalibration may ship (``derive(..., at_least=...)``).
+EMULATOR_SEEDS_100_139 = {
+    "r_max": 1.75, "tail_max": 2.0, "decode_r_max": 4.0, "decode_tail_max": 12.0, "isolated_r_max": 2.0,
+    "isolated_tail_max": 4.0, "isolated_decode_r_max": 3.25, "isolated_decode_tail_max": 7.0, "bias_max": 4.5,
+    "decode_bias_max": 3.5, "isolated_bias_max": 5.5, "isolated_decode_bias_max": 3.5,
+}
+
+
+# Limits a recalibration may not exceed, each with its reason: at 1.5 x flash attention's 3.466 the
+# isolated decode attention R limit (5.25) let the catalogue's stale KV cache through at its own tap
+# (qwen3-4b decode.0 layers.0.attn, R 5.03): capped at 4.5, between that fault and the largest correct
+# attention seen (HF eager, held out, 3.93; flash with bf16 statistics 3.47).
+CAPS = {"attn_isolated_decode_r_max": 4.5}
+
+
+def derive(summary: dict[str, dict[str, Any]], margin: float = 1.5,
+           at_least: dict[str, float] | None = None) -> dict[str, float]:
+    """Thresholds = ``margin`` x the clean maximum per family, rounded up (``ROUNDING``); the
+    attention taps' own R / r_tail limits likewise from their own maxima, never below the shared
+    limit; floors unchanged. A family without data keeps its current thresholds. ``at_least``: lower
+    bounds per key (an attention key is bounded by its shared key's bound too); ``CAPS`` bound them
+    from above."""
     th = dict(CALIBRATED_THRESHOLDS)
     for fam, (mode, phase) in FAMILIES.items():
         prefix = threshold_prefix(phase, mode)
         if fam in summary:
             for key, step in ROUNDING.items():
-                th[prefix + KEYS[key]] = _round_up(margin * summary[fam][f"{key}_max"], step)
+                if f"{key}_max" in summary[fam]:
+                    th[prefix + KEYS[key]] = _round_up(margin * summary[fam][f"{key}_max"], step)
+            for key in PER_KIND:
+                if f"attn_{key}_max" in summary[fam]:
+                    th["attn_" + prefix + KEYS[key]] = max(th[prefix + KEYS[key]], _round_up(
+                        margin * summary[fam][f"attn_{key}_max"], ROUNDING[key]))
+    for key, low in (at_least or {}).items():
+        for k in (key, "attn_" + key):
+            if k in th:
+                th[k] = max(th[k], low)
+    for key, high in CAPS.items():
+        th[key] = min(th[key], high)
     return th
 
 

@@ -29,24 +29,40 @@ MODES: tuple[str, ...] = ("cumulative", "isolated")
 CLEAN = "clean"
 
 
+EMULATOR = "emulator"
+
+
 @dataclass(frozen=True)
 class Case:
-    """One check: ``fault`` is an emulator fault name or ``clean``."""
+    """One check: ``fault`` is an emulator fault name or ``clean``; ``deployment`` is ``emulator`` or a
+    validation member (harness.deployment.validation: an independent correct implementation, always
+    clean, or an imprecise one the gate must fail)."""
 
     model: str
     seed: int
     mode: str
     fault: str = CLEAN
+    deployment: str = EMULATOR
+    shape: str = ""                  # a generic bug shape (harness.selftest.bug_shapes) at its reference ...
+    target: str = ""                 # ... magnitude, injected into this "phase/tap" of the clean deployment
 
     @property
     def id(self) -> str:
-        """``model/seed/mode/fault``: the case's identity in rows, filters and logs."""
-        return f"{self.model}/seed{self.seed}/{self.mode}/{self.fault}"
+        """``[member:]model/seed/mode/fault[/shape@phase/tap]``: the case's identity in rows and logs."""
+        head = "" if self.deployment == EMULATOR else f"{self.deployment}:"
+        tail = f"/{self.shape}@{self.target}" if self.shape else ""
+        return f"{head}{self.model}/seed{self.seed}/{self.mode}/{self.fault}{tail}"
+
+    @property
+    def population(self) -> str:
+        """``faults`` (the emulator and its fault catalogue), ``validation`` (the independent members) or
+        ``shapes`` (generic bug shapes injected into the clean emulator)."""
+        return "shapes" if self.shape else "validation" if self.deployment != EMULATOR else "faults"
 
 
 # The metrics the calibrated policy's statistics are computed from (CalibratedPolicy.statistics).
 CALIBRATION_KEYS = ("rel_fro", "baseline_rel_fro", "ulp_p99", "baseline_ulp_p99", "r_bias", "bias_t",
-                    "baseline_bias_t")
+                    "baseline_bias_t", "bias_lean_ulp", "r_ulp", "ulp_rms", "baseline_ulp_rms")
 
 
 @dataclass
@@ -94,14 +110,27 @@ class _Recording:
         return self.inner.decode(token_id, self._tap(phase, tap))
 
 
-def _recording_factory(fault: str, store: dict) -> Callable:
-    from harness.deployment.emulator import make_factory
+def _recording_factory(case: Case, store: dict) -> Callable:
+    if case.deployment == EMULATOR:
+        from harness.deployment.emulator import make_factory
 
-    inner = make_factory(faults=() if fault == CLEAN else (fault,))
+        inner = make_factory(faults=() if case.fault == CLEAN else (case.fault,))
+        name = f"emulator[{case.fault}]"
+    else:
+        from harness.deployment.validation import member
+
+        inner, name = member(case.deployment).factory, case.deployment
+
+    if case.shape:
+        from harness.selftest.bug_shapes import inject
+
+        phase, _, tap = case.target.partition("/")
+        inner = inject(inner, phase, tap, case.shape, None, case.seed)
+        name = f"{name}+{case.shape}@{case.target}"
 
     def factory(spec, weights):
         return _Recording(inner(spec, weights), store)
-    factory.name = f"emulator[{fault}]"  # type: ignore[attr-defined]
+    factory.name = name  # type: ignore[attr-defined]
     return factory
 
 
@@ -137,13 +166,20 @@ def run_case(case: Case, *, golden_dir: str | Path | None = None, decode_steps: 
     t0 = time.perf_counter()
     spec = model_spec.get(case.model, "tiny")
     expected = None
-    if case.fault != CLEAN:
+    if case.shape:
+        expected = case.target
+    elif case.fault != CLEAN:
         phase, tap = get_fault(case.fault).expected_tap(spec)
         expected = f"{phase}/{tap}"
+    elif case.deployment != EMULATOR:
+        from harness.deployment.validation import member
+
+        tap = member(case.deployment).expected_failure
+        expected = f"prefill/{tap}" if tap else None
     out = CaseResult(case, expected)
     recorded: dict[str, dict[str, np.ndarray]] = {}
     try:
-        verdict = harness.check(case.model, _recording_factory(case.fault, recorded), scale="tiny", seed=case.seed,
+        verdict = harness.check(case.model, _recording_factory(case, recorded), scale="tiny", seed=case.seed,
                                 decode_steps=decode_steps, mode=case.mode, policy=policy, golden_dir=golden_dir)
     except HarnessError as exc:
         out.error = f"{type(exc).__name__}: {exc}"
@@ -201,6 +237,43 @@ def population(models: Iterable[str], seeds: Iterable[int], faults: Iterable[str
     return cases
 
 
+def member_population(models: Iterable[str], seeds: Iterable[int], members: Iterable[str],
+                      modes: Iterable[str] = MODES) -> list[Case]:
+    """Clean cases of validation members (harness.deployment.validation) for every (model, seed, mode)."""
+    from harness.deployment.validation import member
+
+    members, models, modes = list(members), list(models), list(modes)
+    for name in members:
+        member(name)  # KeyError naming an unknown member now, not in a worker
+    return [Case(m, s, mode, CLEAN, name) for name in members for m in models for s in seeds for mode in modes]
+
+
+def shape_population(models: Iterable[str], seeds: Iterable[int], shapes: Iterable[str] | None = None,
+                     targets: int = 2, decode_steps: int = 4, modes: Iterable[str] = MODES) -> list[Case]:
+    """Every generic bug shape (default: all) at its reference magnitude on ``targets`` taps per (shape,
+    model, seed): alternately a prefill tap and a decode step's, each tap drawn by a generator seeded
+    from (shape, model, seed), so the population covers every tap kind across models and seeds."""
+    import zlib
+
+    from harness.selftest import bug_shapes
+    from harness.spec import model_spec, taps as tapspec
+
+    names = list(bug_shapes.SHAPES) if shapes is None else list(shapes)
+    for name in names:
+        bug_shapes.get(name)  # HarnessError naming an unknown shape now
+    cases = []
+    for m in models:
+        taps = tapspec.tap_names(model_spec.get(m, "tiny"))
+        for s in seeds:
+            for name in names:
+                rng = np.random.default_rng([int(s), zlib.crc32(f"{name}/{m}".encode())])
+                for k in range(targets):
+                    phase = "prefill" if k % 2 == 0 else f"decode.{int(rng.integers(decode_steps))}"
+                    target = f"{phase}/{taps[int(rng.integers(len(taps)))]}"
+                    cases.extend(Case(m, s, mode, CLEAN, EMULATOR, name, target) for mode in modes)
+    return cases
+
+
 def _init_worker() -> None:
     from harness.threads import use_one_thread
 
@@ -229,7 +302,8 @@ def run_cases(cases: list[Case], *, jobs: int | None = None, golden_dir: str | P
         return results
     # Cases of one (model, seed) run next to each other (in chunks of 4) so a worker reuses the weights
     # and golden it just loaded; results come back in the caller's order.
-    order = sorted(range(len(cases)), key=lambda i: (cases[i].model, cases[i].seed, cases[i].fault, cases[i].mode))
+    order = sorted(range(len(cases)), key=lambda i: (cases[i].model, cases[i].seed, cases[i].deployment, cases[i].fault,
+                                                     cases[i].mode))
     ctx = multiprocessing.get_context("spawn")
     done: dict[int, CaseResult] = {}
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker) as pool:
@@ -240,10 +314,15 @@ def run_cases(cases: list[Case], *, jobs: int | None = None, golden_dir: str | P
     return [done[i] for i in range(len(cases))]
 
 
-def quick_population(models: Iterable[str] | None = None, seeds: Iterable[int] = (0, 1)) -> list[Case]:
+def quick_population(models: Iterable[str] | None = None, seeds: Iterable[int] = (0, 1),
+                     members: Iterable[str] | None = None, shapes: Iterable[str] | None = None) -> list[Case]:
     """The CI subset: every fault once, on applicable models taken in turn (so every model carries
-    faults), and the clean emulator on ``seeds`` (default 0, 1) of every model, both modes."""
+    faults), and the clean emulator on ``seeds`` (default 0, 1) of every model, both modes; every
+    validation member (default: all, the imprecise one included) and every bug shape (default: all,
+    one tap each) once, on the models taken in turn, seed 0."""
     from harness.deployment.emulator.faults import FAULTS
+    from harness.deployment.validation import IMPRECISE, MEMBERS
+    from harness.selftest.bug_shapes import SHAPES
     from harness.spec import model_spec
 
     models = list(models) if models is not None else model_spec.names()
@@ -255,4 +334,45 @@ def quick_population(models: Iterable[str] | None = None, seeds: Iterable[int] =
             model = fits[turn % len(fits)]
             turn += 1
             cases.extend(Case(model, 0, mode, name) for mode in MODES)
+    names = list(MEMBERS) + list(IMPRECISE) if members is None else list(members)
+    for i, name in enumerate(names):
+        cases.extend(member_population([models[i % len(models)]], [0], [name]))
+    for i, name in enumerate(list(SHAPES) if shapes is None else list(shapes)):
+        cases.extend(shape_population([models[i % len(models)]], [0], [name], targets=1 + i % 2)[-2:])
     return cases
+
+
+def save_results(results: list[CaseResult], path: str | Path) -> None:
+    """Append ``results`` (per-tap calibration metrics included) to a JSON-lines file, one case a line,
+    so that calibration and re-judging reuse runs instead of recomputing them."""
+    import json
+    import math
+
+    def clean(x: Any) -> Any:
+        return str(x) if isinstance(x, float) and not math.isfinite(x) else x
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        for r in results:
+            line = r.to_dict()
+            line["taps"] = [[ph, tap, kind, {k: clean(v) for k, v in m.items()}, passed]
+                            for ph, tap, kind, m, passed in r.taps]
+            fh.write(json.dumps(line) + "\n")
+
+
+def load_results(path: str | Path) -> list[CaseResult]:
+    """The CaseResults of ``save_results`` files (later lines of the same case replace earlier ones)."""
+    import json
+
+    def num(x: Any) -> Any:
+        return float(x) if x in ("nan", "inf", "-inf") else x
+
+    out: dict[str, CaseResult] = {}
+    for line in Path(path).read_text().splitlines():
+        d = json.loads(line)
+        case = Case(**d["case"])
+        taps = [(ph, tap, kind, {k: num(v) for k, v in m.items()}, passed) for ph, tap, kind, m, passed in d["taps"]]
+        out[case.id] = CaseResult(case, d["expected"], d["outcomes"], d["hint"], d["error"], d["seconds"], taps)
+    return list(out.values())
+

@@ -1,4 +1,14 @@
-"""The self-test scoreboard: detection, exact localisation and false alarms per policy, per fault.
+"""The self-test scoreboard: three populations, each scored under our policy and the classic ones.
+
+- **faults**: the emulator's fault catalogue and the clean emulator: detection, exact localisation
+  and false alarms per policy, per fault (below);
+- **validation**: independent correct deployments (harness.deployment.validation), each run a false
+  alarm when it fails, reported per member with its split (``calibration``: its runs set the
+  thresholds; ``heldout``: never seen by the calibration); an imprecise member must fail, at its
+  expected tap;
+- **shapes**: generic bug shapes (harness.selftest.bug_shapes) at their reference magnitude injected
+  into one tap of the clean emulator: detection, exact localisation at the perturbed tap, and the
+  hint the verdict gave (a column fed by whatever hint it has; scoring it is the hints' job).
 
 Modes are combined as ``harness gate`` combines them (it runs both): a run *fails* when either mode's
 check fails. Localisation is taken from the isolated run when it failed (teacher forcing pins each
@@ -24,6 +34,7 @@ from typing import Any
 from harness.selftest.runner import CLASSIC, CLEAN, OURS, POLICIES, CaseResult
 
 TARGETS = {"detection": 1.0, "localisation": 0.95, "false_alarms": 0.0}
+SHAPE_TARGET = 0.995             # issue 11: every bug shape at 1% (or gross) detected on >= 99.5% of taps
 POLICY_TEXT = {
     OURS: "calibrated R / tail / bias (default)",
     "torch-bf16": "allclose rtol 1.6e-2 atol 1e-5",
@@ -97,9 +108,26 @@ class Scoreboard:
     errors: list[str]
     counts: dict[str, int]
     seconds: float = 0.0
+    # member -> {"member", "split", "expected", "runs", "policies": {policy: [failed, at expected]}, "first": [..]}
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    # shape -> {"shape", "runs", "by_phase": {prefill|decode: [runs, detected, localised]},
+    #           "policies": {policy: [detected, localised]}, "hints": {hint: count}}
+    shapes: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def build(cls, results: list[CaseResult], seconds: float = 0.0) -> Scoreboard:
+        board = cls._build_faults([r for r in results if r.case.population == "faults"], seconds)
+        board.validation, v_misses = _validation([r for r in results if r.case.population == "validation"])
+        board.shapes, s_misses = _shapes([r for r in results if r.case.population == "shapes"])
+        board.misses += v_misses + s_misses
+        board.errors = [f"{r.case.id}: {r.error}" for r in results if r.error]
+        board.counts["checks"] = len(results)
+        board.counts["validation_runs"] = sum(v["runs"] for v in board.validation)
+        board.counts["shape_runs"] = sum(v["runs"] for v in board.shapes)
+        return board
+
+    @classmethod
+    def _build_faults(cls, results: list[CaseResult], seconds: float) -> Scoreboard:
         runs: dict[tuple[str, int, str], dict[str, CaseResult]] = defaultdict(dict)
         for r in results:
             runs[(r.case.model, r.case.seed, r.case.fault)][r.case.mode] = r
@@ -159,6 +187,17 @@ class Scoreboard:
         ours, out = self.rows[OURS], []
         if ours.fault_runs == 0 or ours.clean_runs == 0:
             out.append("the population needs both fault runs and clean runs")
+        for v in self.validation:
+            failed, at = v["policies"][OURS]
+            if v["expected"] is None and failed:
+                out.append(f"validation member {v['member']} ({v['split']}): {failed} false alarm(s) in {v['runs']} runs")
+            elif v["expected"] is not None and at < v["runs"]:
+                out.append(f"imprecise member {v['member']}: failed at {v['expected']} in {at} of {v['runs']} runs")
+        for sh in self.shapes:
+            for phase_kind, (n, det, _loc) in sh["by_phase"].items():
+                if n and det / n < SHAPE_TARGET:
+                    out.append(f"shape {sh['shape']} ({phase_kind}): detected in {det}/{n} runs "
+                               f"(< {SHAPE_TARGET:.1%})")
         if ours.detection < TARGETS["detection"]:
             out.append(f"detection {ours.detection:.1%} < {TARGETS['detection']:.0%}")
         if ours.localisation < TARGETS["localisation"]:
@@ -183,6 +222,7 @@ class Scoreboard:
                                "from the isolated run when it failed, else the cumulative run",
                 "counts": self.counts, "seconds": round(self.seconds, 1),
                 "policies": [self.rows[p].to_dict() for p in POLICIES], "faults": self.faults,
+                "validation": self.validation, "shapes": self.shapes, "shape_target": SHAPE_TARGET,
                 "misses": self.misses, "errors": self.errors}
 
     def to_markdown(self) -> str:
@@ -213,11 +253,38 @@ class Scoreboard:
         for f in self.faults:
             cells = " | ".join(f"{d}/{l}" for d, l in (f["policies"][p] for p in POLICIES))
             lines.append(f"| {f['fault']} | {f['models']} | {f['hint_right']}/{f['models']} | {cells} |")
+        lines += self._validation_markdown() + self._shapes_markdown()
         for title, items in (("Target failures", self.failures()), ("Our policy's misses", self.misses),
                              ("Cases that could not run", self.errors)):
             if items:
                 lines += ["", f"{title}:", ""] + [f"- {x}" for x in items]
         return "\n".join(lines) + "\n"
+
+    def _validation_markdown(self) -> list[str]:
+        if not self.validation:
+            return []
+        lines = ["", "Validation deployments (independent implementations; a failing run of a correct member is a "
+                 "false alarm, the imprecise one must fail at its expected tap; failed runs / at expected tap):", "",
+                 "| member | split | runs | " + " | ".join(POLICIES) + " |", "|---|---|---|" + "---|" * len(POLICIES)]
+        for v in self.validation:
+            cells = " | ".join(f"{f}" if v["expected"] is None else f"{f} / {a}" for f, a in
+                               (v["policies"][p] for p in POLICIES))
+            lines.append(f"| {v['member']} | {v['split']} | {v['runs']} | {cells} |")
+        return lines
+
+    def _shapes_markdown(self) -> list[str]:
+        if not self.shapes:
+            return []
+        lines = ["", "Generic bug shapes at their reference magnitude, one tap each (detected / exactly localised "
+                 "runs; ours split by phase; hint: the verdict's hints, `-` none):", "",
+                 "| shape | runs | ours prefill | ours decode | " + " | ".join(CLASSIC) + " | hints |",
+                 "|---|---|---|---|" + "---|" * len(CLASSIC) + "---|"]
+        for sh in self.shapes:
+            phases = [f"{d}/{l} of {n}" for n, d, l in (sh["by_phase"].get(k, [0, 0, 0]) for k in ("prefill", "decode"))]
+            cells = " | ".join(f"{d}/{l}" for d, l in (sh["policies"][p] for p in CLASSIC))
+            hints = ", ".join(f"{h} x{c}" for h, c in sorted(sh["hints"].items(), key=lambda kv: -kv[1])[:3])
+            lines.append(f"| {sh['shape']} | {sh['runs']} | {phases[0]} | {phases[1]} | {cells} | {hints} |")
+        return lines
 
     def rich_table(self):
         """The policy table as a rich Table."""
@@ -240,6 +307,70 @@ class Scoreboard:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text)
             tmp.replace(path)
+
+
+def _runs(results: list[CaseResult]) -> dict[str, dict[str, CaseResult]]:
+    """Results grouped into runs (a case id without its mode) -> {mode: result}."""
+    runs: dict[str, dict[str, CaseResult]] = defaultdict(dict)
+    for r in results:
+        runs[r.case.id.replace(f"/{r.case.mode}/", "/", 1)][r.case.mode] = r
+    return runs
+
+
+def _validation(results: list[CaseResult]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per member: runs, and per policy [failed runs, runs failing first at the expected tap]."""
+    from harness.deployment.validation import member
+
+    out: dict[str, dict[str, Any]] = {}
+    misses = []
+    for run_id, by_mode in _runs(results).items():
+        case = next(iter(by_mode.values())).case
+        m = member(case.deployment)
+        expected = next(iter(by_mode.values())).expected
+        v = out.setdefault(m.name, {"member": m.name, "split": m.split, "expected": expected, "runs": 0,
+                                    "policies": {p: [0, 0] for p in POLICIES}, "first": []})
+        v["runs"] += 1
+        for p in POLICIES:
+            failed, first = _combined(by_mode, p)
+            v["policies"][p][0] += failed
+            at_tap = expected is not None and first is not None and first.split("/", 1)[1] == expected.split("/", 1)[1]
+            v["policies"][p][1] += failed and at_tap                # the imprecise member: at its tap, any phase
+            if p == OURS and failed and expected is None:
+                v["first"].append(f"{run_id}: {first}")
+                misses.append(f"false alarm {run_id}: {first}")
+            elif p == OURS and expected is not None and not (failed and at_tap):
+                misses.append(f"imprecise {run_id}: first failure {first}, expected {expected}")
+    order = {"calibration": 0, "heldout": 1}
+    return sorted(out.values(), key=lambda v: (order.get(v["split"], 2), v["member"])), misses
+
+
+def _shapes(results: list[CaseResult]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per shape: runs, ours by phase kind [runs, detected, localised], every policy's [detected,
+    localised], and the hints our verdicts gave."""
+    out: dict[str, dict[str, Any]] = {}
+    misses = []
+    for run_id, by_mode in _runs(results).items():
+        case = next(iter(by_mode.values())).case
+        expected = case.target
+        sh = out.setdefault(case.shape, {"shape": case.shape, "runs": 0, "by_phase": {},
+                                         "policies": {p: [0, 0] for p in POLICIES}, "hints": {}})
+        sh["runs"] += 1
+        for p in POLICIES:
+            failed, first = _combined(by_mode, p)
+            sh["policies"][p][0] += failed
+            sh["policies"][p][1] += failed and first == expected
+            if p == OURS:
+                pk = "prefill" if expected.startswith("prefill") else "decode"
+                cell = sh["by_phase"].setdefault(pk, [0, 0, 0])
+                cell[0] += 1
+                cell[1] += failed
+                cell[2] += failed and first == expected
+                if failed:
+                    hint = (_hint(by_mode) or "-").split(":", 1)[0]
+                    sh["hints"][hint] = sh["hints"].get(hint, 0) + 1
+                if not failed or first != expected:
+                    misses.append(f"shape {'missed' if not failed else 'mislocalised'} {run_id}: first failure {first}")
+    return sorted(out.values(), key=lambda v: v["shape"]), misses
 
 
 def dominates(a: Row, b: Row) -> bool:
