@@ -206,3 +206,11 @@ def test_trace_without_decode_is_not_judged_pass_on_decode(golden_root: Path, tm
     assert "PASS" not in res.output.splitlines()[0]
     errors = ET.parse(xml).getroot().findall(".//testcase[error]")
     assert any(c.get("name") == "decode" for c in errors)  # JUnit: an error, never a silent pass
+
+
+def test_a_raising_factory_is_said_once(golden_root: Path, bad_deployments: str) -> None:
+    """Every phase that needs the deployment errors with the same cause: the console says it once."""
+    res = _gate(golden_root, "--phase", "3", "-d", "bad_deps:raises")
+    assert res.exit_code == 3, res.output
+    assert res.output.count("kernel timed out") == 1, res.output
+    assert "the same cause as phase" in res.output

@@ -189,3 +189,12 @@ def test_reads_verdicts_as_harness_encodes_them():
     assert "perf: 1 regression in 1 comparison: qwen3-0.6b ttft regression 1.15x (p=" in text
     assert "(p=-)" not in text
     assert text.endswith("time: 4.5 s")  # from the provenance when the caller gives no time
+
+
+def test_a_failure_without_numbers_states_its_reason():
+    """A wrong tap shape is judged by no policy: the first-failure block still says why (issue 13)."""
+    v = sample_verdict("qwen3-0.6b", fail_phase="prefill")
+    v["first_failure"].update({"judgement": None, "metrics": {}, "hint": "no known signature",
+                               "message": "tap layers.0.q: shape (64, 128), expected (64, 256)"})
+    text = render_summary(v)
+    assert "why: tap layers.0.q: shape (64, 128), expected (64, 256)" in text

@@ -96,9 +96,12 @@ def summary_lines(results: list[Any], elapsed_s: float, exit_code: int, phase: i
     for r in results:
         if r.error:
             lines.append(f"{r.model}: could not run: {r.error}")
+        said: dict[str, int] = {}  # a cause shared by several phases (a factory that raises) is said once
         for o in sorted(r.outcomes.values(), key=lambda o: o.phase):
             if o.status not in ("pass", "measured"):
-                lines.append(f"{r.model} phase {o.phase} {o.name}: {o.status.upper()}: {o.message}")
+                first = said.setdefault(o.message, o.phase) if o.message else o.phase
+                why = o.message if first == o.phase else f"the same cause as phase {first}"
+                lines.append(f"{r.model} phase {o.phase} {o.name}: {o.status.upper()}: {why}")
     reruns = [f"{r.model} phase 7 rerun: {r.recheck['reproduce']}" for r in results if r.recheck]
     tail = f"{word} gate phases 0-{phase}: exit {exit_code}, {elapsed_s:.1f} s"
     return lines[: 19 - len(reruns[:3])] + reruns[:3] + [tail]

@@ -109,6 +109,8 @@ def _first_failure_lines(ff: dict[str, Any], indent: str = "  ") -> list[Line]:
         lines.append(Line(f"{indent}metrics: {_metrics_line(metrics)}", 3))
     if judgement.get("reasons"):
         lines.append(Line(f"{indent}why: {one_line('; '.join(map(str, judgement['reasons'])), 240)}", 4))
+    elif ff.get("message"):  # not a numeric judgement (a wrong shape or dtype, a missing required tap): the reason
+        lines.append(Line(f"{indent}why: {one_line(ff['message'], 240)}", 1, "red"))
     if ff.get("hint"):
         lines.append(Line(f"{indent}hint: {one_line(ff['hint'], 240)}", 1, "cyan"))
     if kind in _LOCALISATION:
