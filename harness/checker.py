@@ -208,6 +208,8 @@ def check(
     """
     from harness.deployment.isolation import open_deployment, validate_isolation, validate_timeout
 
+    if mode not in MODES:
+        raise HarnessError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     validate_isolation(isolation)
     validate_timeout(timeout)
     if callable(factory):
@@ -267,7 +269,7 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
             close()
         if host is not None:
             host.close()
-    if not results:
+    if not any(seen.values()):  # returned logits alone are judged, but a deployment must hand over its taps
         raise HarnessError(f"the deployment handed over no taps: nothing was compared ({name})")
 
     required = tapspec.required_taps(spec)

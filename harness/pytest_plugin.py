@@ -46,6 +46,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="Decode steps judged per tap (phase 5). Default: 4.")
     group.addoption("--recheck-seed", type=int, default=None, metavar="N",
                     help="Pin phase 7's seed (to reproduce a re-check). Default: drawn at run time.")
+    group.addoption("--isolation", default="process", choices=("process", "inline"),
+                    help="Where the deployment runs: a child process (a crash or hang is an error naming the "
+                         "phase) or inline (debugging). Default: process.")
+    # pytest-timeout owns --timeout (per test), hence --deployment-timeout here; `harness gate --timeout`.
+    group.addoption("--deployment-timeout", type=float, default=None, metavar="SECONDS",
+                    help="Deadline of each deployment call. Default: derived from model size and tokens.")
 
 
 def settings_of(config: pytest.Config) -> Settings:
@@ -63,9 +69,15 @@ def pytest_configure(config: pytest.Config) -> None:
         scale=config.getoption("scale"), seed=config.getoption("seed"), weights=config.getoption("weights"),
         mode=config.getoption("mode"), phase=config.getoption("phase"), golden_dir=config.getoption("golden_dir"),
         decode_steps=config.getoption("decode_steps"), fault=tuple(config.getoption("fault")),
-        recheck_seed=config.getoption("recheck_seed"))
+        recheck_seed=config.getoption("recheck_seed"), isolation=config.getoption("isolation"),
+        timeout=config.getoption("deployment_timeout"))
     config.stash[ACCOUNTING] = Phase7Accounting(config)
     config.pluginmanager.register(config.stash[ACCOUNTING], "npu-harness-phase7")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if SESSION in config.stash:
+        config.stash[SESSION].close()  # the deployment's child process ends with the session
 
 
 @pytest.fixture(scope="session")

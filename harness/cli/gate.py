@@ -123,6 +123,12 @@ def gate(
     db: Optional[str] = typer.Option(None, "--db", help="History database URL for --perf. Default: "
                                      "$NPU_HARNESS_DB_URL, else sqlite:///reports/history.sqlite."),
     golden_dir: Optional[Path] = GoldenDirOpt,
+    isolation: str = typer.Option("process", "--isolation", help="Where the deployment runs: process (a child "
+                                  "process: a crash or hang is exit 3 naming the phase and last tap) or inline "
+                                  "(in the harness's process, for debugging). Default: process."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Deadline in seconds of each deployment call "
+                                            "(build, prefill, one decode step). Default: derived from the model "
+                                            "size and tokens (floor 60 s)."),
 ) -> None:
     """Run the phase gates 0..N; exit 0 pass, 1 correctness failure, 2 perf regression, 3 could not run."""
     from harness.cli.common import models_or_all
@@ -147,7 +153,7 @@ def gate(
         raise typer.Exit(EXIT_ERROR)
     opts = dict(deployment=dep, phase=phase, scale=scale, seed=seed, weights=path_or_none(weights), mode=mode,
                 golden_dir=path_or_none(golden_dir), perf=perf, perf_db=db, decode_steps=decode_steps,
-                prompt_len=prompt_len, trace=path_or_none(trace))
+                prompt_len=prompt_len, trace=path_or_none(trace), isolation=isolation, timeout=timeout)
     results = [run_gate(m, GateOptions(**opts)) for m in ids]
     elapsed = time.perf_counter() - t0
     code = overall_exit(results)

@@ -40,6 +40,7 @@ from harness.errors import HarnessError
 
 ISOLATIONS = ("process", "inline")
 PIPE_MAX = 1 << 20  # bytes: larger tensors go through shared memory
+PIPE_MAX_ENV = "NPU_HARNESS_PIPE_MAX"  # overrides PIPE_MAX (tests drive the shared-memory path with tiny models)
 SHM_DIR = Path("/dev/shm")
 # Default deadlines: a generous floor plus a term proportional to the work, at a pace far below any CPU
 # (so a slow machine never trips them, and a hang still ends).
@@ -84,9 +85,10 @@ class Deadlines:
     timeout: float | None = None
 
     def build(self, spec: Any) -> float:
-        if self.timeout is not None:
-            return self.timeout
-        return BUILD_FLOOR_S + BUILD_S_PER_PARAM * approx_params(spec)
+        """Building (child start-up, imports, weight load, factory) keeps its derived deadline: ``timeout``
+        is for the steady-state calls, and only ever lengthens this one."""
+        derived = BUILD_FLOOR_S + BUILD_S_PER_PARAM * approx_params(spec)
+        return derived if self.timeout is None else max(derived, self.timeout)
 
     def call(self, spec: Any, tokens: int, calls: int = 1) -> float:
         if self.timeout is not None:
@@ -126,7 +128,8 @@ def _segment_prefix(child_pid: int) -> str:
 def pack(value: Any, prefix: str, counter: Any) -> tuple:
     """``("pipe", value)``, or for a large numeric array ``("shm", name, shape, dtype)`` (the receiver
     copies it out and unlinks the segment)."""
-    if isinstance(value, np.ndarray) and value.nbytes > PIPE_MAX and value.dtype.kind in "biufc":
+    limit = int(os.environ.get(PIPE_MAX_ENV, PIPE_MAX))
+    if isinstance(value, np.ndarray) and value.nbytes > limit and value.dtype.kind in "biufc":
         from multiprocessing import shared_memory
 
         name = f"{prefix}{next(counter)}"
@@ -523,7 +526,7 @@ class InlineDeployment:
         return self._timed(phase, self.inner.decode, token_id, tap or noop_tap)
 
     def run(self, fn: Callable, *args: Any, phase: str = "run", tokens: int = 1, calls: int = 1) -> Any:
-        return fn(self.inner, *args)
+        return self._timed(phase, fn, self.inner, *args)
 
     def close(self) -> None:
         self.inner = None

@@ -71,7 +71,7 @@ class ReplayFactory:
 
     def __call__(self, spec, weights, *, golden=None, mode: str = "cumulative"):
         if golden is None:
-            raise ValueError(f"{self.name} needs the golden set; run it through harness.check")
+            raise ValueError(f"{self.name} needs the golden set; judge it with check_replay")
         variant = self.variant
         if variant == "baseline":
             variant = "local" if mode == "isolated" else "bf16"

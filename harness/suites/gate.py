@@ -19,7 +19,6 @@ from harness.suites import perfgate
 from harness.suites.e2e import E2E_STEPS, e2e_checks
 from harness.suites.phases import (ERROR, MAX_PHASE, MEASURED, NOT_APPLICABLE, PASS, REGRESSION, Check,
                                    GateResult, PhaseOutcome, gate_phase_of, outcome)
-from harness.suites.recording import RecordingFactory
 
 MODES = ("cumulative", "isolated")
 
@@ -36,6 +35,7 @@ def deployment_with_faults(deployment: str | Callable | None, faults: list[str] 
 
     factory = make_factory(tuple(faults))
     factory.name = f"emulator+{'+'.join(faults)}"  # type: ignore[attr-defined]
+    factory.spawn_target = f"emulator[faults={'+'.join(faults)}]"  # type: ignore[attr-defined]  # rebuilt in the child
     return factory
 
 
@@ -85,6 +85,8 @@ class GateOptions:
     trace: str | Path | None = None
     recheck_seed: int | None = None  # phase 7: None draws one at run time
     recheck_prompt_len: int | None = None
+    isolation: str = "process"  # where the deployment runs: a child process, or inline (debugging)
+    timeout: float | None = None  # seconds per deployment call; None: derived from the work
     progress: Callable | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -99,8 +101,15 @@ class _Run:
         self.model, self.opts = model, opts
         self.spec = get(model, opts.scale)
         self.store = GoldenStore(opts.golden_dir)
-        self.factory = RecordingFactory(opts.deployment)
-        self.factory.recorder.keep_logits = False
+        # isolation: one deployment host (one child process) serves every deployment of this run.
+        from harness.deployment.isolation import DeploymentHost
+        from harness.deployment.loader import describe, load_factory, refuse_golden_access
+
+        self.target = opts.deployment
+        if opts.trace is None:
+            refuse_golden_access(load_factory(self.target), self.target)
+        self.name = describe(self.target)
+        self.host = DeploymentHost(opts.isolation, opts.timeout)
         self.verdicts: dict[str, Any] = {}
         self.goldens: list[Any] = []
 
@@ -131,19 +140,19 @@ class _Run:
                 if v.model != self.model or v.scale != o.scale:
                     raise HarnessError(f"--trace {o.trace}: records {v.model}/{v.scale}, not {self.model}/{o.scale}")
             else:
-                v = harness.check(self.model, self.factory, scale=o.scale, seed=o.seed if seed is None else seed,
+                v = harness.check(self.model, self.target, scale=o.scale, seed=o.seed if seed is None else seed,
                                   decode_steps=o.decode_steps, mode=mode, weights=o.weights,
                                   prompt_len=o.prompt_len if seed is None else prompt_len,
-                                  golden_dir=o.golden_dir, progress=o.progress)
+                                  golden_dir=o.golden_dir, progress=o.progress, isolation=self.host)
             self.verdicts[key] = v
         return self.verdicts[key]
 
     def deployment(self, golden):
-        """A fresh deployment (replays get their golden as harness.check gives it)."""
-        w = self.weights(golden.manifest["seed"])
-        if self.factory.needs_golden:
-            return self.factory(self.spec, w, golden=golden, mode="cumulative")
-        return self.factory(self.spec, w)
+        """A fresh deployment on this run's host (never handed the golden); close it after use."""
+        from harness.weights import WeightsSource
+
+        source = WeightsSource(str(self.opts.weights) if self.opts.weights else None)
+        return self.host.open(self.target, self.spec, source, golden.manifest["seed"])
 
 
 def _guard(phase: int, fn: Callable[[], PhaseOutcome]) -> PhaseOutcome:
@@ -189,13 +198,16 @@ def _tap_phase(run: _Run, gate_phase: int, modes: tuple[str, ...]) -> PhaseOutco
 
 def _perf(run: _Run, result: GateResult) -> dict[int, PhaseOutcome]:
     o = run.opts
-    # 9 decode steps per round: replays (needs_golden) can only replay recorded steps, so the timing
-    # uses the end-to-end golden (same prompt, 32 steps), which phase 6 builds anyway.
-    golden = run.golden(o.seed, E2E_STEPS, o.prompt_len)
+    golden = run.golden(o.seed, o.decode_steps, o.prompt_len)  # only its prompt is used
     dep = run.deployment(golden)
     t0 = time.perf_counter()
-    samples = perfgate.measure(dep, golden.input_ids)
-    by_phase, perf = perfgate.judge(run.model, run.factory.name, samples, compare=o.perf, db=o.perf_db)
+    try:  # timed where the deployment runs (in its child process: no pipe in the timings)
+        rounds = (perfgate.WARMUP + perfgate.ROUNDS) * (perfgate.DECODE_STEPS + 2)
+        samples = dep.run(perfgate.measure, golden.input_ids, phase="phase 4-5 timing",
+                          tokens=len(golden.input_ids), calls=rounds)
+    finally:
+        dep.close()
+    by_phase, perf = perfgate.judge(run.model, run.name, samples, compare=o.perf, db=o.perf_db)
     result.perf = perf
     secs = time.perf_counter() - t0
     return {n: PhaseOutcome(n, perfgate.status(cs, o.perf), cs,
@@ -205,7 +217,12 @@ def _perf(run: _Run, result: GateResult) -> dict[int, PhaseOutcome]:
 def _phase6(run: _Run, result: GateResult) -> PhaseOutcome:
     o = run.opts
     golden = run.golden(o.seed, E2E_STEPS, o.prompt_len)
-    checks, details = e2e_checks(golden, lambda: run.deployment(golden))
+    opened: list[Any] = []
+    try:
+        checks, details = e2e_checks(golden, lambda: opened.append(run.deployment(golden)) or opened[-1])
+    finally:
+        for dep in opened:
+            dep.close()
     result.e2e = details
     return outcome(6, checks)
 
@@ -266,7 +283,7 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
             raise HarnessError(f"--trace {opts.trace}: a trace records one cumulative run; it can gate phases "
                                f"0-5, not {opts.phase} (phases 6-7 need a live deployment)")
         run = _Run(model, opts)
-        result.deployment = run.factory.name if opts.trace is None else f"trace:{opts.trace}"
+        result.deployment = run.name if opts.trace is None else f"trace:{opts.trace}"
     except HarnessError as exc:
         result.error = str(exc)
         result.elapsed_s = time.perf_counter() - t0
@@ -308,7 +325,8 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
         result.outcomes[6] = _guard(6, lambda: _phase6(run, result))
     if opts.phase >= 7:
         result.outcomes[7] = _guard(7, lambda: _phase7(run, result, modes))
+    run.host.close()  # the deployment's child ends with the run (phases never raise; a daemon child dies with us)
     result.verdicts = {k: v.to_dict() for k, v in run.verdicts.items()}
-    result.deployment_s = run.factory.recorder.seconds
+    result.deployment_s = run.host.seconds
     result.elapsed_s = time.perf_counter() - t0
     return result

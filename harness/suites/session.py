@@ -31,6 +31,8 @@ class Settings:
     decode_steps: int = 4
     fault: tuple[str, ...] = ()
     recheck_seed: int | None = None
+    isolation: str = "process"  # where the deployment runs (harness.deployment.isolation)
+    timeout: float | None = None  # seconds per deployment call; None: derived from the work
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -60,6 +62,20 @@ class HarnessSession:
         self._memo: dict[tuple, Any] = {}
         self.goldens: dict[str, list[Any]] = {}
         self.recheck_seeds: dict[str, tuple[int, int]] = {}
+        self._host: Any = None
+
+    @property
+    def host(self) -> Any:
+        """One deployment host (one child process) for every deployment of this session (worker)."""
+        if self._host is None:
+            from harness.deployment.isolation import DeploymentHost
+
+            self._host = DeploymentHost(self.settings.isolation, self.settings.timeout)
+        return self._host
+
+    def close(self) -> None:
+        if self._host is not None:
+            self._host.close()
 
     def _get(self, key: tuple, compute: Callable[[], Any]) -> Any:
         if key not in self._memo:
@@ -108,7 +124,7 @@ class HarnessSession:
                     raise HarnessError(f"--trace {s.trace} records {v.model}, not {model}")
                 return v
             return harness.check(model, s.factory(), scale=s.scale, seed=s.seed, decode_steps=s.decode_steps,
-                                 mode=mode, weights=s.weights, golden_dir=s.golden_dir)
+                                 mode=mode, weights=s.weights, golden_dir=s.golden_dir, isolation=self.host)
 
         return self._get(("verdict", model, mode), run)
 
@@ -126,21 +142,23 @@ class HarnessSession:
             get(model, self.settings.scale), self.settings.factory())})
 
     def deployment(self, model: str, golden) -> Any:
-        """A fresh deployment of ``model`` (replays get their golden)."""
-        from harness.deployment.loader import load_factory
+        """A fresh deployment of ``model`` on the session's host (never handed the golden)."""
+        from harness.weights import WeightsSource
 
-        build = load_factory(self.settings.factory())
-        w = self.weights(model, golden.manifest["seed"])
-        if getattr(build, "needs_golden", False):
-            return build(golden.spec, w, golden=golden, mode="cumulative")
-        return build(golden.spec, w)
+        return self.host.open(self.settings.factory(), golden.spec, WeightsSource(self.settings.weights),
+                              golden.manifest["seed"])
 
     def e2e(self, model: str) -> tuple[dict[str, Check], dict[str, Any]]:
         from harness.suites.e2e import E2E_STEPS, e2e_checks
 
         def run():
             golden = self.golden(model, steps=E2E_STEPS)
-            checks, details = e2e_checks(golden, lambda: self.deployment(model, golden))
+            opened: list[Any] = []
+            try:
+                checks, details = e2e_checks(golden, lambda: opened.append(self.deployment(model, golden)) or opened[-1])
+            finally:
+                for dep in opened:
+                    dep.close()
             return {c.id: c for c in checks}, details
 
         return self._get(("e2e", model), run)
@@ -160,7 +178,8 @@ class HarnessSession:
 
         def run():
             v = harness.check(model, s.factory(), scale=s.scale, seed=seed, decode_steps=s.decode_steps,
-                              mode=mode, weights=s.weights, prompt_len=plen, golden_dir=s.golden_dir)
+                              mode=mode, weights=s.weights, prompt_len=plen, golden_dir=s.golden_dir,
+                              isolation=self.host)
             v.provenance["recheck"] = {"seed": seed, "prompt_len": plen}
             return v
 
