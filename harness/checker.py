@@ -29,11 +29,11 @@ def as_float32(name: str, value: Any) -> tuple[np.ndarray | None, str | None]:
     message = getattr(value, "unjudgeable_message", None)
     if isinstance(message, str):  # the child process already found the problem (isolation.Unjudgeable)
         return None, message
-    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
-        dtype = str(value.dtype).replace("torch.", "")
-        if dtype != "float32":
-            return None, f"tap {name}: dtype {dtype}, expected float32"
-        value = value.detach().cpu().numpy()
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor: any float dtype, widened
+        if not value.is_floating_point():
+            dtype = str(value.dtype).replace("torch.", "")
+            return None, f"tap {name}: dtype {dtype}, expected a floating-point tensor"
+        value = value.detach().cpu().float().numpy()  # bf16 / fp16 widen exactly
     if not isinstance(value, np.ndarray):
         return None, f"tap {name}: got {type(value).__name__}, expected a float32 numpy array"
     if value.dtype != np.float32:
@@ -55,6 +55,7 @@ class TapJudge:
         self.failed: tuple[int, str, np.ndarray] | None = None
         self._order: dict[str, int] | None = None
         self._logits: np.ndarray | None = None  # what the deployment tapped as logits (vs what it returns)
+        self.seconds = 0.0  # spent judging (inline, inside the deployment's calls)
 
     @property
     def returns_own_value(self) -> bool:
@@ -97,12 +98,21 @@ class TapJudge:
             self._keep_failed("logits", logits)
 
     def __call__(self, name: str, value: Any):
+        start = time.perf_counter()
+        try:
+            return self._judge(name, value)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _judge(self, name: str, value: Any):
         parsed = tapspec.validate(self.spec, name)  # unknown names raise TapError naming the tap
         if name in self.seen:
             raise TapError(f"tap {name!r} handed over twice in phase {self.phase}")
         self.seen.add(name)
         golden = self.golden.tensor(self.phase, name, "fp32")
         dut, problem = as_float32(name, value)
+        if problem is None:
+            dut = _unbatched(dut, golden.ndim)
         if problem is None and dut.shape != golden.shape:
             problem = f"tap {name}: shape {tuple(dut.shape)}, expected {tuple(golden.shape)}"
         if problem is not None:
@@ -151,8 +161,15 @@ def _call_deployment(what: str, fn: Callable, *args):
         raise DeploymentError(f"deployment raised in {what}: {summarise_exception(exc)}") from exc
 
 
+def _unbatched(arr: np.ndarray, ndim: int) -> np.ndarray:
+    """``arr`` without a leading batch dimension of size 1 (``[1, tokens, ...]`` as torch models give it)."""
+    return arr[0] if arr.ndim == ndim + 1 and arr.shape[0] == 1 else arr
+
+
 def _check_logits(phase: str, logits: Any, rows: int, vocab: int) -> np.ndarray:
     arr, problem = as_float32("logits (returned)", logits)
+    if problem is None:
+        arr = _unbatched(arr, 2)
     if problem is None and arr.shape != (rows, vocab):
         problem = f"{phase}: returned logits have shape {tuple(arr.shape)}, expected {(rows, vocab)}"
     if problem is not None:
@@ -247,6 +264,7 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
     seen: dict[str, set[str]] = {}
     failed_dut: dict[tuple[str, str], np.ndarray] = {}
     seconds0 = getattr(getattr(dep, "host", None), "seconds", 0.0)
+    judge_s = 0.0
     try:
         for i, phase in enumerate(golden.phases):
             judge = TapJudge(spec, golden, phase, mode, baseline, policies)
@@ -259,6 +277,7 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
                 rows = 1
             judge.judge_returned(_check_logits(phase, logits, rows, spec.vocab_size))
             results.extend(judge.results)
+            judge_s += judge.seconds
             seen[phase] = judge.seen
             if judge.failed is not None:
                 failed_dut[(phase, judge.failed[1])] = judge.failed[2]
@@ -284,7 +303,10 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
     if first is not None and first.judgement is not None:  # a numeric failure: look for a known cause
         w = load_weights(spec, source, seed)  # the parent's own read-only copy (hints replay ops on it)
         first.hint = _hint(spec, golden, first, mode, w, failed_dut.get((first.phase, first.tap)))
+    # deployment_s: time inside the deployment's calls where it runs (inline: judge_s, the judging of its
+    # taps, happens inside those calls).
     extra = {"elapsed_s": round(time.perf_counter() - t0, 3), "deployment_s": round(deployment_s, 4),
+             "judge_s": round(judge_s, 4),
              "isolation": dict(getattr(dep, "isolation", None) or {"mode": "inline"})}
     extra.update(extra_provenance or {})
     verdict = Verdict(

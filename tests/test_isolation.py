@@ -262,3 +262,39 @@ def test_nan_returned_logits_fail_like_the_logits_tap(golden_root: Path, hostile
     assert [(r.phase, r.tap) for r in failed] == [("prefill", "logits")]
     assert failed[0].message.startswith("prefill logits (returned):")
     assert failed[0].judgement["tapped"]["passed"] is True  # the tap itself was honest
+
+
+def test_torch_taps_of_any_float_dtype_and_a_batch_dimension_are_judged(golden_root: Path):
+    """A torch deployment may hand over bf16 / fp16 tensors with a leading batch dimension of 1."""
+    import torch
+
+    from harness.deployment.emulator import factory as emulator
+
+    class Torchy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def _tap(self, tap):
+            def t(name, value):  # float64 holds every float32 exactly: the judgement must be the same
+                tensor = torch.from_numpy(np.array(value, dtype=np.float32))[None].to(torch.float64)
+                out = tap(name, tensor)
+                return value if out is tensor else out
+            return t
+
+        def prefill(self, ids, tap):
+            return torch.from_numpy(np.array(self.inner.prefill(ids, self._tap(tap))))[None]
+
+        def decode(self, token, tap):
+            return self.inner.decode(token, self._tap(tap))
+
+    v = _check(golden_root, lambda spec, weights: Torchy(emulator(spec, weights)))
+    assert v.passed, v.summary()
+
+    def bad(spec, weights):
+        class Ints(Torchy):
+            def _tap(self, tap):
+                return lambda name, value: tap(name, torch.zeros(np.shape(value), dtype=torch.int32))
+        return Ints(emulator(spec, weights))
+
+    v = _check(golden_root, bad)
+    assert not v.passed and "expected a floating-point tensor" in v.first_failure.message

@@ -126,9 +126,10 @@ def gate(
     isolation: str = typer.Option("process", "--isolation", help="Where the deployment runs: process (a child "
                                   "process: a crash or hang is exit 3 naming the phase and last tap) or inline "
                                   "(in the harness's process, for debugging). Default: process."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Deadline in seconds of each deployment call "
-                                            "(build, prefill, one decode step). Default: derived from the model "
-                                            "size and tokens (floor 60 s)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Deadline in seconds of each prefill or decode "
+                                            "call of the deployment (exit 3 naming the phase when overrun; building "
+                                            "keeps its own, longer deadline). Default: derived from the model size "
+                                            "and tokens (floor 60 s)."),
 ) -> None:
     """Run the phase gates 0..N; exit 0 pass, 1 correctness failure, 2 perf regression, 3 could not run."""
     from harness.cli.common import models_or_all

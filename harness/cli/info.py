@@ -126,7 +126,8 @@ def list_cmd() -> None:
     d.add_column("name")
     d.add_column("factory")
     for name, target in BUILTIN.items():
-        d.add_row(name + (" (default)" if target == DEFAULT_DEPLOYMENT else ""), target)
+        note = " (default)" if target == DEFAULT_DEPLOYMENT else " (reference: check_replay only)" if "replay" in name else ""
+        d.add_row(name + note, target)
     console.print(d)
     f = Table(title="emulator faults (harness gate --fault NAME)")
     f.add_column("fault")
