@@ -155,7 +155,16 @@ def gate(
     opts = dict(deployment=dep, phase=phase, scale=scale, seed=seed, weights=path_or_none(weights), mode=mode,
                 golden_dir=path_or_none(golden_dir), perf=perf, perf_db=db, decode_steps=decode_steps,
                 prompt_len=prompt_len, trace=path_or_none(trace), isolation=isolation, timeout=timeout)
-    results = [run_gate(m, GateOptions(**opts)) for m in ids]
+    from harness.deployment.isolation import DeploymentHost
+
+    try:  # one deployment host (one child process) serves every model of this command
+        host = DeploymentHost(isolation, timeout)
+    except HarnessError as exc:
+        Console(stderr=True).print(Text(f"error: {exc}"), soft_wrap=True)
+        raise typer.Exit(EXIT_ERROR)
+    opts["isolation"] = host
+    with host:
+        results = [run_gate(m, GateOptions(**opts)) for m in ids]
     elapsed = time.perf_counter() - t0
     code = overall_exit(results)
     _print(console, results, elapsed, code, phase)

@@ -85,7 +85,7 @@ class GateOptions:
     trace: str | Path | None = None
     recheck_seed: int | None = None  # phase 7: None draws one at run time
     recheck_prompt_len: int | None = None
-    isolation: str = "process"  # where the deployment runs: a child process, or inline (debugging)
+    isolation: Any = "process"  # where the deployment runs: a child process, inline (debugging), or a DeploymentHost
     timeout: float | None = None  # seconds per deployment call; None: derived from the work
     progress: Callable | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -109,7 +109,12 @@ class _Run:
         if opts.trace is None:
             refuse_golden_access(load_factory(self.target), self.target)
         self.name = describe(self.target)
-        self.host = DeploymentHost(opts.isolation, opts.timeout)
+        # A host passed in (harness gate over several models) is the caller's to close; one made here is ours.
+        self.owns_host = not isinstance(opts.isolation, DeploymentHost)
+        self.host = DeploymentHost(opts.isolation, opts.timeout) if self.owns_host else opts.isolation
+        if opts.trace is None:
+            self.host.start()  # the child starts up while phases 0-1 run
+        self.seconds0 = self.host.seconds  # a shared host also counts other models' deployments
         self.verdicts: dict[str, Any] = {}
         self.goldens: list[Any] = []
 
@@ -325,8 +330,9 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
         result.outcomes[6] = _guard(6, lambda: _phase6(run, result))
     if opts.phase >= 7:
         result.outcomes[7] = _guard(7, lambda: _phase7(run, result, modes))
-    run.host.close()  # the deployment's child ends with the run (phases never raise; a daemon child dies with us)
+    if run.owns_host:
+        run.host.close()  # the deployment's child ends with the run (phases never raise; a daemon child dies with us)
     result.verdicts = {k: v.to_dict() for k, v in run.verdicts.items()}
-    result.deployment_s = run.host.seconds
+    result.deployment_s = run.host.seconds - run.seconds0
     result.elapsed_s = time.perf_counter() - t0
     return result
