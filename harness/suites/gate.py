@@ -102,7 +102,7 @@ class _Run:
         self.spec = get(model, opts.scale)
         self.store = GoldenStore(opts.golden_dir)
         # isolation: one deployment host (one child process) serves every deployment of this run.
-        from harness.deployment.isolation import DeploymentHost
+        from harness.deployment.isolation import DeploymentHost, spawn_target
         from harness.deployment.loader import describe, load_factory, refuse_golden_access
 
         self.target = opts.deployment
@@ -112,8 +112,8 @@ class _Run:
         # A host passed in (harness gate over several models) is the caller's to close; one made here is ours.
         self.owns_host = not isinstance(opts.isolation, DeploymentHost)
         self.host = DeploymentHost(opts.isolation, opts.timeout) if self.owns_host else opts.isolation
-        if opts.trace is None:
-            self.host.start()  # the child starts up while phases 0-1 run
+        if opts.trace is None and spawn_target(self.target)[1] is None:
+            self.host.start()  # the child starts up while phases 0-1 run (not for a factory that runs inline)
         self.seconds0 = self.host.seconds  # a shared host also counts other models' deployments
         self.verdicts: dict[str, Any] = {}
         self.goldens: list[Any] = []
