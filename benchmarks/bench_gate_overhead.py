@@ -1,8 +1,9 @@
 """Harness overhead of ``harness gate`` through phase 6, goldens cached.
 
 Prints, side by side from one run: the gate's wall time, the seconds spent inside the emulator
-(its factory, prefill and decode calls, measured by ``RecordingFactory`` around the deployment), and
-their ratio. Target: ratio <= 1.5 (harness overhead <= 50% of the emulator's own run time).
+(its factory, prefill and decode calls, timed where the deployment runs: its child process by default,
+see harness.deployment.isolation), and their ratio. ``benchmarks/bench_isolation.py`` compares the
+isolated gate with the inline one and the emulator's own run. Target: ratio <= 1.5 (harness overhead <= 50% of the emulator's own run time).
 
     .venv/bin/python benchmarks/bench_gate_overhead.py [--model qwen3-0.6b] [--repeats 3]
 """

@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 def _sweep(args: tuple[str, int, int, str | None]) -> tuple[str, int, int, list[str]]:
     """(model, seed, perturbations, misses) for one model and seed."""
     import harness
-    from harness.deployment.replay import perturbed_replay
+    from harness.deployment.replay import check_replay, perturbed_replay
     from harness.spec import taps as tapspec
     from harness.threads import use_one_thread
 
@@ -31,8 +31,8 @@ def _sweep(args: tuple[str, int, int, str | None]) -> tuple[str, int, int, list[
     for phase in tapspec.phase_names(steps):
         for tap in tapspec.tap_names(spec):
             count += 1
-            v = harness.check(model, perturbed_replay(phase, tap, 0.01), seed=seed, decode_steps=steps,
-                              mode="isolated", golden_dir=golden_dir)
+            v = check_replay(model, perturbed_replay(phase, tap, 0.01), seed=seed, decode_steps=steps,
+                             mode="isolated", golden_dir=golden_dir)
             if not v.passed and [r.id for r in v.failures] == [f"{phase}/{tap}"]:
                 continue
             r = next(r for r in v.results if (r.phase, r.tap) == (phase, tap))

@@ -5,13 +5,14 @@ so memory stays at one golden tensor at a time whatever the model size.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from harness.deployment.loader import DeploymentError, describe, load_factory, summarise_exception
+from harness.deployment.loader import DeploymentError, describe, refuse_golden_access, summarise_exception
 from harness.errors import HarnessError, TapError
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, get
@@ -23,13 +24,16 @@ from harness.weights import WeightsSource, load_weights
 MODES = ("cumulative", "isolated")
 
 
-def _as_float32(name: str, value: Any) -> tuple[np.ndarray | None, str | None]:
-    """The tap value as a 2-D float32 array, or a message saying what is wrong with it."""
-    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
-        dtype = str(value.dtype).replace("torch.", "")
-        if dtype != "float32":
-            return None, f"tap {name}: dtype {dtype}, expected float32"
-        value = value.detach().cpu().numpy()
+def as_float32(name: str, value: Any) -> tuple[np.ndarray | None, str | None]:
+    """The tap value as a float32 array, or a message saying what is wrong with it."""
+    message = getattr(value, "unjudgeable_message", None)
+    if isinstance(message, str):  # the child process already found the problem (isolation.Unjudgeable)
+        return None, message
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor: any float dtype, widened
+        if not value.is_floating_point():
+            dtype = str(value.dtype).replace("torch.", "")
+            return None, f"tap {name}: dtype {dtype}, expected a floating-point tensor"
+        value = value.detach().cpu().float().numpy()  # bf16 / fp16 widen exactly
     if not isinstance(value, np.ndarray):
         return None, f"tap {name}: got {type(value).__name__}, expected a float32 numpy array"
     if value.dtype != np.float32:
@@ -50,14 +54,65 @@ class TapJudge:
         self.keep_failed = True
         self.failed: tuple[int, str, np.ndarray] | None = None
         self._order: dict[str, int] | None = None
+        self._logits: np.ndarray | None = None  # what the deployment tapped as logits (vs what it returns)
+        self.seconds = 0.0  # spent judging (inline, inside the deployment's calls)
+
+    @property
+    def returns_own_value(self) -> bool:
+        """True in cumulative mode: the deployment continues with its own value (a child process need not
+        wait for an answer)."""
+        return self.mode != "isolated"
+
+    def _keep_failed(self, name: str, dut: np.ndarray) -> None:
+        if self._order is None:
+            self._order = {n: k for k, n in enumerate(tapspec.tap_names(self.spec))}
+        index = self._order[name]
+        if self.failed is None or index < self.failed[0]:
+            self.failed = (index, name, np.array(dut, copy=True))
+
+    def judge_returned(self, logits: np.ndarray) -> None:
+        """Judge the logits the call returned exactly like the ``logits`` tap: when they differ from the
+        tapped ones and fail the policy, the phase's logits result fails, saying ``logits (returned)``;
+        when the deployment did not tap its logits, the returned ones are its logits result."""
+        if "logits" not in self.golden.tap_names(self.phase):
+            return
+        if self._logits is not None and self._logits.shape == logits.shape and \
+                np.array_equal(self._logits, logits, equal_nan=True):
+            return  # the very values the tap's result judged
+        golden = self.golden.tensor(self.phase, "logits", "fp32")
+        base = self.golden.tensor(self.phase, "logits", self.baseline)
+        kind = tapspec.validate(self.spec, "logits").kind
+        returned = judge_tap(self.policies, self.phase, "logits (returned)", kind, logits, golden, base, self.mode)
+        returned = dataclasses.replace(returned, tap="logits")
+        index = next((k for k, r in enumerate(self.results) if r.tap == "logits"), None)
+        if index is None:
+            self.results.append(returned)
+        elif not returned.passed:
+            tapped = self.results[index]
+            judgement = dict(returned.judgement or {})
+            judgement["tapped"] = tapped.judgement
+            self.results[index] = dataclasses.replace(returned, judgement=judgement)
+        else:
+            return
+        if not returned.passed and self.keep_failed:
+            self._keep_failed("logits", logits)
 
     def __call__(self, name: str, value: Any):
+        start = time.perf_counter()
+        try:
+            return self._judge(name, value)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _judge(self, name: str, value: Any):
         parsed = tapspec.validate(self.spec, name)  # unknown names raise TapError naming the tap
         if name in self.seen:
             raise TapError(f"tap {name!r} handed over twice in phase {self.phase}")
         self.seen.add(name)
         golden = self.golden.tensor(self.phase, name, "fp32")
-        dut, problem = _as_float32(name, value)
+        dut, problem = as_float32(name, value)
+        if problem is None:
+            dut = _unbatched(dut, golden.ndim)
         if problem is None and dut.shape != golden.shape:
             problem = f"tap {name}: shape {tuple(dut.shape)}, expected {tuple(golden.shape)}"
         if problem is not None:
@@ -66,12 +121,10 @@ class TapJudge:
             base = self.golden.tensor(self.phase, name, self.baseline)
             result = judge_tap(self.policies, self.phase, name, parsed.kind, dut, golden, base, self.mode)
             self.results.append(result)
+            if name == "logits":
+                self._logits = np.array(dut, copy=True)
             if not result.passed and self.keep_failed:
-                if self._order is None:
-                    self._order = {n: k for k, n in enumerate(tapspec.tap_names(self.spec))}
-                index = self._order[name]
-                if self.failed is None or index < self.failed[0]:
-                    self.failed = (index, name, np.array(dut, copy=True))
+                self._keep_failed(name, dut)
         if self.mode == "isolated":
             return golden.copy()  # teacher forcing; a copy, as golden tensors are read-only store views
         return value
@@ -108,12 +161,20 @@ def _call_deployment(what: str, fn: Callable, *args):
         raise DeploymentError(f"deployment raised in {what}: {summarise_exception(exc)}") from exc
 
 
-def _check_logits(phase: str, logits: Any, rows: int, vocab: int) -> None:
-    arr, problem = _as_float32("logits (returned)", logits)
+def _unbatched(arr: np.ndarray, ndim: int) -> np.ndarray:
+    """``arr`` without a leading batch dimension of size 1 (``[1, tokens, ...]`` as torch models give it)."""
+    return arr[0] if arr.ndim == ndim + 1 and arr.shape[0] == 1 else arr
+
+
+def _check_logits(phase: str, logits: Any, rows: int, vocab: int) -> np.ndarray:
+    arr, problem = as_float32("logits (returned)", logits)
+    if problem is None:
+        arr = _unbatched(arr, 2)
     if problem is None and arr.shape != (rows, vocab):
         problem = f"{phase}: returned logits have shape {tuple(arr.shape)}, expected {(rows, vocab)}"
     if problem is not None:
         raise DeploymentError(f"{phase}: {problem}")
+    return arr
 
 
 def provenance(golden: GoldenSet, deployment: str, policies, extra: dict | None = None) -> dict:
@@ -146,16 +207,45 @@ def check(
     policy=None,
     golden_dir: str | Path | None = None,
     progress=None,
+    isolation: Any = "process",
+    timeout: float | None = None,
 ) -> Verdict:
-    """Judge a deployment of ``model`` against the goldens; see DESIGN.md's contract.
+    """Judge a deployment of ``model`` against the goldens; see docs/architecture.md's contract.
 
     ``factory(spec, weights)`` builds the deployment (or a ``MODULE:FACTORY`` string; default: the
     emulator). ``mode``: ``cumulative`` (tap returns the deployment's own value) or ``isolated`` (tap
     returns the golden: each tap's error is that op's alone, judged against the teacher-forced bf16
     baseline). ``weights``: a local HF checkpoint directory (default: synthetic weights of ``seed``).
-    ``policy``: a PolicySet, or overrides ``{kind: policy text}``. Raises HarnessError when the check
-    cannot run (bad input, broken golden, a deployment that cannot be built or raises).
+    ``policy``: a PolicySet, or overrides ``{kind: policy text}``. ``isolation``: ``process`` (default:
+    the deployment runs in a child process, see harness.deployment.isolation), ``inline`` (this process,
+    for debugging), or a ``DeploymentHost`` to reuse; ``timeout``: seconds per deployment call (default:
+    derived from the model size and tokens). A factory asking for the goldens (``needs_golden``) is
+    refused. Raises HarnessError when the check cannot run (bad input, broken golden, a deployment that
+    cannot be built, raises, crashes or overruns its deadline).
     """
+    from harness.deployment.isolation import open_deployment, validate_isolation, validate_timeout
+
+    if mode not in MODES:
+        raise HarnessError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    validate_isolation(isolation)
+    validate_timeout(timeout)
+    if callable(factory):
+        refuse_golden_access(factory)
+
+    def deploy(spec: ModelSpec, golden: GoldenSet, source: WeightsSource, mode: str):
+        return open_deployment(isolation, timeout, factory, spec, source, seed)
+
+    return judge_deployment(model, deploy, describe(factory), scale=scale, seed=seed, decode_steps=decode_steps,
+                            mode=mode, weights=weights, prompt_len=prompt_len, policy=policy,
+                            golden_dir=golden_dir, progress=progress)
+
+
+def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "tiny", seed: int = 0,
+                     decode_steps: int = 4, mode: str = "cumulative", weights: str | Path | None = None,
+                     prompt_len: int | None = None, policy=None, golden_dir: str | Path | None = None,
+                     progress=None, extra_provenance: dict | None = None) -> Verdict:
+    """The judging behind ``check``: ``deploy(spec, golden, source, mode)`` returns ``(deployment, host to
+    close or None)``; every tap of every phase is judged as it arrives."""
     if mode not in MODES:
         raise HarnessError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if decode_steps < 0:
@@ -169,35 +259,37 @@ def check(
         golden = store.ensure_local(golden, progress=progress)
     baseline = "local" if mode == "isolated" else "bf16"
     policies = policies_for(spec, policy)
-    build = load_factory(factory)
-    w = load_weights(spec, source, seed)
-    if getattr(build, "needs_golden", False):
-        dep = _call_deployment("factory", lambda: build(spec, w, golden=golden, mode=mode))
-    else:
-        dep = _call_deployment("factory", build, spec, w)
-    for method in ("prefill", "decode"):
-        if not callable(getattr(dep, method, None)):
-            raise DeploymentError(f"deployment {describe(factory)} has no {method}() method")
-
+    dep, host = deploy(spec, golden, source, mode)
     results: list[TapResult] = []
     seen: dict[str, set[str]] = {}
     failed_dut: dict[tuple[str, str], np.ndarray] = {}
-    for i, phase in enumerate(golden.phases):
-        judge = TapJudge(spec, golden, phase, mode, baseline, policies)
-        judge.keep_failed = not failed_dut
-        if phase == "prefill":
-            logits = _call_deployment("prefill", dep.prefill, golden.input_ids.copy(), judge)
-            rows = len(golden.input_ids)
-        else:
-            logits = _call_deployment(phase, dep.decode, int(golden.decode_tokens[i - 1]), judge)
-            rows = 1
-        _check_logits(phase, logits, rows, spec.vocab_size)
-        results.extend(judge.results)
-        seen[phase] = judge.seen
-        if judge.failed is not None:
-            failed_dut[(phase, judge.failed[1])] = judge.failed[2]
-    if not results:
-        raise HarnessError(f"the deployment handed over no taps: nothing was compared ({describe(factory)})")
+    seconds0 = getattr(getattr(dep, "host", None), "seconds", 0.0)
+    judge_s = 0.0
+    try:
+        for i, phase in enumerate(golden.phases):
+            judge = TapJudge(spec, golden, phase, mode, baseline, policies)
+            judge.keep_failed = not failed_dut
+            if phase == "prefill":
+                logits = _call_deployment("prefill", dep.prefill, golden.input_ids.copy(), judge)
+                rows = len(golden.input_ids)
+            else:
+                logits = _call_deployment(phase, dep.decode, int(golden.decode_tokens[i - 1]), judge)
+                rows = 1
+            judge.judge_returned(_check_logits(phase, logits, rows, spec.vocab_size))
+            results.extend(judge.results)
+            judge_s += judge.seconds
+            seen[phase] = judge.seen
+            if judge.failed is not None:
+                failed_dut[(phase, judge.failed[1])] = judge.failed[2]
+        deployment_s = getattr(getattr(dep, "host", None), "seconds", 0.0) - seconds0
+    finally:
+        close = getattr(dep, "close", None)
+        if callable(close):
+            close()
+        if host is not None:
+            host.close()
+    if not any(seen.values()):  # returned logits alone are judged, but a deployment must hand over its taps
+        raise HarnessError(f"the deployment handed over no taps: nothing was compared ({name})")
 
     required = tapspec.required_taps(spec)
     missing = [f"{p}:{t}" for p in golden.phases for t in required if t not in seen[p]]
@@ -209,12 +301,19 @@ def check(
         first = FirstFailure(phase=phase, tap=tap, metrics={}, hint="required tap not exposed",
                              message=f"required tap {tap} was not handed to tap() in {phase}")
     if first is not None and first.judgement is not None:  # a numeric failure: look for a known cause
+        w = load_weights(spec, source, seed)  # the parent's own read-only copy (hints replay ops on it)
         first.hint = _hint(spec, golden, first, mode, w, failed_dut.get((first.phase, first.tap)))
+    # deployment_s: time inside the deployment's calls where it runs (inline: judge_s, the judging of its
+    # taps, happens inside those calls).
+    extra = {"elapsed_s": round(time.perf_counter() - t0, 3), "deployment_s": round(deployment_s, 4),
+             "judge_s": round(judge_s, 4),
+             "isolation": dict(getattr(dep, "isolation", None) or {"mode": "inline"})}
+    extra.update(extra_provenance or {})
     verdict = Verdict(
         model=model, scale=scale, seed=seed, mode=mode, results=results,
         coverage=Coverage(compared=len(results), required_missing=missing, not_exposed=not_exposed),
         first_failure=first,
-        provenance=provenance(golden, describe(factory), policies, {"elapsed_s": round(time.perf_counter() - t0, 3)}),
+        provenance=provenance(golden, name, policies, extra),
     )
     return verdict
 
@@ -241,6 +340,7 @@ def check_trace(directory: str | Path, *, policy=None, golden_dir: str | Path | 
     weights = trace.weights_path if trace.weights_path is not None and trace.weights_path.is_dir() else None
     factory = trace_factory(directory)
     factory.name = f"trace:{directory}"
+    # A trace is data replayed by the harness's own code: nothing of the deployment runs, so inline.
     return check(trace.model, factory, scale=trace.scale, seed=trace.seed, decode_steps=trace.decode_steps,
                  mode="cumulative", weights=weights, prompt_len=trace.prefill_tokens, policy=policy, golden_dir=golden_dir,
-                 progress=progress)
+                 progress=progress, isolation="inline")

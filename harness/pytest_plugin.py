@@ -48,6 +48,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "and the golden key.")
     group.addoption("--recheck-prompt-len", type=int, default=None, metavar="N",
                     help="Pin phase 7's prompt length. Default: derived from the deployment and the golden key.")
+    group.addoption("--isolation", default="process", choices=("process", "inline"),
+                    help="Where the deployment runs: a child process (a crash or hang is an error naming the "
+                         "phase) or inline (debugging). Default: process.")
+    # pytest-timeout owns --timeout (per test), hence --deployment-timeout here; `harness gate --timeout`.
+    group.addoption("--deployment-timeout", type=float, default=None, metavar="SECONDS",
+                    help="Deadline of each deployment call. Default: derived from model size and tokens.")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -60,9 +66,15 @@ def pytest_configure(config: pytest.Config) -> None:
         scale=config.getoption("scale"), seed=config.getoption("seed"), weights=config.getoption("weights"),
         mode=config.getoption("mode"), phase=config.getoption("phase"), golden_dir=config.getoption("golden_dir"),
         decode_steps=config.getoption("decode_steps"), faults=tuple(config.getoption("fault")),
-        recheck_seed=config.getoption("recheck_seed"), recheck_prompt_len=config.getoption("recheck_prompt_len"))
+        recheck_seed=config.getoption("recheck_seed"), recheck_prompt_len=config.getoption("recheck_prompt_len"),
+        isolation=config.getoption("isolation"), timeout=config.getoption("deployment_timeout"))
     config.stash[ACCOUNTING] = Phase7Accounting(config)
     config.pluginmanager.register(config.stash[ACCOUNTING], "npu-harness-phase7")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if SESSION in config.stash:
+        config.stash[SESSION].close()  # the deployment's child process ends with the session
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""harness.check(): replays pass, a 1% perturbation is caught exactly where it is, contract errors are named."""
+"""harness.check() and the reference replays (check_replay): replays pass, a 1% perturbation is caught exactly where it is, contract errors are named."""
 import json
 
 import numpy as np
@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 import harness
 from harness.deployment.loader import DeploymentError
-from harness.deployment.replay import ReplayDeployment, ReplayFactory, bf16_replay, fp32_replay, perturbed_replay
+from harness.deployment.replay import (ReplayDeployment, ReplayFactory, bf16_replay, check_replay, fp32_replay,
+                                      perturbed_replay)
 from harness.errors import HarnessError, TapError
 from harness.spec import taps as tapspec
 
@@ -20,14 +21,14 @@ STEPS = 2
 @pytest.mark.parametrize("model", IDS)
 def test_bf16_replay_passes_every_model_five_seeds(model, mode, golden_root):
     for seed in range(5):
-        v = harness.check(model, bf16_replay, seed=seed, decode_steps=STEPS, mode=mode, golden_dir=golden_root)
+        v = check_replay(model, bf16_replay, seed=seed, decode_steps=STEPS, mode=mode, golden_dir=golden_root)
         assert v.passed, v.summary()
         assert v.coverage.compared == (STEPS + 1) * len(tapspec.tap_names(harness.models.get(model, "tiny")))
         assert v.coverage.required_missing == [] and v.coverage.not_exposed == []
 
 
 def test_fp32_replay_passes_with_zero_error(golden_root):
-    v = harness.check("qwen2.5-0.5b", fp32_replay, decode_steps=STEPS, golden_dir=golden_root)
+    v = check_replay("qwen2.5-0.5b", fp32_replay, decode_steps=STEPS, golden_dir=golden_root)
     assert v.passed and all(r.metrics["r"] == 0 for r in v.results)
 
 
@@ -48,7 +49,7 @@ def test_one_percent_perturbation_caught_exactly_there(data, golden_root):
     spec = harness.models.get(model, "tiny")
     phase = data.draw(st.sampled_from(tapspec.phase_names(STEPS)), label="phase")
     tap = data.draw(st.sampled_from(tapspec.tap_names(spec)), label="tap")
-    v = harness.check(model, perturbed_replay(phase, tap, 0.01), decode_steps=STEPS, mode="isolated",
+    v = check_replay(model, perturbed_replay(phase, tap, 0.01), decode_steps=STEPS, mode="isolated",
                       golden_dir=golden_root)
     if not v.passed:
         assert (v.first_failure.phase, v.first_failure.tap) == (phase, tap)
@@ -63,7 +64,7 @@ def test_one_percent_perturbation_caught_exactly_there(data, golden_root):
 
 
 def test_perturbation_in_cumulative_mode_is_caught_at_layer_zero(golden_root):
-    v = harness.check("llama-3.2-1b", perturbed_replay("prefill", "layers.0.q", 0.01), decode_steps=STEPS,
+    v = check_replay("llama-3.2-1b", perturbed_replay("prefill", "layers.0.q", 0.01), decode_steps=STEPS,
                       golden_dir=golden_root)
     assert (v.first_failure.phase, v.first_failure.tap) == ("prefill", "layers.0.q")
 
@@ -115,7 +116,7 @@ class Tamper:
     ("dtype", r"tap layers.1.gate: dtype float64, expected float32"),
 ])
 def test_bad_tensors_fail_naming_the_tap(how, expect, golden_root):
-    v = harness.check("qwen3-0.6b", Tamper(how), decode_steps=STEPS, golden_dir=golden_root)
+    v = check_replay("qwen3-0.6b", Tamper(how), decode_steps=STEPS, golden_dir=golden_root)
     assert not v.passed
     assert (v.first_failure.phase, v.first_failure.tap) == ("prefill", "layers.1.gate")
     import re
@@ -125,7 +126,7 @@ def test_bad_tensors_fail_naming_the_tap(how, expect, golden_root):
 
 
 def test_missing_required_tap_fails(golden_root):
-    v = harness.check("qwen3-0.6b", Tamper("drop", tap="layers.2.out"), decode_steps=STEPS, golden_dir=golden_root)
+    v = check_replay("qwen3-0.6b", Tamper("drop", tap="layers.2.out"), decode_steps=STEPS, golden_dir=golden_root)
     assert not v.passed
     assert v.coverage.required_missing == ["prefill:layers.2.out"]
     assert v.first_failure.tap == "layers.2.out"
@@ -134,9 +135,9 @@ def test_missing_required_tap_fails(golden_root):
 
 
 def test_optional_tap_missing_is_coverage_not_failure(golden_root):
-    v = harness.check("qwen3-0.6b", Tamper("drop", tap="layers.1.gate"), decode_steps=STEPS, golden_dir=golden_root)
+    v = check_replay("qwen3-0.6b", Tamper("drop", tap="layers.1.gate"), decode_steps=STEPS, golden_dir=golden_root)
     assert v.passed and v.coverage.not_exposed == []  # still exposed in decode phases
-    v = harness.check("qwen3-0.6b", Tamper("drop", tap="layers.1.gate", phase="*"), decode_steps=STEPS,
+    v = check_replay("qwen3-0.6b", Tamper("drop", tap="layers.1.gate", phase="*"), decode_steps=STEPS,
                       golden_dir=golden_root)
     assert v.passed and v.coverage.not_exposed == ["layers.1.gate"]
 
@@ -186,13 +187,13 @@ def test_deployment_exceptions_are_summarised(golden_root):
 
 def test_bad_arguments(golden_root):
     with pytest.raises(HarnessError, match="--mode 'both'"):
-        harness.check("qwen3-0.6b", bf16_replay, mode="both", golden_dir=golden_root)
+        check_replay("qwen3-0.6b", bf16_replay, mode="both", golden_dir=golden_root)
     with pytest.raises(HarnessError, match="unknown model"):
-        harness.check("qwen9", bf16_replay, golden_dir=golden_root)
+        check_replay("qwen9", bf16_replay, golden_dir=golden_root)
 
 
 def test_verdict_json_follows_schema_1(golden_root):
-    v = harness.check("qwen2.5-0.5b", perturbed_replay("decode.1", "layers.0.v", 0.05), decode_steps=STEPS,
+    v = check_replay("qwen2.5-0.5b", perturbed_replay("decode.1", "layers.0.v", 0.05), decode_steps=STEPS,
                       mode="isolated", golden_dir=golden_root)
     d = json.loads(json.dumps(v.to_dict(), allow_nan=False))
     assert set(d) == {"schema", "model", "scale", "seed", "mode", "passed", "first_failure", "coverage", "results",
@@ -230,8 +231,8 @@ class ScaledFrom(ReplayFactory):
 
 def test_step_versus_spike(golden_root):
     """An error that stays downstream is a step; a one-op error that returns to baseline is a spike."""
-    v = harness.check("llama-3.2-1b", ScaledFrom("layers.1.o"), decode_steps=1, golden_dir=golden_root)
+    v = check_replay("llama-3.2-1b", ScaledFrom("layers.1.o"), decode_steps=1, golden_dir=golden_root)
     assert v.first_failure.tap == "layers.1.o" and v.first_failure.localisation["kind"] == "step"
-    v = harness.check("llama-3.2-1b", perturbed_replay("prefill", "layers.0.out", 0.05), decode_steps=1,
+    v = check_replay("llama-3.2-1b", perturbed_replay("prefill", "layers.0.out", 0.05), decode_steps=1,
                       mode="isolated", golden_dir=golden_root)
     assert v.first_failure.localisation["kind"] == "spike"

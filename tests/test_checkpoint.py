@@ -35,8 +35,9 @@ def test_sharded_checkpoint_round_trip(checkpoint):
 
 def test_checkpoint_weights_drive_the_golden(checkpoint, tmp_path):
     spec, _, path = checkpoint
-    v = harness.check(spec.id, "replay-bf16", scale="tiny", seed=0, decode_steps=1, weights=path,
-                      golden_dir=tmp_path)
+    from harness.deployment.replay import bf16_replay, check_replay
+
+    v = check_replay(spec.id, bf16_replay, scale="tiny", seed=0, decode_steps=1, weights=path, golden_dir=tmp_path)
     assert v.passed
     assert v.provenance["golden"]["weights"]["source"] == f"checkpoint:{path}"
     assert weights_digest(spec, WeightsSource(str(path)), 0).startswith("ckpt-")

@@ -57,7 +57,7 @@ def bad_deployments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def test_pass_exits_0_with_json_and_junit(golden_root: Path, tmp_path: Path) -> None:
     out, xml = tmp_path / "v.json", tmp_path / "r.xml"
-    res = _gate(golden_root, "--phase", "3", "-d", "replay-fp32", "--json", str(out), "--junit", str(xml))
+    res = _gate(golden_root, "--phase", "3", "--json", str(out), "--junit", str(xml))
     assert res.exit_code == 0, res.output
     assert len(res.output.strip().splitlines()) <= 20
     doc = json.loads(out.read_text())

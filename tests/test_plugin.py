@@ -29,9 +29,8 @@ def _run(p: pytest.Pytester, golden_root: Path, *args: str) -> pytest.RunResult:
 
 
 def test_phase_selection_and_tap_ids(suite: pytest.Pytester, golden_root: Path) -> None:
-    res = _run(suite, golden_root, "--phase", "2", "--mode", "isolated", "--deployment", "replay-bf16", "-v")
-    # sanity, embed + layer-0 taps; op cases + probes skipped: a replay has no op backend
-    res.assert_outcomes(passed=4 + 18, skipped=46)
+    res = _run(suite, golden_root, "--phase", "2", "--mode", "isolated", "-v")
+    res.assert_outcomes(passed=4 + 46 + 18)  # sanity, op cases + probes, embed + layer-0 taps (Qwen3: 17 kinds)
     res.stdout.fnmatch_lines(["*test_layer_isolated?prefill-layers.0.q_rope? PASSED*"])
     assert "test_layer[" not in res.stdout.str() and "decode.0" not in res.stdout.str()
 
@@ -48,7 +47,7 @@ def test_fault_fails_with_ids_naming_the_tap(suite: pytest.Pytester, golden_root
 
 
 def test_recheck_fails_when_required_tests_were_deselected(suite: pytest.Pytester, golden_root: Path) -> None:
-    res = _run(suite, golden_root, "--mode", "cumulative", "--deployment", "replay-fp32", "--recheck-seed", "7",
+    res = _run(suite, golden_root, "--mode", "cumulative", "--recheck-seed", "7",
                "-k", "not layers.1 and not perf and not ops")
     assert res.ret == 1
     res.stdout.fnmatch_lines(["*npu-harness phase 7*", "*test_layer?*-layers.1.* not run (deselected)*"])
@@ -59,8 +58,8 @@ def test_expected_failure_is_strict_xfail(pytester: pytest.Pytester, golden_root
     pytester.makepyfile(test_qwen3=SUITE + '''
     expected_failures = {"test_e2e[kl]": "known: KL above bound on this kernel set"}
 ''')
-    res = _run(pytester, golden_root, "--deployment", "replay-fp32", "-k", "e2e", "--phase", "6")
-    # replay-fp32 passes the KL check, so the strict xfail fails as XPASS(strict)
+    res = _run(pytester, golden_root, "-k", "e2e", "--phase", "6")
+    # the emulator passes the KL check, so the strict xfail fails as XPASS(strict)
     assert res.ret == 1
     res.assert_outcomes(passed=4, failed=1)
     res.stdout.fnmatch_lines(["*test_e2e?kl?*XPASS(strict)*"])
@@ -81,7 +80,7 @@ class TestForgot(ModelSuite):
 
 def test_xdist_and_junitxml(suite: pytest.Pytester, golden_root: Path) -> None:
     xml = suite.path / "r.xml"
-    res = _run(suite, golden_root, "-n", "2", "--phase", "3", "--mode", "cumulative", "--deployment", "replay-fp32",
+    res = _run(suite, golden_root, "-n", "2", "--phase", "3", "--mode", "cumulative",
                f"--junitxml={xml}")
     assert res.ret == 0, res.stdout.str()[-3000:]
     names = {c.get("name") for c in ET.parse(xml).getroot().iter("testcase")}

@@ -88,7 +88,7 @@ def test_corruption_is_named_and_never_compared(tmp_path, damage):
     with pytest.raises(GoldenCorrupt, match=victim.name):
         s.get(GoldenRequest("qwen3-0.6b", "tiny", 0, 1))
     with pytest.raises(GoldenCorrupt):
-        harness.check("qwen3-0.6b", "replay-fp32", decode_steps=1, golden_dir=tmp_path)
+        harness.check("qwen3-0.6b", "emulator", decode_steps=1, golden_dir=tmp_path)
 
 
 def test_corruption_through_cli_exits_nonzero_naming_file(tmp_path):

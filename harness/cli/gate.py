@@ -143,6 +143,13 @@ def gate(
     db: Optional[str] = typer.Option(None, "--db", help="History database URL for --perf. Default: "
                                      "$NPU_HARNESS_DB_URL, else sqlite:///reports/history.sqlite."),
     golden_dir: Optional[Path] = GoldenDirOpt,
+    isolation: str = typer.Option("process", "--isolation", help="Where the deployment runs: process (a child "
+                                  "process: a crash or hang is exit 3 naming the phase and last tap) or inline "
+                                  "(in the harness's process, for debugging). Default: process."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Deadline in seconds of each prefill or decode "
+                                            "call of the deployment (exit 3 naming the phase when overrun; building "
+                                            "keeps its own, longer deadline). Default: derived from the model size "
+                                            "and tokens (floor 60 s)."),
 ) -> None:
     """Run the phase gates 0..N; exit 0 pass, 1 correctness failure, 2 perf regression, 3 could not run."""
     from harness.cli.common import models_or_all
@@ -168,11 +175,15 @@ def gate(
             ensure_writable(path, option)
     if perf or db is not None:
         check_database(db)
+    from harness.deployment.isolation import DeploymentHost
+
+    host = DeploymentHost(isolation, timeout)  # one deployment host (one child process) for every model
     opts = dict(deployment=deployment, faults=tuple(fault), phase=phase, scale=scale, seed=seed,
                 weights=path_or_none(weights), mode=mode, golden_dir=path_or_none(golden_dir), perf=perf,
                 perf_db=db, decode_steps=decode_steps, prompt_len=prompt_len, trace=path_or_none(trace),
-                recheck_seed=recheck_seed, recheck_prompt_len=recheck_prompt_len)
-    results = [run_gate(m, GateOptions(**opts)) for m in ids]
+                recheck_seed=recheck_seed, recheck_prompt_len=recheck_prompt_len, isolation=host, timeout=timeout)
+    with host:
+        results = [run_gate(m, GateOptions(**opts)) for m in ids]
     elapsed = time.perf_counter() - t0
     code = overall_exit(results)
     # The reports are written before the verdict is printed: a failed write is exit 3, never "PASS" first.

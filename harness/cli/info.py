@@ -169,7 +169,8 @@ def list_cmd(
     d = _table("deployments (--deployment NAME, MODULE:FACTORY or FILE.py:FACTORY, [key=value,...] for its "
                "keyword arguments)", "name", "factory")
     for name, target in BUILTIN.items():
-        _row(d, name + (" (default)" if target == DEFAULT_DEPLOYMENT else ""), target)
+        note = " (default)" if target == DEFAULT_DEPLOYMENT else " (reference: check_replay only)" if "replay" in name else ""
+        _row(d, name + note, target)
     console.print(d)
     f = _table("emulator faults (harness gate --fault NAME)", "fault", "first failing tap", "description")
     spec = get("qwen3-0.6b", "tiny")

@@ -74,6 +74,7 @@ def emulator_with_knobs(target: str) -> Callable | None:
             knobs[key.strip()] = _knob_value(value.strip())
     factory = make_factory(faults=faults, **knobs)
     factory.name = target
+    factory.spawn_target = target  # a child process rebuilds it from this string (the closure cannot be pickled)
     return factory
 
 
@@ -168,3 +169,13 @@ def describe(target: str | Callable | None) -> str:
     if callable(target):
         return getattr(target, "name", None) or f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
     return BUILTIN.get(target, target)
+
+
+def refuse_golden_access(factory: Callable, target: str | Callable | None = None) -> None:
+    """Raise DeploymentError when ``factory`` asks for the goldens (``needs_golden``): a gated deployment
+    never gets them, or a five-line replay of the golden set would pass every tap phase."""
+    if getattr(factory, "needs_golden", False):
+        raise DeploymentError(
+            f"--deployment {describe(target if target is not None else factory)}: the factory asks for the goldens "
+            "(needs_golden); a gated deployment never gets them. Reference replays are judged only through "
+            "harness.deployment.replay.check_replay, whose verdicts say so.")

@@ -5,8 +5,10 @@
 - ``perturbed_replay(phase, tap, rel=0.01)``: the fp32 golden with one tap scaled by (1 + rel). Must fail
   exactly at that tap in isolated mode.
 
-They need the golden set, which the contract's ``factory(spec, weights)`` does not carry: a factory with
-``needs_golden = True`` is called as ``factory(spec, weights, golden=..., mode=...)`` by ``harness.check``.
+They need the golden set, which a gated deployment never gets: ``harness.check``, ``harness gate`` and the
+pytest plugin refuse any factory with ``needs_golden = True``. Replays (and test fixtures built like them,
+called as ``factory(spec, weights, golden=..., mode=...)``) are judged only through ``check_replay``, whose
+verdict says ``"reference_replay": true`` in its provenance: a reference of the harness, never a gate pass.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ class ReplayFactory:
 
     def __call__(self, spec, weights, *, golden=None, mode: str = "cumulative"):
         if golden is None:
-            raise ValueError(f"{self.name} needs the golden set; run it through harness.check")
+            raise ValueError(f"{self.name} needs the golden set; judge it with check_replay")
         variant = self.variant
         if variant == "baseline":
             variant = "local" if mode == "isolated" else "bf16"
@@ -83,3 +85,21 @@ fp32_replay = ReplayFactory("fp32")
 def perturbed_replay(phase: str, tap: str, rel: float = 0.01) -> ReplayFactory:
     """The fp32 golden with ``tap`` of ``phase`` scaled by ``1 + rel``."""
     return ReplayFactory("fp32", (phase, tap, rel))
+
+
+def check_replay(model: str, replay, *, seed: int = 0, scale: str = "tiny", **kwargs):
+    """Judge a reference replay with ``harness.check``'s judging (same goldens, policies, localisation).
+
+    ``replay(spec, weights, golden=..., mode=...)`` builds it; it runs in this process. The verdict's
+    provenance carries ``"reference_replay": true``; keyword arguments are ``harness.check``'s (``mode``,
+    ``decode_steps``, ``weights``, ``prompt_len``, ``policy``, ``golden_dir``, ``progress``).
+    """
+    from harness.checker import judge_deployment
+    from harness.deployment.loader import describe
+    from harness.weights import load_weights
+
+    def deploy(spec, golden, source, mode):
+        return replay(spec, load_weights(spec, source, seed), golden=golden, mode=mode), None
+
+    return judge_deployment(model, deploy, describe(replay), seed=seed, scale=scale,
+                            extra_provenance={"reference_replay": True}, **kwargs)

@@ -180,7 +180,8 @@ def run_case(case: Case, *, golden_dir: str | Path | None = None, decode_steps: 
     recorded: dict[str, dict[str, np.ndarray]] = {}
     try:
         verdict = harness.check(case.model, _recording_factory(case, recorded), scale="tiny", seed=case.seed,
-                                decode_steps=decode_steps, mode=case.mode, policy=policy, golden_dir=golden_dir)
+                                decode_steps=decode_steps, mode=case.mode, policy=policy, golden_dir=golden_dir,
+                                isolation="inline")  # the recording wrapper keeps taps in this process
     except HarnessError as exc:
         out.error = f"{type(exc).__name__}: {exc}"
         out.seconds = time.perf_counter() - t0

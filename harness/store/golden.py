@@ -37,7 +37,7 @@ from harness.store import signing  # optional keyed signatures over manifests
 from harness.fileio import MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, write_safetensors
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
-from harness.weights import WeightsSource, load_weights, weights_digest
+from harness.weights import WeightsSource, read_weights, weights_digest
 
 CAPTURE_VERSION = 2  # 2: block-wise sha256 in the manifest
 MANIFEST = "manifest.json"
@@ -381,7 +381,7 @@ class GoldenStore:
         key = signing.signing_key()  # an unusable key fails before the build, not after
         spec = request.spec
         step("weights", 0, 4)
-        weights = load_weights(spec, request.weights, request.seed)
+        weights = read_weights(spec, request.weights, request.seed)  # the source's own, never a shared dict
         ids = prompt_ids(spec, request.seed, request.tokens)
         step("fp32 reference", 1, 4)
         phases = tapspec.phase_names(request.decode_steps)
@@ -462,7 +462,7 @@ class GoldenStore:
         spec = golden.spec
         source = WeightsSource(golden.manifest["weights"]["source"].removeprefix("checkpoint:")
                                if golden.manifest["weights"]["source"].startswith("checkpoint:") else None)
-        weights = load_weights(spec, source, golden.manifest["seed"])
+        weights = read_weights(spec, source, golden.manifest["seed"])
         step("local bf16 baseline", 0, 2)
         force = {phase: golden.phase_tensors(phase) for phase in golden.phases}
         local = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, golden.input_ids,

@@ -86,13 +86,16 @@ def _tap_phase(run: _Run, gate_phase: int, modes: tuple[str, ...]) -> PhaseOutco
 
 def _perf(run: _Run, result: GateResult) -> dict[int, PhaseOutcome]:
     o = run.opts
-    # 9 decode steps per round: replays (needs_golden) can only replay recorded steps, so the timing
-    # uses the end-to-end golden (same prompt, 32 steps), which phase 6 builds anyway.
-    golden = run.golden(o.seed, E2E_STEPS, o.prompt_len)
+    golden = run.golden(o.seed, o.decode_steps, o.prompt_len)  # only its prompt is used
     dep = run.deployment(golden)
     t0 = time.perf_counter()
-    samples = perfgate.measure(dep, golden.input_ids)
-    by_phase, perf = perfgate.judge(run.model, run.factory.name, samples, compare=o.perf, db=o.perf_db)
+    try:  # timed where the deployment runs (in its child process: no pipe in the timings)
+        rounds = (perfgate.WARMUP + perfgate.ROUNDS) * (perfgate.DECODE_STEPS + 2)
+        samples = dep.run(perfgate.measure, golden.input_ids, phase="phase 4-5 timing",
+                          tokens=len(golden.input_ids), calls=rounds)
+    finally:
+        dep.close()
+    by_phase, perf = perfgate.judge(run.model, run.name, samples, compare=o.perf, db=o.perf_db)
     result.perf = perf
     secs = time.perf_counter() - t0
     return {n: PhaseOutcome(n, perfgate.status(cs, o.perf), cs,
@@ -191,7 +194,7 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
 
             opts = replace(opts, **gate_settings(opts.trace, model, opts.scale, opts.weights))
         run = _Run(model, opts)
-        result.deployment = run.factory.name if opts.trace is None else f"trace:{opts.trace}"
+        result.deployment = run.name if opts.trace is None else f"trace:{opts.trace}"
         _check_inputs(run)
     except HarnessError as exc:
         result.error = str(exc)
@@ -235,6 +238,7 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
     if opts.phase >= 7:
         result.outcomes[7] = _guard(7, lambda: _phase7(run, result, modes))
     result.verdicts = {k: v.to_dict() for k, v in run.verdicts.items()}
-    result.deployment_s = run.factory.recorder.seconds
+    run.close()  # the deployment's child ends with the run (phases never raise; a daemon child dies with us)
+    result.deployment_s = run.deployment_seconds
     result.elapsed_s = time.perf_counter() - t0
     return result

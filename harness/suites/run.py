@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 from harness.errors import HarnessError
 from harness.suites.phases import MAX_PHASE, Check
-from harness.suites.recording import RecordingFactory
 
 MODES = ("cumulative", "isolated")
 RECHECK_MIN_PROMPT = 8
@@ -40,6 +39,7 @@ def deployment_with_faults(deployment: str | Callable | None, faults: list[str] 
 
     factory = make_factory(tuple(faults))
     factory.name = f"emulator+{'+'.join(faults)}"  # type: ignore[attr-defined]
+    factory.spawn_target = f"emulator[faults={'+'.join(faults)}]"  # type: ignore[attr-defined]  # rebuilt in the child
     return factory
 
 
@@ -71,6 +71,8 @@ class RunOptions:
     faults: tuple[str, ...] = ()  # emulator faults switched on (--fault)
     recheck_seed: int | None = None  # phase 7: None derives it from the deployment and the golden
     recheck_prompt_len: int | None = None
+    isolation: Any = "process"  # where the deployment runs: a child process, inline (debugging), or a DeploymentHost
+    timeout: float | None = None  # seconds per deployment call; None: derived from the work
     progress: Callable | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,8 +133,20 @@ class ModelRun:
         self.spec = get(model, opts.scale)
         self.store = GoldenStore(opts.golden_dir)
         self.target = opts.factory()  # the deployment as given (with --fault applied)
-        self.factory = RecordingFactory(self.target)
-        self.factory.recorder.keep_logits = False
+        # isolation: one deployment host (one child process) serves every deployment of this run; never a
+        # factory that asks for the goldens.
+        from harness.deployment.isolation import DeploymentHost, spawn_target
+        from harness.deployment.loader import describe, load_factory, refuse_golden_access
+
+        if opts.trace is None:
+            refuse_golden_access(load_factory(self.target), self.target)
+        self.name = describe(self.target)
+        # A host passed in (a gate over several models, a pytest session) is the caller's to close.
+        self.owns_host = not isinstance(opts.isolation, DeploymentHost)
+        self.host = DeploymentHost(opts.isolation, opts.timeout) if self.owns_host else opts.isolation
+        if opts.trace is None and self.owns_host and spawn_target(self.target)[1] is None:
+            self.host.start()  # the child starts up while phases 0-1 run (not for a factory that runs inline)
+        self.seconds0 = self.host.seconds  # a shared host also counts other runs' deployments
         self.verdicts: dict[str, Any] = {}
         self.goldens: list[Any] = []
         self._memo: dict[tuple, Any] = {}
@@ -190,21 +204,31 @@ class ModelRun:
                 if v.model != self.model or v.scale != o.scale:
                     raise HarnessError(f"--trace {o.trace}: records {v.model}/{v.scale}, not {self.model}/{o.scale}")
                 return v
-            return check(self.model, self.factory, scale=o.scale, seed=o.seed if seed is None else seed,
+            return check(self.model, self.target, scale=o.scale, seed=o.seed if seed is None else seed,
                          decode_steps=o.decode_steps, mode=mode, weights=o.weights,
                          prompt_len=o.prompt_len if seed is None else prompt_len,
-                         golden_dir=o.golden_dir, progress=o.progress)
+                         golden_dir=o.golden_dir, progress=o.progress, isolation=self.host)
 
         v = self.memo(("verdict", key), run)
         self.verdicts[key] = v
         return v
 
     def deployment(self, golden):
-        """A fresh deployment (replays get their golden as harness.check gives it)."""
-        w = self.weights(golden.manifest["seed"])
-        if self.factory.needs_golden:
-            return self.factory(self.spec, w, golden=golden, mode="cumulative")
-        return self.factory(self.spec, w)
+        """A fresh deployment on this run's host (never handed the golden); close it after use."""
+        from harness.weights import WeightsSource
+
+        source = WeightsSource(str(self.opts.weights) if self.opts.weights else None)
+        return self.host.open(self.target, self.spec, source, golden.manifest["seed"])
+
+    @property
+    def deployment_seconds(self) -> float:
+        """Seconds spent inside this run's deployments (prefill / decode / factory)."""
+        return self.host.seconds - self.seconds0
+
+    def close(self) -> None:
+        """End the deployment's child process, when this run started it."""
+        if self.owns_host:
+            self.host.close()
 
     # -- per-phase results -------------------------------------------------------------------------
     def sanity(self) -> list[Check]:
@@ -226,13 +250,18 @@ class ModelRun:
 
         def run():
             golden = self.golden(steps=E2E_STEPS)
-            return e2e_checks(golden, lambda: self.deployment(golden))
+            opened: list[Any] = []
+            try:
+                return e2e_checks(golden, lambda: opened.append(self.deployment(golden)) or opened[-1])
+            finally:
+                for dep in opened:
+                    dep.close()
 
         return self.memo(("e2e",), run)
 
     def identity(self) -> str:
         """What is judged, as phase 7's derivation reads it: the deployment's name."""
-        return str(self.factory.name)
+        return str(self.name)
 
     def recheck_params(self) -> tuple[int, int]:
         """Phase 7's (seed, prompt length): given, or derived from the deployment and the golden key."""

@@ -33,10 +33,26 @@ class HarnessSession:
     def __init__(self, settings: RunOptions):
         self.settings = settings
         self.runs: dict[str, ModelRun] = {}
+        self._host: Any = None
+
+    @property
+    def host(self) -> Any:
+        """One deployment host (one child process) for every deployment of this session (worker)."""
+        if self._host is None:
+            from harness.deployment.isolation import DeploymentHost
+
+            self._host = DeploymentHost(self.settings.isolation, self.settings.timeout)
+        return self._host
+
+    def close(self) -> None:
+        if self._host is not None:
+            self._host.close()
 
     def run(self, model: str) -> ModelRun:
         if model not in self.runs:
-            self.runs[model] = ModelRun(model, self.settings)
+            from dataclasses import replace
+
+            self.runs[model] = ModelRun(model, replace(self.settings, isolation=self.host))
         return self.runs[model]
 
     @property
@@ -62,7 +78,7 @@ class HarnessSession:
         return self.run(model).ops()
 
     def deployment(self, model: str, golden) -> Any:
-        """A fresh deployment of ``model`` (replays get their golden)."""
+        """A fresh deployment of ``model`` on the session's host (never handed the golden); close it after use."""
         return self.run(model).deployment(golden)
 
     def e2e(self, model: str) -> tuple[dict[str, Check], dict[str, Any]]:

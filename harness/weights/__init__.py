@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 import numpy as np
 
@@ -34,11 +36,9 @@ def weights_digest(spec: ModelSpec, source: WeightsSource, seed: int) -> str:
     return "synth-" + hashlib.sha256(ident.encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=4)
-def _cached(model_id: str, scale: str, source: WeightsSource, seed: int) -> dict[str, np.ndarray]:
-    from harness.spec.model_spec import get
-
-    spec = get(model_id, scale)
+def read_weights(spec: ModelSpec, source: WeightsSource | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """The source's own weights, read afresh (never a dict anyone else has seen): golden builds use these."""
+    source = source or WeightsSource()
     if source.path:
         from harness.weights.checkpoint import load_checkpoint
 
@@ -48,10 +48,30 @@ def _cached(model_id: str, scale: str, source: WeightsSource, seed: int) -> dict
     return synthetic_weights(spec, seed)
 
 
-def load_weights(spec: ModelSpec, source: WeightsSource | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """The weights of ``spec`` (float32, bf16-representable). Cached per process: treat as read-only."""
-    source = source or WeightsSource()
-    w = _cached(spec.id, spec.scale, source, seed)
-    for v in w.values():
-        v.flags.writeable = False  # a deployment that edits weights in place would poison the cache
+def _immutable(arr: np.ndarray) -> np.ndarray:
+    """``arr`` backed by an immutable ``bytes`` buffer: its WRITEABLE flag cannot be switched back on, so
+    not even ``arr.flags.writeable = True`` or a write through ``.base`` can change the cached value."""
+    arr = np.ascontiguousarray(arr)
+    return np.frombuffer(arr.tobytes(), dtype=arr.dtype).reshape(arr.shape)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(model_id: str, scale: str, source: WeightsSource, seed: int) -> dict[str, np.ndarray]:
+    from harness.spec.model_spec import get
+
+    w = read_weights(get(model_id, scale), source, seed)
+    for name in list(w):  # one tensor at a time: the peak is one extra tensor, not a second model
+        w[name] = _immutable(w.pop(name))
     return w
+
+
+def load_weights(spec: ModelSpec, source: WeightsSource | None = None, seed: int = 0) -> Mapping[str, np.ndarray]:
+    """The weights of ``spec`` (float32, bf16-representable) for a deployment or a check.
+
+    Each call hands out its own read-only Mapping (assigning into it raises TypeError; a deployment that
+    wants changes copies it) over arrays whose memory cannot be written, so nothing a deployment does
+    reaches another caller. The arrays are shared per process (cached): goldens are built from
+    ``read_weights`` instead, never from a Mapping a deployment has seen.
+    """
+    source = source or WeightsSource()
+    return MappingProxyType(dict(_cached(spec.id, spec.scale, source, seed)))
