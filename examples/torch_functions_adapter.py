@@ -22,7 +22,7 @@ from harness.deployment.adapters import TorchTaps, hf_weight_taps, to_tap_array 
 
 
 class Adapted:
-    def __init__(self, spec, weights, dtype: str = "bfloat16"):
+    def __init__(self, spec, weights, dtype: str = "bfloat16", observe: str = ""):
         self.config, self.cache, self.pos = spec.config, {}, 0
         self.w = {k: torch.from_numpy(np.array(v)).to(getattr(torch, dtype)) for k, v in weights.items()}
         self.taps = TorchTaps(
@@ -30,7 +30,7 @@ class Adapted:
             weights=hf_weight_taps(spec.num_layers, self.w, tied=spec.tied_embeddings),
             functions={(ref, "apply_rope"): ["layers.{i}.q_rope", "layers.{i}.k_rope"],
                        (ref, "transformer_block"): ["layers.{i}.out"]},
-            layouts={"q_rope": "bhtd", "k_rope": "bhtd"})
+            layouts={"q_rope": "bhtd", "k_rope": "bhtd"}, observe=filter(None, observe.split("+")))
 
     def _run(self, ids, tap):
         with self.taps.attached(tap):
@@ -46,6 +46,7 @@ class Adapted:
         return self._run(np.array([int(token_id)]), tap)
 
 
-def factory(spec, weights, dtype: str = "bfloat16"):
-    """``--deployment examples/torch_functions_adapter.py:factory[dtype=float32]`` runs it in fp32."""
-    return Adapted(spec, weights, dtype)
+def factory(spec, weights, dtype: str = "bfloat16", observe: str = ""):
+    """``--deployment examples/torch_functions_adapter.py:factory[dtype=float32]`` runs it in fp32;
+    ``[observe=attn+act]`` hands those taps over for judgement only (the decoder keeps its own values)."""
+    return Adapted(spec, weights, dtype, observe)

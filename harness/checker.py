@@ -49,6 +49,7 @@ class TapJudge:
         self.baseline, self.policies = baseline, policies
         self.results: list[TapResult] = []
         self.seen: set[str] = set()
+        self.observed: set[str] = set()  # observe-only taps (the deployment kept its own value)
         # The DUT value of this phase's first failing tap in canonical order (for cause hints);
         # one tensor per phase, and none once an earlier phase failed (set keep_failed False).
         self.keep_failed = True
@@ -101,6 +102,17 @@ class TapJudge:
         start = time.perf_counter()
         try:
             return self._judge(name, value)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def observe(self, name: str, value: Any) -> Any:
+        """An observe-only tap: judged like any other, but the deployment keeps its own value, also in
+        isolated mode (a fused kernel that cannot take a value back); the verdict lists it as observed."""
+        start = time.perf_counter()
+        try:
+            self._judge(name, value)
+            self.observed.add(name)
+            return value
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -262,6 +274,7 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
     dep, host = deploy(spec, golden, source, mode)
     results: list[TapResult] = []
     seen: dict[str, set[str]] = {}
+    observed: set[str] = set()
     failed_dut: dict[tuple[str, str], np.ndarray] = {}
     seconds0 = getattr(getattr(dep, "host", None), "seconds", 0.0)
     judge_s = 0.0
@@ -279,6 +292,7 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
             results.extend(judge.results)
             judge_s += judge.seconds
             seen[phase] = judge.seen
+            observed |= judge.observed
             if judge.failed is not None:
                 failed_dut[(phase, judge.failed[1])] = judge.failed[2]
         deployment_s = getattr(getattr(dep, "host", None), "seconds", 0.0) - seconds0
@@ -311,7 +325,8 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
     extra.update(extra_provenance or {})
     verdict = Verdict(
         model=model, scale=scale, seed=seed, mode=mode, results=results,
-        coverage=Coverage(compared=len(results), required_missing=missing, not_exposed=not_exposed),
+        coverage=Coverage(compared=len(results), required_missing=missing, not_exposed=not_exposed,
+                          observed=[t for t in tapspec.tap_names(spec) if t in observed]),
         first_failure=first,
         provenance=provenance(golden, name, policies, extra),
     )

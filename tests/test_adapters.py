@@ -153,3 +153,13 @@ def test_functions_by_name_cycle_per_layer() -> None:
             ns.f(torch.zeros(1, 2, 4))
     assert got == ["layers.0.q_rope", "layers.0.k_rope", "layers.1.q_rope", "layers.1.k_rope"]
     assert not hasattr(ns.f, "__wrapped__")                      # removed on exit
+
+
+@pytest.mark.parametrize("isolation", ["inline", "process"])
+def test_observe_only_taps_are_judged_and_listed_in_the_verdict(golden_root, isolation: str) -> None:
+    """tap.observe: judged like any tap, the deployment keeps its own value, the verdict says so."""
+    v = harness.check("llama-3.2-1b", "examples/torch_functions_adapter.py:factory[observe=attn]", mode="isolated",
+                      golden_dir=golden_root, decode_steps=1, isolation=isolation)
+    assert v.coverage.observed == [f"layers.{i}.attn" for i in range(3)]
+    assert any(r.tap == "layers.0.attn" for r in v.results)
+    assert v.to_dict()["coverage"]["observed"] == v.coverage.observed

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import harness
-from harness.deployment.replay import fp32_replay
+from harness.deployment.replay import check_replay, fp32_replay
 from harness.errors import HarnessError
 from harness.selftest import bug_shapes as bs
 from harness.spec import taps as tapspec
@@ -163,7 +163,7 @@ def test_shapes_preserve_shape_dtype_and_input_and_are_seeded(name, tokens, tap,
     ("channel", "prefill", "layers.0.attn_norm"),
 ])
 def test_inject_localises_to_the_perturbed_tap_in_isolated_mode(shape, phase, tap, golden_root):
-    v = harness.check("qwen3-0.6b", bs.inject(fp32_replay, phase, tap, shape), decode_steps=2, mode="isolated",
+    v = check_replay("qwen3-0.6b", bs.inject(fp32_replay, phase, tap, shape), decode_steps=2, mode="isolated",
                       golden_dir=golden_root)
     assert [r.id for r in v.failures] == [f"{phase}/{tap}"]
     assert (v.first_failure.phase, v.first_failure.tap) == (phase, tap)

@@ -168,10 +168,10 @@ def test_headline_is_the_exit_codes_verdict(golden_root: Path, tmp_path: Path, m
     import harness.suites.sanity as sanity
     from harness.suites.phases import Check
 
-    ok = _gate(golden_root, "--phase", "3", "-d", "replay-fp32", "--mode", "isolated")
+    ok = _gate(golden_root, "--phase", "3", "--mode", "isolated")
     assert ok.exit_code == 0 and ok.output.splitlines()[0].startswith("PASS gate: 1 of 1 models passed"), ok.output
     monkeypatch.setattr(sanity, "sanity_checks", lambda golden, weights: [Check("golden_integrity", False, "edited")])
-    res = _gate(golden_root, "--phase", "3", "-d", "replay-fp32", "--mode", "isolated")
+    res = _gate(golden_root, "--phase", "3", "--mode", "isolated")
     lines = res.output.splitlines()
     assert res.exit_code == 1, res.output
     assert lines[0].startswith("FAIL gate: 0 of 1 models passed"), res.output

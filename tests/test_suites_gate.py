@@ -145,8 +145,7 @@ def test_recheck_is_derived_from_deployment_and_golden_key() -> None:
 
 def test_decode_steps_zero_is_not_a_pass(golden_root: Path) -> None:
     """Phase 5 with nothing compared is "not run" (exit 3), never pass."""
-    r = run_gate(MODEL, deployment="replay-fp32", phase=5, golden_dir=golden_root, mode="cumulative",
-                 decode_steps=0)
+    r = run_gate(MODEL, phase=5, golden_dir=golden_root, mode="cumulative", decode_steps=0)
     assert r.outcomes[3].status == "pass"
     assert r.outcomes[5].status == "not run" and "decode" in r.outcomes[5].message
     assert r.exit_code == EXIT_ERROR and not r.passed

@@ -23,10 +23,12 @@ have no deadline: nothing can interrupt a hung call in the same process.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import pickle
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,17 +181,21 @@ def _child_tap(conn: Any, how: str, prefix: str, counter: Any) -> Callable:
     if how == "none":
         return noop_tap
 
-    def tap(name: str, value: Any) -> Any:
+    def send(name: str, value: Any, observe: bool) -> Any:
         arr, problem = as_float32(name, value)
         packed = pack(arr, prefix, counter) if problem is None else ("pipe", Unjudgeable(problem))
-        wants_reply = how == "echo" or packed[0] == "shm"
-        conn.send(("tap", name, packed, wants_reply))
+        echo = how == "echo" and not observe
+        wants_reply = echo or packed[0] == "shm"
+        conn.send(("tap", name, packed, wants_reply, observe))
         if not wants_reply:
             return value
         reply = conn.recv()
-        if how == "echo":
-            return unpack(reply[1])
-        return value
+        return unpack(reply[1]) if echo else value
+
+    def tap(name: str, value: Any) -> Any:
+        return send(name, value, False)
+
+    tap.observe = lambda name, value: send(name, value, True)  # type: ignore[attr-defined]  # judged, not forced
     return tap
 
 
@@ -197,6 +203,35 @@ def _error(exc: BaseException) -> tuple:
     if isinstance(exc, HarnessError):
         return ("error", "harness", str(exc))
     return ("error", "raised", summarise_exception(exc))
+
+
+def _follow(paths: list[str], cwd: str) -> None:
+    """Import from where the parent imports now: a long-lived child was spawned with the parent's sys.path
+    and working directory of that moment (a deployment module added to sys.path later must still load)."""
+    for entry in reversed(paths):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    try:
+        if os.getcwd() != cwd:
+            os.chdir(cwd)
+    except OSError:
+        pass
+
+
+def _forget_moved(target: Any) -> None:
+    """Drop a top-level deployment module imported earlier from a file that is no longer the one its
+    name finds now (a later test or user writes a module of the same name elsewhere)."""
+    if not isinstance(target, str) or ":" not in target:
+        return
+    name = target.split("[", 1)[0].rpartition(":")[0]
+    module = sys.modules.get(name)
+    if "." in name or module is None or not getattr(module, "__file__", None):
+        return
+    from importlib.machinery import PathFinder
+
+    found = PathFinder.find_spec(name, sys.path)
+    if found is None or found.origin != module.__file__:
+        del sys.modules[name]
 
 
 def child_main(conn: Any) -> None:
@@ -230,7 +265,9 @@ def child_main(conn: Any) -> None:
         start = time.perf_counter()
         try:
             if kind == "build":
-                _, target, model, scale, weights_path, seed = msg
+                _, target, model, scale, weights_path, seed, paths, cwd = msg
+                _follow(paths, cwd)
+                _forget_moved(target)
                 spec = get(model, scale)
                 factory = load_factory(target)
                 refuse_golden_access(factory, target)
@@ -426,7 +463,8 @@ class DeploymentHost:
             self.kill()
             self._start()
         budget = self.deadlines.build(spec)
-        dep_id, _ = self.request("factory", ("build", sendable, spec.id, spec.scale, source.path, seed), budget)
+        dep_id, _ = self.request("factory", ("build", sendable, spec.id, spec.scale, source.path, seed,
+                                             list(sys.path), os.getcwd()), budget)
         return RemoteDeployment(self, dep_id, spec, describe(target))
 
 
@@ -459,11 +497,15 @@ class RemoteDeployment:
         prefix = _segment_prefix(self.child_pid) + "p"
 
         def on_tap(msg: tuple) -> None:
-            _, name, packed, wants_reply = msg
+            _, name, packed, wants_reply, observe = msg
             self.last_tap = f"{phase} {name}"
-            answer = tap(name, unpack(packed))
+            if observe:
+                judge = getattr(tap, "observe", None)
+                answer = judge(name, unpack(packed)) if callable(judge) else tap(name, unpack(packed))
+            else:
+                answer = tap(name, unpack(packed))
             if wants_reply:
-                if how == "echo":
+                if how == "echo" and not observe:
                     self.host.send(("value", pack(answer, prefix, self._reply_counter)))
                 else:
                     self.host.send(("ack",))
@@ -544,15 +586,24 @@ class InlineDeployment:
         self.inner = None
 
 
+_SHARED: dict[tuple[str, float | None], DeploymentHost] = {}
+
+
+def shared_host(isolation: str, timeout: float | None) -> DeploymentHost:
+    """This process's host for ``(isolation, timeout)``, kept between ``harness.check`` calls so a caller
+    checking many deployments pays the child's start-up (importing torch: seconds) once; it is closed at
+    exit, and after a crash or timeout its next ``open`` starts a fresh child."""
+    key = (isolation, timeout)
+    host = _SHARED.get(key)
+    if host is None:
+        host = _SHARED[key] = DeploymentHost(isolation, timeout)
+        atexit.register(host.close)
+    return host
+
+
 def open_deployment(isolation: "str | DeploymentHost", timeout: float | None, target: Any, spec: Any, source: Any,
                     seed: int) -> tuple[Any, DeploymentHost | None]:
-    """A deployment on ``isolation`` (a host to reuse, or a mode: then a host of its own, returned so the
-    caller closes it)."""
-    if isinstance(isolation, DeploymentHost):
-        return isolation.open(target, spec, source, seed), None
-    host = DeploymentHost(isolation, timeout)
-    try:
-        return host.open(target, spec, source, seed), host
-    except BaseException:
-        host.close()
-        raise
+    """A deployment on ``isolation``: a host to reuse, or a mode (then this process's shared host for it).
+    The second value is a host the caller must close (none: hosts are the caller's or shared)."""
+    host = isolation if isinstance(isolation, DeploymentHost) else shared_host(isolation, timeout)
+    return host.open(target, spec, source, seed), None

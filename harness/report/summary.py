@@ -160,7 +160,8 @@ def summary_lines(verdict: dict[str, Any], *, elapsed_s: float | None = None) ->
         missing = cov.get("required_missing") or []
         not_exposed = cov.get("not_exposed") or []
         text = (f"coverage: compared {cov.get('compared', len(results))}; required missing: {_listing(missing)}; "
-                f"not exposed: {len(not_exposed)}" + (f" ({_listing(not_exposed)})" if not_exposed else ""))
+                f"not exposed: {len(not_exposed)}" + (f" ({_listing(not_exposed)})" if not_exposed else "")
+                + (f"; observed only (not teacher-forced): {_listing(cov['observed'])}" if cov.get("observed") else ""))
         lines.append(Line(text, 2 if not missing else 0, "red" if missing else ""))
     lines += _perf_lines(reading.perf_comparisons(verdict))
     if ff:

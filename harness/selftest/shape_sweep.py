@@ -140,8 +140,14 @@ def sweep_host(host, model: str, seed: int, steps: int, golden_dir, policy, shap
         for mode in modes:
             recorded: dict[str, dict[str, np.ndarray]] = {}
             factory = bug_shapes.wrap_factory(host, lambda dep, _spec: Recording(dep, recorded), "record")
-            verdict = harness.check(model, factory, scale="tiny", seed=seed, decode_steps=steps, mode=mode,
-                                    policy=policies, golden_dir=golden_dir)
+            if getattr(factory, "needs_golden", False):  # a reference replay host (the fp32 golden itself)
+                from harness.deployment.replay import check_replay
+
+                verdict = check_replay(model, factory, scale="tiny", seed=seed, decode_steps=steps, mode=mode,
+                                       policy=policies, golden_dir=golden_dir)
+            else:  # inline: the recording wrapper keeps the host's values in this process
+                verdict = harness.check(model, factory, scale="tiny", seed=seed, decode_steps=steps, mode=mode,
+                                        policy=policies, golden_dir=golden_dir, isolation="inline")
             host_passed = {(r.phase, r.tap): r.passed for r in verdict.results}
             host_metrics = {(r.phase, r.tap): r.metrics or {} for r in verdict.results}
             gs = store.ensure_local(golden) if mode == "isolated" else golden

@@ -87,9 +87,11 @@ class Coverage:
     compared: int
     required_missing: list[str]
     not_exposed: list[str]
+    observed: list[str] = field(default_factory=list)  # observe-only taps: judged, not teacher-forced
 
     def to_dict(self) -> dict[str, Any]:
-        return {"compared": self.compared, "required_missing": self.required_missing, "not_exposed": self.not_exposed}
+        return {"compared": self.compared, "required_missing": self.required_missing, "not_exposed": self.not_exposed,
+                "observed": self.observed}
 
 
 @dataclass
