@@ -222,7 +222,7 @@ def check(
     isolation: Any = "process",
     timeout: float | None = None,
 ) -> Verdict:
-    """Judge a deployment of ``model`` against the goldens; see docs/architecture.md's contract.
+    """Judge a deployment of ``model`` against the goldens; see docs/contract.md.
 
     ``factory(spec, weights)`` builds the deployment (or a ``MODULE:FACTORY`` string; default: the
     emulator). ``mode``: ``cumulative`` (tap returns the deployment's own value) or ``isolated`` (tap

@@ -5,7 +5,7 @@ exit code 3 ("the check itself could not run").
 """
 
 
-# Exit codes of every command (DESIGN.md): one table for the gate, the perf commands and the CLI edge.
+# Exit codes of every command (docs/contract.md): one table for the gate, the perf commands and the CLI edge.
 EXIT_PASS, EXIT_FAIL, EXIT_PERF, EXIT_ERROR = 0, 1, 2, 3
 
 

@@ -48,6 +48,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "and the golden key.")
     group.addoption("--recheck-prompt-len", type=int, default=None, metavar="N",
                     help="Pin phase 7's prompt length. Default: derived from the deployment and the golden key.")
+    group.addoption("--rounds", type=int, default=10, metavar="N",
+                    help="Timed rounds per performance series (phases 4-5, at least 10). Default: 10.")
     group.addoption("--isolation", default="process", choices=("process", "inline"),
                     help="Where the deployment runs: a child process (a crash or hang is an error naming the "
                          "phase) or inline (debugging). Default: process.")
@@ -67,7 +69,8 @@ def pytest_configure(config: pytest.Config) -> None:
         mode=config.getoption("mode"), phase=config.getoption("phase"), golden_dir=config.getoption("golden_dir"),
         decode_steps=config.getoption("decode_steps"), faults=tuple(config.getoption("fault")),
         recheck_seed=config.getoption("recheck_seed"), recheck_prompt_len=config.getoption("recheck_prompt_len"),
-        isolation=config.getoption("isolation"), timeout=config.getoption("deployment_timeout"))
+        isolation=config.getoption("isolation"), timeout=config.getoption("deployment_timeout"),
+        rounds=config.getoption("rounds"))
     config.stash[ACCOUNTING] = Phase7Accounting(config)
     config.pluginmanager.register(config.stash[ACCOUNTING], "npu-harness-phase7")
 

@@ -204,7 +204,7 @@ def test_verdict_json_follows_schema_1(golden_root):
     assert {"r", "r_tail", "cosine"} <= set(ff["metrics"])
     worst = ff["localisation"]["worst_elements"][0]
     assert len(worst) == 5 and worst[0] == 0 and 0 <= worst[1] < 2  # token, KV head, dim, dut, golden
-    assert set(d["coverage"]) == {"compared", "required_missing", "not_exposed"}
+    assert set(d["coverage"]) == {"compared", "required_missing", "not_exposed", "observed"}
     assert all(set(r) >= {"phase", "tap", "passed", "metrics"} for r in d["results"])
     assert d["provenance"]["golden"]["key"] and d["provenance"]["deployment"].startswith("replay-fp32")
     lines = v.summary().splitlines()

@@ -131,7 +131,7 @@ def test_gate_refuses_huge_decode_before_running(tmp_path: Path) -> None:
 
 def test_golden_build_on_an_unwritable_store(a_file: Path) -> None:
     _refused(["golden", "build", "-m", MODEL, "--golden-dir", str(a_file / "store")], "cannot write",
-             "Not a directory")
+             "not a directory")
 
 
 def test_golden_clean_on_a_read_only_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -63,7 +63,7 @@ def test_pass_exits_0_with_json_and_junit(golden_root: Path, tmp_path: Path) -> 
     doc = json.loads(out.read_text())
     assert doc["passed"] and doc["exit_code"] == 0 and doc["first_failure"] is None
     phases = {p["phase"]: p["status"] for p in doc["models"][0]["phases"]}
-    assert phases == {0: "pass", 1: "n/a", 2: "pass", 3: "pass"}  # a replay has no op backend
+    assert phases == {0: "pass", 1: "pass", 2: "pass", 3: "pass"}  # the emulator has an op backend
     verdict = doc["models"][0]["verdicts"]["isolated"]
     assert verdict["schema"] == 1 and verdict["passed"]
     cases = ET.parse(xml).getroot().findall(".//testcase")

@@ -28,3 +28,14 @@ def test_module_factory_errors():
     with pytest.raises(DeploymentError, match="has no attribute 'nope'"):
         load_factory("harness.deployment.emulator:nope")
     assert callable(load_factory("replay-bf16")) and callable(load_factory(None))
+
+
+def test_one_history_series_per_deployment_identity() -> None:
+    from harness.deployment.loader import DEFAULT_DEPLOYMENT, identity
+
+    same = {identity(None), identity("emulator"), identity(DEFAULT_DEPLOYMENT), identity("emulator[]"),
+            identity("emulator[k_tile=64]")}
+    assert same == {"emulator"}
+    assert identity("emulator[slowdown=1.15,acc_dtype=bf16]") == identity("emulator[acc_dtype=bf16, slowdown=1.15]") \
+        == "emulator[acc_dtype=bf16,slowdown=1.15]"
+    assert identity("mypkg.npu:factory") == "mypkg.npu:factory"

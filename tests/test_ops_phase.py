@@ -169,7 +169,7 @@ def test_phase7_accounting_lists_not_applicable_without_failing() -> None:
     from harness.suites.model_suite import NOT_APPLICABLE_PROPERTY, required_keys
     from harness.suites.session import Settings
 
-    settings = Settings(deployment="replay-fp32", mode="cumulative")
+    settings = Settings(deployment="numpy-fp32", mode="cumulative")
     acc = Phase7Accounting(types.SimpleNamespace(stash={SETTINGS: settings}))
     keys = sorted(required_keys(MODEL, settings))
 
@@ -201,7 +201,7 @@ class TestQwen3(ModelSuite):
     model_id = "qwen3-0.6b"
 ''')
     res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--golden-dir", str(golden_root), "--phase", "1",
-                                        "--deployment", "replay-fp32", "-k", "ops", "-rs", timeout=600)
+                                        "--deployment", "numpy-fp32", "-k", "ops", "-rs", timeout=600)
     n = len(op_ids(model_spec.get(MODEL, "tiny")))
     res.assert_outcomes(skipped=n)
     res.stdout.fnmatch_lines([f"SKIPPED [[]{n}[]] *: not applicable: no op backend"])

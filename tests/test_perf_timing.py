@@ -21,7 +21,7 @@ class FakeClock:
 
 
 class FakeDeployment:
-    """Meets the DESIGN.md contract; prefill costs 0.5 s, the first decode 0.3 s, later ones 0.1 s."""
+    """Meets the deployment contract; prefill costs 0.5 s, the first decode 0.3 s, later ones 0.1 s."""
 
     def __init__(self, clock: FakeClock | None = None, vocab: int = 8, ops: bool = True) -> None:
         self.clock, self.vocab, self.with_ops = clock, vocab, ops

@@ -111,7 +111,7 @@ def test_plugin_and_gate_share_one_run_state() -> None:
     from harness.suites.session import HarnessSession, Settings
 
     assert Settings is RunOptions
-    opts = RunOptions(deployment="replay-fp32", mode="cumulative")
+    opts = RunOptions(deployment="numpy-fp32", mode="cumulative", isolation="inline")
     session = HarnessSession(opts)
     run = session.run("qwen3-0.6b")
     assert isinstance(run, ModelRun) and session.run("qwen3-0.6b") is run

@@ -143,6 +143,8 @@ def gate(
     db: Optional[str] = typer.Option(None, "--db", help="History database URL for --perf. Default: "
                                      "$NPU_HARNESS_DB_URL, else sqlite:///reports/history.sqlite."),
     golden_dir: Optional[Path] = GoldenDirOpt,
+    rounds: int = typer.Option(10, "--rounds", min=10, help="Timed rounds per performance series (phases 4-5); "
+                               "more rounds settle an inconclusive comparison. Default: 10."),
     isolation: str = typer.Option("process", "--isolation", help="Where the deployment runs: process (a child "
                                   "process: a crash or hang is exit 3 naming the phase and last tap) or inline "
                                   "(in the harness's process, for debugging). Default: process."),
@@ -181,7 +183,8 @@ def gate(
     opts = dict(deployment=deployment, faults=tuple(fault), phase=phase, scale=scale, seed=seed,
                 weights=path_or_none(weights), mode=mode, golden_dir=path_or_none(golden_dir), perf=perf,
                 perf_db=db, decode_steps=decode_steps, prompt_len=prompt_len, trace=path_or_none(trace),
-                recheck_seed=recheck_seed, recheck_prompt_len=recheck_prompt_len, isolation=host, timeout=timeout)
+                recheck_seed=recheck_seed, recheck_prompt_len=recheck_prompt_len, isolation=host, timeout=timeout,
+                rounds=rounds)
     with host:
         results = [run_gate(m, GateOptions(**opts)) for m in ids]
     elapsed = time.perf_counter() - t0

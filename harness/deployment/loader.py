@@ -162,6 +162,33 @@ def _import(given: str, module_name: str):  # type: ignore[no-untyped-def]
         raise DeploymentError(f"--deployment {given!r}: cannot import {module_name}: {summarise_exception(exc)}") from exc
 
 
+def identity(target: str | Callable | None) -> str:
+    """The deployment's identity for the performance history: one series per identity. Built-ins by
+    their short name; the emulator's knobs sorted, with knobs at their default value left out, so
+    ``emulator``, ``emulator[]``, ``emulator[k_tile=64]`` and the default deployment are one series and
+    ``emulator[slowdown=1.15]`` another; anything else as ``describe`` names it."""
+    name = describe(target)
+    short = {v: k for k, v in BUILTIN.items()}
+    if name in short:
+        return short[name]
+    m = _KNOBS_RE.match(name)
+    if m is None:
+        return name
+    from dataclasses import fields
+
+    from harness.deployment.emulator.config import EmulatorConfig
+
+    defaults = {f.name: f.default for f in fields(EmulatorConfig)}
+    knobs = []
+    for item in filter(None, (part.strip() for part in m.group(1).split(","))):
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key in defaults and _knob_value(value) == defaults[key]:
+            continue
+        knobs.append(f"{key}={value}")
+    return f"emulator[{','.join(sorted(knobs))}]" if knobs else "emulator"
+
+
 def describe(target: str | Callable | None) -> str:
     """A name for provenance and reports."""
     if target is None:

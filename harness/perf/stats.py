@@ -166,7 +166,7 @@ def compare(
         return Comparison(Verdict.INCONCLUSIVE, base_median=mb, cand_median=mc, ratio=ratio,
                           slowdown=slow, p_worse=nan, p_better=nan,
                           reason=(f"{label}: need >= {min_samples} samples per side, have base {b.size}, "
-                                  f"candidate {c.size}; rerun with more rounds (--rounds N)"), **common)
+                                  f"candidate {c.size}; rerun with more rounds (harness gate --perf --rounds N, pytest --rounds N)"), **common)
     # "worse" is cand > base for latency, cand < base for throughput.
     p_worse = _mwu_greater(c, b) if direction == "lower" else _mwu_greater(b, c)
     p_better = _mwu_greater(b, c) if direction == "lower" else _mwu_greater(c, b)

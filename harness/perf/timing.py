@@ -1,4 +1,4 @@
-"""Time any deployment that meets the DESIGN.md contract: TTFT, TPOT, tokens/s, per-op splits.
+"""Time any deployment that meets the deployment contract (docs/contract.md): TTFT, TPOT, tokens/s, per-op splits.
 
 Definitions (as vLLM's benchmarks use them):
 

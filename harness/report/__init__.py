@@ -1,6 +1,6 @@
 """Output for people and agents: the console summary, per-layer and trend plots, HTML / Markdown reports.
 
-Everything here reads the verdict as a plain dict (DESIGN.md schema 1), so saved ``--json`` verdicts
+Everything here reads the verdict as a plain dict (schema 1, docs/contract.md), so saved ``--json`` verdicts
 can be summarised and reported offline.
 """
 from harness.report.model import TrendSeries

@@ -1,4 +1,4 @@
-"""Reading verdict dicts (DESIGN.md schema version 1): validation, ordering and number formatting.
+"""Reading verdict dicts (schema version 1, docs/contract.md): validation, ordering and number formatting.
 
 The reports take the verdict as a plain dict (``verdict.to_dict()`` or a loaded ``--json`` file), so
 they work offline on saved verdicts and do not depend on the verdict classes.

@@ -185,7 +185,7 @@ def record_isolated(model: str, factory: Any, *, seed: int = 0, decode_steps: in
                     golden_dir: Any = None) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
     """Run ``factory`` on ``model`` (tiny) in isolated mode; (verdict, {phase: {tap: value}})."""
     import harness
-    from harness.checker import load_factory
+    from harness.deployment.loader import load_factory
 
     build = load_factory(factory)
     holder: dict[str, _Recorder] = {}

@@ -37,7 +37,7 @@ _SCALE_CAPS = {
     "small": {"hidden": 512, "layers": 4, "vocab": 8192, "kv_heads": 2},
 }
 # Default prompt length per scale. 64+ tokens so Llama-3 RoPE scaling (which only touches the
-# low-frequency pairs) moves the rotated values measurably; 128 at full scale as in DESIGN.md.
+# low-frequency pairs) moves the rotated values measurably; 128 at full scale.
 DEFAULT_PROMPT_LEN = {"tiny": 64, "small": 96, "full": 128}
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

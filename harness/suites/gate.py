@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.deployment.loader import summarise_exception
+from harness.deployment.loader import identity, summarise_exception
 from harness.errors import HarnessError
 from harness.suites import perfgate
 from harness.suites.e2e import E2E_STEPS
@@ -90,12 +90,12 @@ def _perf(run: _Run, result: GateResult) -> dict[int, PhaseOutcome]:
     dep = run.deployment(golden)
     t0 = time.perf_counter()
     try:  # timed where the deployment runs (in its child process: no pipe in the timings)
-        rounds = (perfgate.WARMUP + perfgate.ROUNDS) * (perfgate.DECODE_STEPS + 2)
-        samples = dep.run(perfgate.measure, golden.input_ids, phase="phase 4-5 timing",
-                          tokens=len(golden.input_ids), calls=rounds)
+        calls = (perfgate.WARMUP + o.rounds) * (perfgate.DECODE_STEPS + 2)
+        samples = dep.run(perfgate.measure, golden.input_ids, o.rounds, phase="phase 4-5 timing",
+                          tokens=len(golden.input_ids), calls=calls)
     finally:
         dep.close()
-    by_phase, perf = perfgate.judge(run.model, run.name, samples, compare=o.perf, db=o.perf_db)
+    by_phase, perf = perfgate.judge(run.model, identity(run.target), samples, compare=o.perf, db=o.perf_db)
     result.perf = perf
     secs = time.perf_counter() - t0
     return {n: PhaseOutcome(n, perfgate.status(cs, o.perf), cs,

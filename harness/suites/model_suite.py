@@ -187,12 +187,15 @@ class ModelSuite:
 
     def _bench(self, harness_session: HarnessSession, benchmark: Any, bench: Any) -> None:
         """Time the deployment on the end-to-end golden's prompt with ``bench`` (harness.perf.timing)."""
-        from harness.deployment.loader import describe
+        from harness.deployment.loader import identity
 
         golden = harness_session.golden(self.model_id, steps=PERF_GOLDEN_STEPS)
         dep = harness_session.deployment(self.model_id, golden)
-        bench(benchmark, dep, golden.input_ids, model=self.model_id,
-              deployment=describe(harness_session.settings.factory()))
+        try:  # one history series per deployment identity (knobs included: harness.deployment.loader.identity)
+            bench(benchmark, dep, golden.input_ids, model=self.model_id,
+                  deployment=identity(harness_session.settings.factory()), rounds=harness_session.settings.rounds)
+        finally:
+            dep.close()
 
     # -- phase 6 -------------------------------------------------------------------------------------------
     def test_e2e(self, harness_session: HarnessSession, case: str) -> None:

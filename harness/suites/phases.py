@@ -1,4 +1,4 @@
-"""The eight phases of the agent loop (DESIGN.md) and the value objects a gate run produces.
+"""The eight phases of the agent loop (docs/agent-loop.md) and the value objects a gate run produces.
 
 A phase gate is a list of ``Check`` results (truthy, with metrics against thresholds). Phases 2, 3 and
 5 are views of the same per-tap verdicts: one ``harness.check`` run per mode, filtered by

@@ -71,6 +71,7 @@ class RunOptions:
     faults: tuple[str, ...] = ()  # emulator faults switched on (--fault)
     recheck_seed: int | None = None  # phase 7: None derives it from the deployment and the golden
     recheck_prompt_len: int | None = None
+    rounds: int = 10  # timed rounds per performance series (phases 4-5; at least 10 for a decision)
     isolation: Any = "process"  # where the deployment runs: a child process, inline (debugging), or a DeploymentHost
     timeout: float | None = None  # seconds per deployment call; None: derived from the work
     progress: Callable | None = None

@@ -1,4 +1,4 @@
-"""Verdict value objects: truthy, serialisable (schema 1 of DESIGN.md), rich enough to retune from."""
+"""Verdict value objects: truthy, serialisable (schema 1, docs/contract.md), rich enough to retune from."""
 from __future__ import annotations
 
 import json
