@@ -351,7 +351,7 @@ REGISTRY: dict[str, type[Policy]] = {
     cls.name: cls for cls in (CalibratedPolicy, ExactPolicy, AllClosePolicy, CosinePolicy, NmsePolicy, TopKWalkPolicy)
 }
 
-# Anchors' own gates (../shared/NPU-FACTS.md) as named presets.
+# The anchors' own gates (torch.testing, IRON, the paper, llama.cpp, vLLM) as named presets.
 PRESETS: dict[str, str] = {
     "torch-bf16": "allclose:rtol=1.6e-2,atol=1e-5",   # torch.testing's bf16 defaults
     "iron": "allclose:rtol=0.04,atol=0.15",           # IRON's MHA operator test
