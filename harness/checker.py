@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from harness.deployment.loader import DeploymentError, describe, refuse_golden_access, summarise_exception
+from harness.deployment.loader import DeploymentError, call_deployment, describe, refuse_golden_access
 from harness.errors import HarnessError, TapError
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, get
@@ -164,15 +164,6 @@ def policies_for(spec: ModelSpec, policy=None):
     return PolicySet.for_model(spec, overrides=policy)
 
 
-def _call_deployment(what: str, fn: Callable, *args):
-    try:
-        return fn(*args)
-    except HarnessError:
-        raise
-    except Exception as exc:
-        raise DeploymentError(f"deployment raised in {what}: {summarise_exception(exc)}") from exc
-
-
 def _unbatched(arr: np.ndarray, ndim: int) -> np.ndarray:
     """``arr`` without a leading batch dimension of size 1 (``[1, tokens, ...]`` as torch models give it)."""
     return arr[0] if arr.ndim == ndim + 1 and arr.shape[0] == 1 else arr
@@ -283,10 +274,10 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
             judge = TapJudge(spec, golden, phase, mode, baseline, policies)
             judge.keep_failed = not failed_dut
             if phase == "prefill":
-                logits = _call_deployment("prefill", dep.prefill, golden.input_ids.copy(), judge)
+                logits = call_deployment("prefill", dep.prefill, golden.input_ids.copy(), judge)
                 rows = len(golden.input_ids)
             else:
-                logits = _call_deployment(phase, dep.decode, int(golden.decode_tokens[i - 1]), judge)
+                logits = call_deployment(phase, dep.decode, int(golden.decode_tokens[i - 1]), judge)
                 rows = 1
             judge.judge_returned(_check_logits(phase, logits, rows, spec.vocab_size))
             results.extend(judge.results)

@@ -36,8 +36,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from harness.deployment.loader import (DeploymentError, describe, load_factory, refuse_golden_access,
-                                       summarise_exception)
+from harness.deployment.loader import (DeploymentError, call_deployment, describe, load_factory,
+                                       refuse_golden_access, summarise_exception)
 from harness.errors import HarnessError
 
 ISOLATIONS = ("process", "inline")
@@ -558,11 +558,7 @@ class InlineDeployment:
     def _timed(self, what: str, fn: Callable, *args: Any) -> Any:
         start = time.perf_counter()
         try:
-            return fn(*args)
-        except HarnessError:
-            raise
-        except Exception as exc:
-            raise DeploymentError(f"deployment raised in {what}: {summarise_exception(exc)}") from exc
+            return call_deployment(what, fn, *args)
         finally:
             self.host.seconds += time.perf_counter() - start
 

@@ -8,7 +8,7 @@ import re
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from harness.errors import HarnessError
 
@@ -41,6 +41,17 @@ def summarise_exception(exc: BaseException, frames: int = 3) -> str:
     tb = (own or tb)[-frames:]
     where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name}" for f in tb)
     return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
+
+
+def call_deployment(what: str, fn: Callable, *args: Any) -> Any:
+    """``fn(*args)``; anything the deployment raises (but a HarnessError) becomes a DeploymentError naming
+    ``what`` and the deployment's own frames."""
+    try:
+        return fn(*args)
+    except HarnessError:
+        raise
+    except Exception as exc:
+        raise DeploymentError(f"deployment raised in {what}: {summarise_exception(exc)}") from exc
 
 
 _KNOBS_RE = re.compile(r"^emulator\[(.*)\]$")

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from harness.selftest.recording import Recording
+
 TARGET_WRONG = 0.01   # a wrong named cause on at most 1% of failures
 
 
@@ -157,30 +159,6 @@ def cases_from_selftest(results: Iterable[Any], population: str | None = None) -
     return cases
 
 
-class _Recorder:
-    """Wraps a deployment so every tap value it hands over is kept, per phase."""
-
-    def __init__(self, inner: Any):
-        self.inner, self.taps, self.step = inner, {}, 0
-
-    def _tap(self, phase: str, tap: Callable) -> Callable:
-        kept = self.taps.setdefault(phase, {})
-
-        def record(name: str, value: Any) -> Any:
-            kept[name] = np.array(value, dtype=np.float32, copy=True)
-            return tap(name, value)
-        return record
-
-    def prefill(self, input_ids, tap):
-        self.step = 0
-        return self.inner.prefill(input_ids, self._tap("prefill", tap))
-
-    def decode(self, token_id, tap):
-        phase = f"decode.{self.step}"
-        self.step += 1
-        return self.inner.decode(token_id, self._tap(phase, tap))
-
-
 def record_isolated(model: str, factory: Any, *, seed: int = 0, decode_steps: int = 2,
                     golden_dir: Any = None) -> tuple[Any, dict[str, dict[str, np.ndarray]]]:
     """Run ``factory`` on ``model`` (tiny) in isolated mode; (verdict, {phase: {tap: value}})."""
@@ -188,10 +166,10 @@ def record_isolated(model: str, factory: Any, *, seed: int = 0, decode_steps: in
     from harness.deployment.loader import load_factory
 
     build = load_factory(factory)
-    holder: dict[str, _Recorder] = {}
+    holder: dict[str, Recording] = {}
 
     def recording(spec, weights):
-        holder["dep"] = _Recorder(build(spec, weights))
+        holder["dep"] = Recording(build(spec, weights))
         return holder["dep"]
     recording.name = getattr(build, "name", getattr(build, "__name__", "deployment"))  # type: ignore[attr-defined]
     verdict = harness.check(model, recording, scale="tiny", seed=seed, decode_steps=decode_steps, mode="isolated",

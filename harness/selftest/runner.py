@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.selftest.recording import Recording
 
 # The classic policies scored next to ours: the anchors' own gates (harness.compare.policies.PRESETS).
 CLASSIC: tuple[str, ...] = ("torch-bf16", "cosine-0.99", "nmse-llamacpp", "top5-walk", "iron")
@@ -86,30 +87,6 @@ class CaseResult:
         return out
 
 
-class _Recording:
-    """A deployment wrapper that keeps a copy of every tap value, keyed by phase."""
-
-    def __init__(self, inner: Any, store: dict[str, dict[str, np.ndarray]]):
-        self.inner, self.store, self.step = inner, store, 0
-
-    def _tap(self, phase: str, tap: Callable) -> Callable:
-        taps = self.store.setdefault(phase, {})
-
-        def record(name: str, value: Any) -> Any:
-            taps[name] = np.array(value, dtype=np.float32, copy=True)
-            return tap(name, value)
-        return record
-
-    def prefill(self, input_ids, tap):
-        self.step = 0
-        return self.inner.prefill(input_ids, self._tap("prefill", tap))
-
-    def decode(self, token_id, tap):
-        phase = f"decode.{self.step}"
-        self.step += 1
-        return self.inner.decode(token_id, self._tap(phase, tap))
-
-
 def _recording_factory(case: Case, store: dict) -> Callable:
     if case.deployment == EMULATOR:
         from harness.deployment.emulator import make_factory
@@ -129,7 +106,7 @@ def _recording_factory(case: Case, store: dict) -> Callable:
         name = f"{name}+{case.shape}@{case.target}"
 
     def factory(spec, weights):
-        return _Recording(inner(spec, weights), store)
+        return Recording(inner(spec, weights), store)
     factory.name = name  # type: ignore[attr-defined]
     return factory
 

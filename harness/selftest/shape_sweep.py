@@ -12,39 +12,14 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from typing import Any
-
 import numpy as np
+
+from harness.selftest.recording import Recording
 
 TARGET = 0.995          # the issue's detection target at the reference magnitude (isolated mode)
 MDE_RATE = 0.99         # "minimum detectable": detected on at least this share of taps
 ONE_ROUNDING_ULP_RMS = 0.5 / math.sqrt(3.0)   # rms ULP error of one correct rounding (uniform +-0.5)
 MISS_SAMPLES = 25       # misses kept with their statistics per job and (mode, shape, phase kind)
-
-
-class Recording:
-    """Keeps a float32 copy of every tap value the wrapped deployment hands over, keyed by phase."""
-
-    def __init__(self, inner: Any, store: dict[str, dict[str, np.ndarray]]):
-        self.inner, self.store, self.step = inner, store, 0
-
-    def _tap(self, phase: str, tap):
-        taps = self.store.setdefault(phase, {})
-
-        def record(name, value):
-            v = value.detach().cpu().numpy() if hasattr(value, "detach") else value
-            taps[name] = np.array(v, dtype=np.float32, copy=True)
-            return tap(name, value)
-        return record
-
-    def prefill(self, input_ids, tap):
-        self.step = 0
-        return self.inner.prefill(input_ids, self._tap("prefill", tap))
-
-    def decode(self, token_id, tap):
-        phase = f"decode.{self.step}"
-        self.step += 1
-        return self.inner.decode(token_id, self._tap(phase, tap))
 
 
 CANDIDATES = ("r_row", "r_block", "ulp_row", "ulp_block", "lean")
