@@ -145,7 +145,7 @@ class ModelRun:
         # A host passed in (a gate over several models, a pytest session) is the caller's to close.
         self.owns_host = not isinstance(opts.isolation, DeploymentHost)
         self.host = DeploymentHost(opts.isolation, opts.timeout) if self.owns_host else opts.isolation
-        if opts.trace is None and self.owns_host and spawn_target(self.target)[1] is None:
+        if opts.trace is None and spawn_target(self.target)[1] is None:
             self.host.start()  # the child starts up while phases 0-1 run (not for a factory that runs inline)
         self.seconds0 = self.host.seconds  # a shared host also counts other runs' deployments
         self.verdicts: dict[str, Any] = {}
