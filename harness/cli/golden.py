@@ -92,33 +92,26 @@ def verify(
 
     store = GoldenStore(golden_dir)
     key = signing_key()
-    bad = checked = 0
-    if store.remote:
-        for rel in store.remote.entries():
-            if model and rel.split("/")[0] != folder_name(model):
-                continue
-            checked += 1
-            for problem in store.remote.verify(rel, key):
-                bad += 1
-                typer.echo(f"{'UNTRUSTED' if 'not trusted' in problem else 'CORRUPT'} {problem}")
-        if checked == 0:
-            typer.echo(f"no golden entries in {store.remote.public}", err=True)
-            raise typer.Exit(3)
-        typer.echo(f"{checked} entries checked in {store.remote.public}, {bad} problems")
-        if bad:
-            raise typer.Exit(3)
-        return
-    for path, _ in store.entries():
-        if model and path.parent.parent.name != folder_name(model):
-            continue
-        checked += 1
-        for problem in verify_dir(path, key):
-            bad += 1
-            typer.echo(f"{'UNTRUSTED' if isinstance(problem, SignatureProblem) else 'CORRUPT'} {problem}")
-    if checked == 0:
-        typer.echo(f"no golden entries under {store.root}", err=True)
+    if store.remote:  # remote entries are streamed and checked, nothing kept
+        remote = store.remote
+        rels = [rel for rel in remote.entries() if not model or rel.split("/")[0] == folder_name(model)]
+        where, checked_in = remote.public, f" in {remote.public}"
+        problems_of = [lambda rel=rel: remote.verify(rel, key) for rel in rels]
+    else:
+        paths = [path for path, _ in store.entries() if not model or path.parent.parent.name == folder_name(model)]
+        where, checked_in = f"under {store.root}", ""
+        problems_of = [lambda path=path: verify_dir(path, key) for path in paths]
+    if not problems_of:
+        typer.echo(f"no golden entries {where}", err=True)
         raise typer.Exit(3)
-    typer.echo(f"{checked} entries checked, {bad} problems")
+    bad = 0
+    for problems in problems_of:
+        for problem in problems():
+            bad += 1
+            # A signature problem means the entry is untrusted (a remote one says so in its message).
+            untrusted = isinstance(problem, SignatureProblem) or "not trusted" in problem
+            typer.echo(f"{'UNTRUSTED' if untrusted else 'CORRUPT'} {problem}")
+    typer.echo(f"{len(problems_of)} entries checked{checked_in}, {bad} problems")
     if bad:
         raise typer.Exit(3)
 
