@@ -291,16 +291,35 @@ def safetensors_header(path: Path | str, what: str = "safetensors file", fd: int
     return header, 8 + n
 
 
-class MappedSafetensors:
+class _SafetensorsHeader:
+    """What both readers take from a checked header: keys, (dtype, shape) and the NumPy dtype of a tensor."""
+
+    _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+               "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    _header: dict
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def dtype_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype, shape) of one tensor, from the header."""
+        info = self._header[key]
+        return info["dtype"], tuple(int(d) for d in info["shape"])
+
+    def _numpy_dtype(self, info: dict):  # type: ignore[no-untyped-def]
+        import ml_dtypes
+        import numpy as np
+
+        return ml_dtypes.bfloat16 if info["dtype"] == "BF16" else np.dtype(self._DTYPES[info["dtype"]])
+
+
+class MappedSafetensors(_SafetensorsHeader):
     """A safetensors file memory-mapped once; ``get_tensor`` returns read-only zero-copy views.
 
     safetensors' own numpy loader copies every tensor out of its map; golden sets are read whole by
     the verifier anyway, so views keep a load at the cost of one sha256 pass. The file must be a
     regular file whose size matches its header (``safetensors_header``).
     """
-
-    _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
-               "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
     def __init__(self, path: Path, what: str = "safetensors file"):
         import mmap
@@ -312,27 +331,18 @@ class MappedSafetensors:
         finally:
             os.close(fd)
 
-    def keys(self) -> list[str]:
-        return list(self._header)
-
-    def dtype_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
-        """(safetensors dtype, shape) of one tensor, from the header."""
-        info = self._header[key]
-        return info["dtype"], tuple(int(d) for d in info["shape"])
-
     def get_tensor(self, key: str):
-        import ml_dtypes
         import numpy as np
 
         info = self._header[key]  # KeyError for an unknown key, as safe_open raises
-        dtype = ml_dtypes.bfloat16 if info["dtype"] == "BF16" else np.dtype(self._DTYPES[info["dtype"]])
+        dtype = self._numpy_dtype(info)
         begin, end = info["data_offsets"]
         flat = np.frombuffer(self._map, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize,
                              offset=self._start + begin)
         return flat.reshape(info["shape"])
 
 
-class SafetensorsReader:
+class SafetensorsReader(_SafetensorsHeader):
     """A safetensors file from an untrusted place, read tensor by tensor with ``pread`` on one open
     descriptor: the file was checked (regular, size what its header describes) on that descriptor, so
     swapping the path afterwards changes nothing, and a file truncated meanwhile gives a short read and
@@ -361,15 +371,7 @@ class SafetensorsReader:
             os.close(self._fd)
             self._fd = -1
 
-    def keys(self) -> list[str]:
-        return list(self._header)
-
-    def dtype_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
-        info = self._header[key]
-        return info["dtype"], tuple(int(d) for d in info["shape"])
-
     def get_tensor(self, key: str):
-        import ml_dtypes
         import numpy as np
 
         info = self._header[key]
@@ -381,5 +383,4 @@ class SafetensorsReader:
             if n == 0:
                 raise HarnessError(f"{_label(self.path, self._what)}: shorter than its header says (changed while read)")
             done += n
-        dtype = ml_dtypes.bfloat16 if info["dtype"] == "BF16" else np.dtype(MappedSafetensors._DTYPES[info["dtype"]])
-        return np.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+        return np.frombuffer(buf, dtype=self._numpy_dtype(info)).reshape(info["shape"])
