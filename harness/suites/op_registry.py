@@ -19,6 +19,7 @@ fails deterministically rather than statistically (ops declared with ``probe = T
 """
 from __future__ import annotations
 
+import abc
 import math
 import statistics
 import time
@@ -53,7 +54,7 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
 
 # -- declarations -------------------------------------------------------------------------------------
 
-class Op:
+class Op(abc.ABC):
     """One op: subclass, set the class attributes, implement the three methods, decorate with @register."""
 
     name: ClassVar[str]
@@ -61,17 +62,17 @@ class Op:
     signature: ClassVar[str]                # inputs -> output, shapes in parameter names (the protocol)
     probe: ClassVar[bool] = False           # GEMM-like: also gets the exact small-integer probe
 
+    @abc.abstractmethod
     def inputs(self, p: dict[str, Any], act: Act) -> dict[str, np.ndarray]:
         """Float32 inputs by name; ``act(*shape, std=, outliers=)`` draws activation-like values."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def reference(self, p: dict[str, Any], x: dict[str, torch.Tensor], case: "OpCase") -> torch.Tensor:
         """The op in plain torch at the inputs' dtype (float64: the reference, bf16: the baseline)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def cases(self, spec: ModelSpec, t: int) -> list[dict[str, Any]]:
         """Parameter dicts of this op at ``spec``'s shapes for a ``t``-token prompt (edges included)."""
-        raise NotImplementedError
 
     def gemm_dims(self, p: dict[str, Any]) -> tuple[int, int, int] | None:
         """(M, K, N) for GEMM-like ops (tiling checks and the probe), else None."""
