@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -22,37 +21,6 @@ runner = CliRunner()
 
 def _gate(golden_root: Path, *args: str):
     return runner.invoke(app, ["gate", "--model", MODEL, "--golden-dir", str(golden_root), *args])
-
-
-@pytest.fixture
-def bad_deployments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A module of broken deployments on sys.path: raising, tapping nothing, failing to import."""
-    (tmp_path / "bad_deps.py").write_text(textwrap.dedent("""
-        import numpy as np
-
-        class Raises:
-            def prefill(self, ids, tap):
-                raise RuntimeError("kernel timed out")
-            def decode(self, tok, tap):
-                raise RuntimeError("kernel timed out")
-
-        class Silent:
-            def __init__(self, spec):
-                self.v = spec.vocab_size
-            def prefill(self, ids, tap):
-                return np.zeros((len(ids), self.v), np.float32)
-            def decode(self, tok, tap):
-                return np.zeros((1, self.v), np.float32)
-
-        def raises(spec, weights):
-            return Raises()
-
-        def silent(spec, weights):
-            return Silent(spec)
-    """))
-    (tmp_path / "broken_dep.py").write_text("import not_a_module_anywhere\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "bad_deps"
 
 
 def test_pass_exits_0_with_json_and_junit(golden_root: Path, tmp_path: Path) -> None:

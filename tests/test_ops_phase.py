@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import textwrap
 import types
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -106,24 +105,9 @@ def test_unsupported_cases_are_listed_not_passed() -> None:
 
 
 @pytest.fixture
-def silent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A deployment returning zeros, handing over no taps and offering no op backend."""
-    (tmp_path / "silent_dep.py").write_text(textwrap.dedent("""
-        import numpy as np
-
-        class Silent:
-            def __init__(self, spec):
-                self.v = spec.vocab_size
-            def prefill(self, ids, tap):
-                return np.zeros((len(ids), self.v), np.float32)
-            def decode(self, tok, tap):
-                return np.zeros((1, self.v), np.float32)
-
-        def factory(spec, weights):
-            return Silent(spec)
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return "silent_dep:factory"
+def silent(bad_deployments: str) -> str:
+    """A deployment returning zeros, handing over no taps and offering no op backend (tests/conftest.py)."""
+    return f"{bad_deployments}:silent"
 
 
 def _gate(golden_root: Path, *args: str):
