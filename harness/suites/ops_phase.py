@@ -23,9 +23,7 @@ NOT_SUPPORTED = "not supported by the op backend"
 
 def op_backend_of(deployment: str | Callable | None, spec: ModelSpec) -> Any | None:
     """The deployment's own op backend for ``spec``, or None when its factory offers none."""
-    factory = load_factory(deployment)
-    inner = getattr(factory, "inner", factory)  # a RecordingFactory wraps the real one
-    make = getattr(inner, "op_backend", None)
+    make = getattr(load_factory(deployment), "op_backend", None)
     return make(spec) if callable(make) else None
 
 
