@@ -59,6 +59,10 @@ def test_wheel_installs_non_editable_and_gates_outside_the_repo(tmp_path: Path, 
                                  "print(m.get('qwen3-0.6b').hidden_size)"], elsewhere, env).stdout.split()
     assert Path(where[0]).resolve().is_relative_to(venv.resolve()), where
     assert int(where[1]) == 1024  # the packaged config, not "model config missing"
+    cache_env = dict(env, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    root = _run([str(py), "-c", "from harness.store.golden import default_root; print(default_root())"],
+                elsewhere, cache_env).stdout.strip()
+    assert Path(root) == tmp_path / "xdg" / "npu-harness" / "golden"  # never inside the venv
 
     out = tmp_path / "gate.json"
     proc = subprocess.run([str(venv / "bin" / "harness"), "gate", "--model", "qwen3-0.6b", "--scale", "tiny",

@@ -50,8 +50,14 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def project_root() -> Path:
-    """The project's ``golden/`` folder."""
-    return Path(__file__).resolve().parents[2] / "golden"
+    """The project's ``golden/`` folder in a source checkout; for an installed wheel (no
+    ``pyproject.toml`` beside the package) ``$XDG_CACHE_HOME/npu-harness/golden`` (``~/.cache/...``), so
+    goldens never land inside a virtual environment, where reinstalling the package would delete them."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "golden"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "npu-harness" / "golden"
 
 
 def default_root() -> Path:
