@@ -143,6 +143,27 @@ def test_recheck_is_derived_from_deployment_and_golden_key() -> None:
     assert derive_recheck("a", "k", 64) != derive_recheck("b", "k", 64)
 
 
+def test_recheck_follows_the_deployment_code(tmp_path: Path) -> None:
+    """Editing a user's deployment file gives it a fresh phase-7 re-check (one it was not tuned to);
+    the rerun command still names the deployment as given."""
+    from harness.deployment.loader import code_digest
+    from harness.suites.run import ModelRun, RunOptions, rerun_command
+
+    dep = tmp_path / "mine.py"
+    dep.write_text("from harness.deployment.emulator import factory\n")
+    target = f"{dep}:factory"
+    first = ModelRun(MODEL, RunOptions(deployment=target))
+    before, first_identity = first.recheck_params(), first.identity()
+    dep.write_text("from harness.deployment.emulator import factory  # tuned\n")
+    second = ModelRun(MODEL, RunOptions(deployment=target))
+    assert before != second.recheck_params()
+    assert first_identity.startswith(target + "@") and first_identity != second.identity()
+    assert len(code_digest(target)) == 16
+    assert code_digest("emulator") == code_digest("numpy-fp32") == code_digest(None) == ""  # built-ins: by name
+    seed, plen = second.recheck_params()
+    assert f"--deployment {target} " in rerun_command(MODEL, second.opts, seed, plen, str(second.name))
+
+
 def test_decode_steps_zero_is_not_a_pass(golden_root: Path) -> None:
     """Phase 5 with nothing compared is "not run" (exit 3), never pass."""
     r = run_gate(MODEL, phase=5, golden_dir=golden_root, mode="cumulative", decode_steps=0)

@@ -1,8 +1,10 @@
 """Resolve ``--deployment MODULE:FACTORY`` strings to factories, with errors a user can act on."""
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import sys
@@ -198,6 +200,31 @@ def identity(target: str | Callable | None) -> str:
             continue
         knobs.append(f"{key}={value}")
     return f"emulator[{','.join(sorted(knobs))}]" if knobs else "emulator"
+
+
+def code_digest(target: str | Callable | None) -> str:
+    """sha256 (16 hex digits) of the source file that defines a user's deployment factory, "" for the
+    built-ins (their code is the harness's own) or where no file can be found. Phase 7 derives its seed
+    from it, so every edit of the deployment meets a fresh re-check instead of one it could be tuned to."""
+    if target is None or (isinstance(target, str) and (emulator_with_knobs(target) is not None
+                                                       or _split_kwargs(target)[0] in BUILTIN)):
+        return ""
+    path: str | None = None
+    try:
+        if callable(target):
+            path = inspect.getsourcefile(getattr(target, "__wrapped__", target))
+        else:
+            module_name = _split_kwargs(target)[0].rpartition(":")[0]
+            if module_name.endswith(".py"):
+                path = str(Path(module_name).resolve())
+            else:
+                found = importlib.util.find_spec(module_name)
+                path = found.origin if found is not None else None
+        if not path or not Path(path).is_file() or Path(path).resolve().is_relative_to(_HARNESS_DIR):
+            return ""  # the harness's own code (a built-in, or a wrapper such as bound keyword arguments)
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except (ImportError, OSError, TypeError, ValueError):
+        return ""
 
 
 def describe(target: str | Callable | None) -> str:

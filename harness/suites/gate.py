@@ -116,7 +116,7 @@ def _phase7(run: _Run, result: GateResult, modes: tuple[str, ...]) -> PhaseOutco
     seed, plen = run.recheck_params()
     result.recheck = {"seed": seed, "prompt_len": plen,
                       "derived": run.opts.recheck_seed is None or run.opts.recheck_prompt_len is None,
-                      "reproduce": rerun_command(run.model, run.opts, seed, plen, run.identity())}
+                      "reproduce": rerun_command(run.model, run.opts, seed, plen, str(run.name))}
     checks: list[Check] = []
     recheck_paths = []
     for mode in modes:

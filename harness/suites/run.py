@@ -97,7 +97,7 @@ def derive_recheck(identity: str, golden_key: str, base_prompt_len: int) -> tupl
     return seed, low + int.from_bytes(digest[4:8], "big") % base_prompt_len
 
 
-def rerun_command(model: str, opts: RunOptions, seed: int, prompt_len: int, identity: str) -> str:
+def rerun_command(model: str, opts: RunOptions, seed: int, prompt_len: int, name: str) -> str:
     """The ``harness gate`` command that reruns phase 7 exactly as this run did."""
     args = ["harness", "gate", "--model", model, "--scale", opts.scale, "--seed", str(opts.seed),
             "--decode-steps", str(opts.decode_steps)]
@@ -105,7 +105,7 @@ def rerun_command(model: str, opts: RunOptions, seed: int, prompt_len: int, iden
         args += ["--prompt-len", str(opts.prompt_len)]
     if opts.weights:
         args += ["--weights", str(opts.weights)]
-    dep = opts.deployment if isinstance(opts.deployment, str) else None if opts.deployment is None else identity
+    dep = opts.deployment if isinstance(opts.deployment, str) else None if opts.deployment is None else name
     if dep:
         args += ["--deployment", dep]
     for f in opts.faults:
@@ -261,8 +261,12 @@ class ModelRun:
         return self.memo(("e2e",), run)
 
     def identity(self) -> str:
-        """What is judged, as phase 7's derivation reads it: the deployment's name."""
-        return str(self.name)
+        """What is judged, as phase 7's derivation reads it: the deployment's name and, for a user's
+        deployment, the digest of the file defining its factory (a code change meets a fresh re-check)."""
+        from harness.deployment.loader import code_digest
+
+        digest = code_digest(self.target)
+        return f"{self.name}@{digest}" if digest else str(self.name)
 
     def recheck_params(self) -> tuple[int, int]:
         """Phase 7's (seed, prompt length): given, or derived from the deployment and the golden key."""
@@ -286,5 +290,5 @@ class ModelRun:
         seed, plen = self.recheck_params()
         v = self.check(mode, key=f"recheck/{mode}", seed=seed, prompt_len=plen)
         v.provenance["recheck"] = {"seed": seed, "prompt_len": plen,
-                                   "rerun": rerun_command(self.model, self.opts, seed, plen, self.identity())}
+                                   "rerun": rerun_command(self.model, self.opts, seed, plen, str(self.name))}
         return v
