@@ -182,6 +182,7 @@ class CalibratedPolicy(Policy):
     attn_decode_bias_max: float = CALIBRATED_THRESHOLDS["attn_decode_bias_max"]
     attn_isolated_bias_max: float = CALIBRATED_THRESHOLDS["attn_isolated_bias_max"]
     attn_isolated_decode_bias_max: float = CALIBRATED_THRESHOLDS["attn_isolated_decode_bias_max"]
+    kind_scale: float = 1.0           # multiplies every per-kind limit of isolated mode (KIND_LIMITS)
     r_floor: float = CALIBRATED_THRESHOLDS["r_floor"]
     decode_r_floor: float = CALIBRATED_THRESHOLDS["decode_r_floor"]
     tail_floor: float = CALIBRATED_THRESHOLDS["tail_floor"]
@@ -209,7 +210,34 @@ class CalibratedPolicy(Policy):
             reasons.append(_over("r_bias", stats["r_bias"], limits["r_bias"]) + f": the errors lean along the "
                            f"golden{by}{floor} (t {_fmt(metrics[pre + 'bias_t'])} vs bf16 baseline t "
                            f"{_fmt(metrics[pre + 'baseline_bias_t'])}): a scaled output")
+        for key, (value, limit) in self.structure(metrics, phase, mode, kind).items():
+            if not value <= limit:
+                reasons.append(_over(key, value, limit) + STRUCTURE_REASONS[key])
+            stats[key] = value
+            limits[key] = limit
         return {f"{k}_max": v for k, v in limits.items()}, reasons, stats
+
+    def structure(self, metrics: dict[str, Any], phase: str, mode: str, kind: str = "") -> dict[str, tuple[float, float]]:
+        """{statistic: (value, limit)} of the per-kind limits a tap has in isolated mode (``KIND_LIMITS``,
+        times ``kind_scale``), for the statistics its metrics hold: kind_r (R against the kind's own
+        limit), row_r, row_gain_free_r, head_r, gain_free_r, lean (|ulp_bias|, ULP)."""
+        if mode != "isolated":
+            return {}
+        table = KIND_LIMITS.get(threshold_prefix(phase, mode) + "kind", {})
+        out = {}
+        for key, by_kind in table.items():
+            limit = by_kind.get(kind)
+            if limit is None:
+                continue
+            if key == "kind_r":
+                value = self.statistics(metrics, phase, mode)["r"]
+            else:
+                name = STRUCTURE_METRIC.get(key, key)
+                if name not in metrics:
+                    continue
+                value = abs(metrics[name])
+            out[key] = (value, limit * self.kind_scale)
+        return out
 
     def statistics(self, metrics: dict[str, Any], phase: str, mode: str = "cumulative") -> dict[str, float]:
         """The judged statistics of one tap in a mode, denominators floored: R (relative Frobenius error
@@ -234,6 +262,24 @@ class CalibratedPolicy(Policy):
 
 
 ATTENTION_KINDS = frozenset({"attn"})
+
+# Isolated mode's per-kind limits (docs/policies.md, "Structure inside a tap"): family
+# ("isolated_kind" prefill, "isolated_decode_kind") -> statistic -> tap kind -> limit. A kind a
+# statistic does not list is not judged on it. Calibrated (harness.selftest.calibration.derive_kind_limits)
+# on the same population as CALIBRATED_THRESHOLDS: 1.5 x the clean maximum of the kind, rounded up.
+KIND_LIMITS: dict[str, dict[str, dict[str, float]]] = {}
+
+# What each per-kind statistic's failure says (CalibratedPolicy.structure), and its metric
+STRUCTURE_METRIC = {"lean": "ulp_bias"}
+STRUCTURE_REASONS = {
+    "kind_r": ": the error exceeds what correct implementations of this tap kind reach",
+    "row_r": ": one row (token) errs far beyond the bf16 baseline's error in that row",
+    "head_r": ": one head's slice errs far beyond the bf16 baseline's error there",
+    "gain_free_r": ": element-wise error beyond the baseline's once each row's (head's) gain is removed",
+    "row_gain_free_r": ": one row errs element-wise beyond the baseline's once each head's gain is removed",
+    "head_gain_free_r": ": one head errs element-wise beyond the baseline's once each row's gain is removed",
+    "lean": " ULP: the whole tap leans along the golden (mean signed ULP error): a rounding mode or scale",
+}
 
 
 def kind_prefix(kind: str) -> str:
