@@ -267,7 +267,23 @@ ATTENTION_KINDS = frozenset({"attn"})
 # ("isolated_kind" prefill, "isolated_decode_kind") -> statistic -> tap kind -> limit. A kind a
 # statistic does not list is not judged on it. Calibrated (harness.selftest.calibration.derive_kind_limits)
 # on the same population as CALIBRATED_THRESHOLDS: 1.5 x the clean maximum of the kind, rounded up.
-KIND_LIMITS: dict[str, dict[str, dict[str, float]]] = {}
+KIND_LIMITS: dict[str, dict[str, dict[str, float]]] = {
+    "isolated_kind": {
+        "kind_r": {"act": 2, "attn": 2.5, "attn_norm": 1.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.5, "final_norm": 1.5, "gate": 1.75, "k": 1.75, "k_norm": 1.5, "k_rope": 1.75, "logits": 1.75, "o": 1.75, "out": 1.5, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "row_r": {"act": 3, "attn": 6.25, "attn_norm": 2, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 2, "gate": 1.75, "k": 1.75, "k_norm": 2, "k_rope": 3, "logits": 1.75, "o": 1.75, "out": 3, "q": 1.75, "q_norm": 1.75, "q_rope": 2, "up": 1.75, "v": 1.75},
+        "row_gain_free_r": {"act": 3.25, "attn": 5.25, "attn_norm": 2, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 2, "gate": 1.75, "k": 2, "k_norm": 2.5, "k_rope": 2.75, "logits": 1.75, "o": 1.75, "out": 2.25, "q": 1.75, "q_norm": 1.75, "q_rope": 2, "up": 1.75, "v": 1.75},
+        "head_r": {"act": 2.75, "attn": 3, "attn_norm": 1.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.5, "final_norm": 1.5, "gate": 1.75, "k": 1.75, "k_norm": 1.5, "k_rope": 1.75, "logits": 1.75, "o": 1.75, "out": 1.75, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "head_gain_free_r": {"act": 2.5, "attn": 2.75, "attn_norm": 1.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.5, "final_norm": 1.5, "gate": 1.75, "k": 1.75, "k_norm": 1.5, "k_rope": 1.75, "logits": 1.75, "o": 1.75, "out": 1.75, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "lean": {"act": 0.25, "attn": 0.25, "attn_norm": 0.25, "attn_residual": 0.25, "down": 0.25, "ffn_norm": 0.25, "final_norm": 0.25, "gate": 0.25, "k": 0.25, "k_norm": 0.25, "k_rope": 0.25, "logits": 0.25, "o": 0.25, "out": 0.25, "q": 0.25, "q_norm": 0.25, "q_rope": 0.25, "up": 0.25, "v": 0.25},
+    },
+    "isolated_decode_kind": {
+        "kind_r": {"act": 2.5, "attn": 5.25, "attn_norm": 1.75, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 1.75, "gate": 1.75, "k": 1.75, "k_norm": 2, "k_rope": 3, "logits": 1.75, "o": 1.75, "out": 3.25, "q": 1.75, "q_norm": 1.75, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "row_gain_free_r": {"act": 2.25, "attn": 4.5, "attn_norm": 1.75, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 1.75, "gate": 1.75, "k": 1.75, "k_norm": 2, "k_rope": 2.5, "logits": 1.75, "o": 1.75, "out": 2, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "head_r": {"act": 17, "attn": 11.75, "attn_norm": 5.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 5.25, "final_norm": 4.25, "gate": 1.75, "k": 1.75, "k_norm": 2.25, "k_rope": 6, "logits": 1.75, "o": 1.75, "out": 7, "q": 1.75, "q_norm": 3, "q_rope": 3.75, "up": 1.75, "v": 1.75},
+        "head_gain_free_r": {"act": 13.75, "attn": 10, "attn_norm": 3.75, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 4.5, "final_norm": 4.75, "gate": 1.75, "k": 1.75, "k_norm": 2.25, "k_rope": 3.5, "logits": 1.75, "o": 1.75, "out": 4.25, "q": 1.75, "q_norm": 3, "q_rope": 3.25, "up": 1.75, "v": 1.75},
+        "lean": {"act": 0.25, "attn": 2.7, "attn_norm": 0.6, "attn_residual": 0.4, "down": 0.65, "ffn_norm": 0.65, "final_norm": 0.5, "gate": 0.4, "k": 1.6, "k_norm": 0.4, "k_rope": 1.5, "logits": 0.35, "o": 0.6, "out": 0.8, "q": 0.65, "q_norm": 0.25, "q_rope": 0.5, "up": 0.45, "v": 1.6},
+    },
+}
 
 # What each per-kind statistic's failure says (CalibratedPolicy.structure), and its metric
 STRUCTURE_METRIC = {"lean": "ulp_bias"}
