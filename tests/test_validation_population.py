@@ -283,3 +283,10 @@ def test_factories_pickle_by_reference(name):
     factory = ALL[name].factory
     again = pickle.loads(pickle.dumps(factory))
     assert again == factory and again.name == name
+
+
+def test_classify_names_per_kind_failures():
+    sweep = _sweep_module()
+    assert sweep.classify({"failed_on": ["row_r"]}) == "per-kind"
+    assert sweep.classify({"failed_on": ["r_bias", "row_r"], "row_lean_ulp": 0.6}) == "r_bias"
+    assert sweep.classify({"failed_on": ["R", "head_r"]}) == "R/r_tail"

@@ -571,21 +571,59 @@ def _t(total, squares, f):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(**_EXACT)
-def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor):  # type: ignore[no-untyped-def]
+def _worst_bias(rows, features, lean_floor):  # type: ignore[no-untyped-def]
+    """(r_bias, t_dut, t_baseline, lean_dut, lean_baseline) of the worst row among those whose mean ULP
+    error along the golden (the lean) is at least ``lean_floor`` (NaN-safe: a NaN lean counts, NaN wins)."""
+    r_bias, t_d_worst, t_b_worst, lean_d, lean_b = 0.0, 0.0, 0.0, 0.0, 0.0
+    for i in range(rows.shape[1]):
+        lean = rows[5, i] / features
+        if abs(lean) < lean_floor:                      # too small to matter, however significant (NaN counts)
+            continue
+        t_d = _t(rows[5, i], rows[7, i], features)
+        if t_d != 0.0:
+            t_b = _t(rows[6, i], rows[8, i], features)
+            ratio = abs(t_d) / max(abs(t_b), BIAS_T_FLOOR)
+            if not ratio <= r_bias:                     # NaN wins
+                r_bias, t_d_worst, t_b_worst, lean_d, lean_b = ratio, t_d, t_b, lean, rows[6, i] / features
+    return r_bias, t_d_worst, t_b_worst, lean_d, lean_b
+
+
+@numba.njit(**_EXACT)
+def baseline_lean_rms(rows, features):  # type: ignore[no-untyped-def]
+    """RMS over rows of the baseline's lean (its mean ULP error along the golden per row): how far a
+    correct run's rows lean by themselves (NaN-safe: NaN propagates)."""
+    r = rows.shape[1]
+    if r == 0:
+        return 0.0
+    s = 0.0
+    for i in range(r):
+        lean = rows[6, i] / features
+        s += lean * lean
+    return math.sqrt(s / r)
+
+
+@numba.njit(**_EXACT)
+def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor, drift_multiple):  # type: ignore[no-untyped-def]
     """Per-row profile from the row sums (NaN-safe): (relative error per row; R per row, its
     denominator floored at ``floor_rel`` times the golden's norm; r_bias, the worst row's |t| of the
     dut's ULP errors along the golden over the baseline's (at least BIAS_T_FLOOR) among the rows
     whose mean such error (the lean, in ULP) is at least ``lean_floor``, with that row's two t values
-    and two leans; r_ulp, the worst row's RMS ULP error over the baseline's (floored at
-    ``ulp_rms_floor`` ULP); the TOP rows with the largest relative error (NaN first); the sums over
-    rows, ROW_SUMS order)."""
+    and two leans; the same among the rows whose lean is also at least ``drift_multiple`` times the
+    baseline's RMS row lean (the drift-relative r_bias of cumulative mode), followed by that lean
+    floor; r_ulp, the worst row's RMS ULP error over the baseline's (floored at ``ulp_rms_floor``
+    ULP); the squared errors of dut and baseline once each row's best gain along the golden is removed,
+    summed over rows (|d|^2 - <g, d>^2 / |g|^2; NaN propagates: max() keeps a NaN first argument);
+    the TOP rows with the largest relative error (NaN first); the sums over rows, ROW_SUMS order)."""
     r = rows.shape[1]
     tok_err = np.zeros(r)
     tok_r = np.zeros(r)
     key = np.zeros(r)
-    r_bias, t_d_worst, t_b_worst, lean_d, lean_b = 0.0, 0.0, 0.0, 0.0, 0.0
     r_ulp = 0.0
+    res_d = 0.0                                         # errors with each row's best gain removed
+    res_b = 0.0
     for i in range(r):
+        res_d += _gain_free(rows[0, i], rows[1, i], rows[2, i])
+        res_b += _gain_free(rows[0, i], rows[3, i], rows[4, i])
         if rows[7, i] != 0.0:                           # sum of squared ULP errors (signs square away)
             ratio = math.sqrt(rows[7, i] / max(rows[8, i], ulp_rms_floor * ulp_rms_floor * features))
             if not ratio <= r_ulp:                      # NaN wins
@@ -597,16 +635,99 @@ def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor):  # type: 
             den = max(math.sqrt(bb), floor_rel * ng)
             tok_r[i] = math.sqrt(dd) / den if den > 0.0 else math.inf
         key[i] = math.inf if math.isnan(tok_err[i]) or math.isnan(dd) else tok_err[i]
-        lean = rows[5, i] / features
-        if abs(lean) < lean_floor:                      # too small to matter, however significant (NaN counts)
-            continue
-        t_d = _t(rows[5, i], rows[7, i], features)
-        if t_d != 0.0:
-            t_b = _t(rows[6, i], rows[8, i], features)
-            ratio = abs(t_d) / max(abs(t_b), BIAS_T_FLOOR)
-            if not ratio <= r_bias:                     # NaN wins
-                r_bias, t_d_worst, t_b_worst, lean_d, lean_b = ratio, t_d, t_b, lean, rows[6, i] / features
+    bias = _worst_bias(rows, features, lean_floor)
+    drift_floor = drift_multiple * baseline_lean_rms(rows, features)
+    drift_floor = drift_floor if not drift_floor <= lean_floor else lean_floor    # NaN stays NaN
+    if drift_floor == lean_floor:
+        drift = bias
+    else:                                               # a NaN floor counts every row (NaN wins in them)
+        drift = _worst_bias(rows, features, drift_floor if drift_floor == drift_floor else 0.0)
     totals = np.zeros(rows.shape[0])
     for k in range(rows.shape[0]):
         totals[k] = rows[k].sum()
-    return tok_err, tok_r, (r_bias, t_d_worst, t_b_worst, lean_d, lean_b), r_ulp, _top(key, np.arange(r)), totals
+    return (tok_err, tok_r, bias, (drift[0], drift[1], drift[2], drift[3], drift[4], drift_floor), r_ulp,
+            (res_d, res_b), _top(key, np.arange(r)), totals)
+
+
+@numba.njit(**_EXACT)
+def _ratio_floored(num2, den2, gg, floor_rel):  # type: ignore[no-untyped-def]
+    """sqrt(num2) / max(sqrt(den2), floor_rel sqrt(gg)): 0 for a zero numerator, NaN propagating."""
+    if num2 == 0.0:
+        return 0.0
+    if math.isnan(num2) or math.isnan(den2) or math.isnan(gg):
+        return math.nan
+    den = max(math.sqrt(den2), floor_rel * math.sqrt(gg))
+    return math.sqrt(num2) / den if den > 0.0 else math.inf
+
+
+@numba.njit(**_EXACT)
+def _gain_free(gg, dd, gd):  # type: ignore[no-untyped-def]
+    """|d|^2 - <g, d>^2 / |g|^2 (the error once its best gain along g is removed), at least 0; a zero g
+    keeps the whole error; NaN propagates."""
+    if not gg > 0.0:
+        return dd if not math.isnan(gg) else math.nan
+    v = dd - gd * gd / gg
+    return v if not v < 0.0 else 0.0
+
+
+@numba.njit(fastmath=_FAST, **_JIT)
+def _block_sums(dut, g, base, block):  # type: ignore[no-untyped-def]
+    """[5, rows, blocks]: <g,g>, <d,d>, <g,d>, <b,b>, <g,b> over each aligned block of ``block`` columns
+    of each row (d = dut - g, b = baseline - g), float64."""
+    r, f = g.shape
+    nb = f // block
+    out = np.zeros((5, r, nb))
+    for i in range(r):
+        for h in range(nb):
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            s4 = 0.0
+            gr, dr, br = g[i, h * block:(h + 1) * block], dut[i, h * block:(h + 1) * block], base[i, h * block:(h + 1) * block]
+            for j in range(block):
+                x = np.float64(gr[j])
+                d = np.float64(dr[j]) - x
+                b = np.float64(br[j]) - x
+                s0 += x * x
+                s1 += d * d
+                s2 += x * d
+                s3 += b * b
+                s4 += x * b
+            out[0, i, h] = s0
+            out[1, i, h] = s1
+            out[2, i, h] = s2
+            out[3, i, h] = s3
+            out[4, i, h] = s4
+    return out
+
+
+@numba.njit(**_EXACT)
+def head_summary(dut, g, base, block, floor_rel):  # type: ignore[no-untyped-def]
+    """(gain_free_r, row_gain_free_r, head_r, head_gain_free_r) of a head-structured tap whose rows are
+    ``block``-wide heads (harness.compare.metrics.structure_metrics says what each is). NaN wins every
+    maximum."""
+    s = _block_sums(dut, g, base, block)
+    r, nb = s.shape[1], s.shape[2]
+    res_d = np.zeros((r, nb))
+    res_b = np.zeros((r, nb))
+    for i in range(r):
+        for h in range(nb):
+            res_d[i, h] = _gain_free(s[0, i, h], s[1, i, h], s[2, i, h])
+            res_b[i, h] = _gain_free(s[0, i, h], s[3, i, h], s[4, i, h])
+    total = _ratio_floored(res_d.sum(), res_b.sum(), s[0].sum(), floor_rel)
+    row_free = 0.0
+    for i in range(r):
+        v = _ratio_floored(res_d[i].sum(), res_b[i].sum(), s[0, i].sum(), floor_rel)
+        if math.isnan(v) or v > row_free:       # NaN wins and stays
+            row_free = v
+    head = 0.0
+    head_free = 0.0
+    for h in range(nb):
+        v = _ratio_floored(s[1, :, h].sum(), s[3, :, h].sum(), s[0, :, h].sum(), floor_rel)
+        if math.isnan(v) or v > head:
+            head = v
+        v = _ratio_floored(res_d[:, h].sum(), res_b[:, h].sum(), s[0, :, h].sum(), floor_rel)
+        if math.isnan(v) or v > head_free:
+            head_free = v
+    return total, row_free, head, head_free
