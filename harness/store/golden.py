@@ -289,6 +289,9 @@ class GoldenStore:
         """The verified golden set of ``request``, built once (under a lock) if absent and ``build``."""
         from harness.store.bounds import check_machine, check_request
 
+        from harness.store.streamwrite import check_rows
+
+        check_rows(request.rows)
         check_request(request.spec, request.seed, request.prompt_len, request.decode_steps)
         path = self.entry_dir(request)
         if (path / MANIFEST).is_file():
@@ -299,7 +302,7 @@ class GoldenStore:
         if not build and not self.remote:
             raise HarnessError(f"no golden for {request.model}/{request.scale} seed {request.seed} in {self.root} "
                                f"(run `harness golden build --model {request.model} --scale {request.scale}`)")
-        check_machine(request.spec, request.tokens, request.decode_steps, self.root)  # before anything is written
+        check_machine(request.spec, request.tokens, request.decode_steps, self.root, request.rows)  # before anything is written
         with self._lock(path):
             if not (path / MANIFEST).is_file():
                 if self.remote:  # download it, or build it once across machines and publish it

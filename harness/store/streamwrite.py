@@ -25,6 +25,14 @@ SAMPLED_MIDDLE = 256  # seeded sample of the rows between them
 STORAGE_MODES = ("full", "sampled")
 
 
+def check_rows(rows: str) -> None:
+    """HarnessError unless ``rows`` is a storage mode."""
+    from harness.errors import HarnessError
+
+    if rows not in STORAGE_MODES:
+        raise HarnessError(f"--rows {rows!r}: expected one of {', '.join(STORAGE_MODES)}")
+
+
 def sampled_rows(tokens: int, key: str) -> np.ndarray:
     """The prefill rows a sampled golden keeps (sorted int64): every row of the first and the last
     128-row tile of the prompt, plus ``SAMPLED_MIDDLE`` rows drawn between them, seeded by the golden key

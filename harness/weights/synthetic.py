@@ -48,10 +48,25 @@ def outlier_channels(spec: ModelSpec, seed: int) -> np.ndarray:
     return np.sort(rng.choice(spec.hidden_size, size=N_OUTLIER_CHANNELS, replace=False))
 
 
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 rounded to the nearest bfloat16 (ties to even), as a bfloat16 (ml_dtypes) array: the
+    values of ``bf16_round`` in half the bytes."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
+    return t.view(torch.int16).numpy().view(_bfloat16())
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+
+
 def synthetic_plan(spec: ModelSpec, seed: int = 0) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(HF parameter name, shape, make) per tensor, in generation order.
 
-    Calling every ``make`` in list order yields the tensor's bf16-rounded float32 values; they share
+    Calling every ``make`` in list order yields the tensor's values as bfloat16 (exact); they share
     one seeded generator, so the order is part of the values. A caller materialises and releases one
     tensor at a time (``iter_synthetic_weights``): the peak is one tensor, not the model.
     ``lm_head.weight`` is omitted when the model ties it to the embedding (as HF checkpoints do).
@@ -65,7 +80,8 @@ def synthetic_plan(spec: ModelSpec, seed: int = 0) -> list[tuple[str, tuple[int,
     plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
 
     def normal(shape, std):
-        return (torch.randn(shape, generator=gen) * float(std)).numpy()
+        # In place: the same float32 product as ``randn * std``, without a second tensor of the shape.
+        return torch.randn(shape, generator=gen).mul_(float(std)).numpy()
 
     def norm_weight(n, damp=None, center=1.0, spread=0.15):
         g = np.abs(center + normal(n, spread * center)).astype(np.float32)
@@ -75,7 +91,7 @@ def synthetic_plan(spec: ModelSpec, seed: int = 0) -> list[tuple[str, tuple[int,
 
     def add(name: str, shape, make: Callable[[], np.ndarray]) -> None:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        plan.append((name, shape, lambda: bf16_round(make())))
+        plan.append((name, shape, lambda: to_bf16(make())))
 
     def embed():
         e = normal((V, H), EMBED_STD)
@@ -127,7 +143,7 @@ def synthetic_plan(spec: ModelSpec, seed: int = 0) -> list[tuple[str, tuple[int,
 def iter_synthetic_weights(spec: ModelSpec, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
     """(name, bf16-representable float32 array) per tensor, generated one at a time in plan order."""
     for name, _, make in synthetic_plan(spec, seed):
-        yield name, make()
+        yield name, make().astype(np.float32)
 
 
 def synthetic_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
