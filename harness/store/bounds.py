@@ -76,9 +76,9 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
     layer_width = per_token // max(spec.num_layers, 1)  # one layer's taps per token (about)
     kept = tokens
     if rows == "sampled":
-        from harness.store.streamwrite import SAMPLED_MIDDLE, TILE
+        from harness.store.streamwrite import sampled_rows
 
-        kept = min(tokens, 2 * TILE + SAMPLED_MIDDLE)
+        kept = len(sampled_rows(tokens, ""))  # how many rows does not depend on the key, which rows does
     elements = per_token * (kept + decode_steps)  # prefill: the rows kept; each decode step: one row
     positions = tokens + decode_steps
     block = max(_layer_params(spec), spec.vocab_size * spec.hidden_size)
