@@ -89,7 +89,8 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
            + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
            + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)
            + spec.num_heads * tokens * positions * 4  # one attention score matrix
-           + tokens * spec.vocab_size * 4 * 2)  # the prefill logits, and their stored rows
+           + tokens * spec.vocab_size * 4  # the prefill logits (written as they are: no copy)
+           + (kept * spec.vocab_size * 4 if rows == "sampled" else 0))  # the sampled rows of them
     disk_per_element = SAMPLED_DISK_BYTES_PER_ELEMENT if rows == "sampled" else DISK_BYTES_PER_ELEMENT
     return Footprint(elements, elements * disk_per_element + 2 * _params(spec), int(ram))
 
