@@ -10,7 +10,10 @@ Layout of one entry (``<root>/<model folder>/<scale>/seed<seed>-<key16>/``):
   golden inputs), with its own manifest.
 
 The key hashes everything that determines the tensors (model config, seed, weights digest, tokens,
-decode steps, library versions, capture version), so a stale golden is never reused. Builds happen in a
+decode steps, library versions, capture version and, for a sampled golden, its storage mode), so a stale
+golden is never reused. A build streams: the reference runs block by block on a meta-device model and
+every tap is written to phase files declared up front as it is captured (harness/reference/streaming.py,
+harness/store/streamwrite.py); ``--rows sampled`` keeps a bounded set of prefill rows. Builds happen in a
 temporary directory renamed into place under a file lock: parallel pytest-xdist workers build once, and a
 crash leaves nothing half-written. Every file's block sha256s are checked on load: a truncated, edited or missing
 file raises GoldenCorrupt naming the file, never a comparison.
