@@ -211,6 +211,7 @@ def check(
     mode: str = "cumulative",
     weights: str | Path | None = None,
     prompt_len: int | None = None,
+    rows: str = "full",
     policy=None,
     golden_dir: str | Path | None = None,
     progress=None,
@@ -243,14 +244,14 @@ def check(
         return open_deployment(isolation, timeout, factory, spec, source, seed)
 
     return judge_deployment(model, deploy, describe(factory), scale=scale, seed=seed, decode_steps=decode_steps,
-                            mode=mode, weights=weights, prompt_len=prompt_len, policy=policy,
+                            mode=mode, weights=weights, prompt_len=prompt_len, rows=rows, policy=policy,
                             golden_dir=golden_dir, progress=progress)
 
 
 def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "tiny", seed: int = 0,
                      decode_steps: int = 4, mode: str = "cumulative", weights: str | Path | None = None,
-                     prompt_len: int | None = None, policy=None, golden_dir: str | Path | None = None,
-                     progress=None, extra_provenance: dict | None = None) -> Verdict:
+                     prompt_len: int | None = None, rows: str = "full", policy=None,
+                     golden_dir: str | Path | None = None, progress=None, extra_provenance: dict | None = None) -> Verdict:
     """The judging behind ``check``: ``deploy(spec, golden, source, mode)`` returns ``(deployment, host to
     close or None)``; every tap of every phase is judged as it arrives."""
     if mode not in MODES:
@@ -261,7 +262,7 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
     spec = get(model, scale)
     source = WeightsSource(str(weights) if weights else None)
     store = GoldenStore(golden_dir)
-    golden = store.get(GoldenRequest(model, scale, seed, decode_steps, prompt_len, source), progress=progress)
+    golden = store.get(GoldenRequest(model, scale, seed, decode_steps, prompt_len, source, rows), progress=progress)
     if mode == "isolated":
         golden = store.ensure_local(golden, progress=progress)
     baseline = "local" if mode == "isolated" else "bf16"
