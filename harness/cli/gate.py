@@ -131,6 +131,9 @@ def gate(
     mode: str = typer.Option("both", "--mode", help="cumulative, isolated or both. Default: both."),
     decode_steps: int = DecodeOpt,
     prompt_len: Optional[int] = PromptOpt,
+    rows: str = typer.Option("full", "--rows", help="Golden storage: full, or sampled (some prompt rows of each "
+                             "prefill tap, for long prompts; judged in cumulative mode only, isolated parts n/a). "
+                             "Default: full."),
     recheck_seed: Optional[int] = typer.Option(None, "--recheck-seed", min=0,
                                                help="Phase 7's seed. Default: derived from the deployment and "
                                                     "the golden key (the same every run of the same deployment)."),
@@ -172,6 +175,10 @@ def gate(
 
     deployment_with_faults(deployment, fault)  # --fault with a non-emulator deployment
     modes_of(mode)
+    if rows not in ("full", "sampled"):
+        from harness.errors import HarnessError
+
+        raise HarnessError(f"--rows {rows!r}: expected full or sampled")
     for option, path in (("--json", json_out), ("--junit", junit)):
         if path is not None:
             ensure_writable(path, option)
@@ -184,7 +191,7 @@ def gate(
                 weights=path_or_none(weights), mode=mode, golden_dir=path_or_none(golden_dir), perf=perf,
                 perf_db=db, decode_steps=decode_steps, prompt_len=prompt_len, trace=path_or_none(trace),
                 recheck_seed=recheck_seed, recheck_prompt_len=recheck_prompt_len, isolation=host, timeout=timeout,
-                rounds=rounds)
+                rounds=rounds, rows=rows)
     with host:
         results = [run_gate(m, GateOptions(**opts)) for m in ids]
     elapsed = time.perf_counter() - t0

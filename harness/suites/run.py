@@ -71,6 +71,7 @@ class RunOptions:
     faults: tuple[str, ...] = ()  # emulator faults switched on (--fault)
     recheck_seed: int | None = None  # phase 7: None derives it from the deployment and the golden
     recheck_prompt_len: int | None = None
+    rows: str = "full"  # golden storage: full, or sampled prompt rows (long prompts; cumulative mode only)
     rounds: int = 10  # timed rounds per performance series (phases 4-5; at least 10 for a decision)
     isolation: Any = "process"  # where the deployment runs: a child process, inline (debugging), or a DeploymentHost
     timeout: float | None = None  # seconds per deployment call; None: derived from the work
@@ -103,6 +104,8 @@ def rerun_command(model: str, opts: RunOptions, seed: int, prompt_len: int, iden
             "--decode-steps", str(opts.decode_steps)]
     if opts.prompt_len:
         args += ["--prompt-len", str(opts.prompt_len)]
+    if opts.rows != "full":
+        args += ["--rows", opts.rows]
     if opts.weights:
         args += ["--weights", str(opts.weights)]
     dep = opts.deployment if isinstance(opts.deployment, str) else None if opts.deployment is None else identity
@@ -173,14 +176,14 @@ class ModelRun:
     # -- building blocks ---------------------------------------------------------------------------
     def golden(self, seed: int | None = None, steps: int | None = None, prompt_len: int | None = None):
         """The verified golden of (seed, steps, prompt length); defaults: the run's options."""
-        from harness.store import GoldenRequest
+        from harness.checker import golden_request
         from harness.weights import WeightsSource
 
         o = self.opts
         source = WeightsSource(str(o.weights) if o.weights else None)
-        g = self.store.get(GoldenRequest(self.model, o.scale, o.seed if seed is None else seed,
-                                         o.decode_steps if steps is None else steps,
-                                         o.prompt_len if prompt_len is None else prompt_len, source),
+        g = self.store.get(golden_request(self.model, o.scale, o.seed if seed is None else seed,
+                                          o.decode_steps if steps is None else steps,
+                                          o.prompt_len if prompt_len is None else prompt_len, source, o.rows),
                            progress=o.progress)
         self.goldens.append(g)
         return g
@@ -208,7 +211,7 @@ class ModelRun:
             return check(self.model, self.target, scale=o.scale, seed=o.seed if seed is None else seed,
                          decode_steps=o.decode_steps, mode=mode, weights=o.weights,
                          prompt_len=o.prompt_len if seed is None else prompt_len,
-                         golden_dir=o.golden_dir, progress=o.progress, isolation=self.host)
+                         golden_dir=o.golden_dir, progress=o.progress, isolation=self.host, rows=o.rows)
 
         v = self.memo(("verdict", key), run)
         self.verdicts[key] = v
