@@ -218,12 +218,12 @@ def check(
     mode: str = "cumulative",
     weights: str | Path | None = None,
     prompt_len: int | None = None,
+    rows: str = "full",
     policy=None,
     golden_dir: str | Path | None = None,
     progress=None,
     isolation: Any = "process",
     timeout: float | None = None,
-    rows: str = "full",
 ) -> Verdict:
     """Judge a deployment of ``model`` against the goldens; see docs/contract.md.
 
@@ -236,8 +236,8 @@ def check(
     for debugging), or a ``DeploymentHost`` to reuse; ``timeout``: seconds per deployment call (default:
     derived from the model size and tokens). ``rows``: ``full`` (default) or ``sampled`` (a golden that
     stores some prompt rows of each prefill tap, for long prompts; cumulative mode only). A factory asking
-    for the goldens (``needs_golden``) is refused. Raises HarnessError when the check cannot run (bad input, broken golden, a deployment that
-    cannot be built, raises, crashes or overruns its deadline).
+    for the goldens (``needs_golden``) is refused. Raises HarnessError when the check cannot run (bad
+    input, broken golden, a deployment that cannot be built, raises, crashes or overruns its deadline).
     """
     from harness.deployment.isolation import open_deployment, validate_isolation, validate_timeout
 
@@ -252,29 +252,17 @@ def check(
         return open_deployment(isolation, timeout, factory, spec, source, seed)
 
     return judge_deployment(model, deploy, describe(factory), scale=scale, seed=seed, decode_steps=decode_steps,
-                            mode=mode, weights=weights, prompt_len=prompt_len, policy=policy,
-                            golden_dir=golden_dir, progress=progress, rows=rows)
+                            mode=mode, weights=weights, prompt_len=prompt_len, rows=rows, policy=policy,
+                            golden_dir=golden_dir, progress=progress)
 
 
 SAMPLED_ISOLATED = "sampled golden: isolated mode needs full tensors"
 
 
-def golden_request(model: str, scale: str, seed: int, decode_steps: int, prompt_len: int | None,
-                   source: WeightsSource, rows: str = "full") -> GoldenRequest:
-    """The GoldenRequest of these settings; ``rows="sampled"`` asks for sampled storage."""
-    if rows not in ("full", "sampled"):
-        raise HarnessError(f"--rows {rows!r}: expected full or sampled")
-    if rows == "full":
-        return GoldenRequest(model, scale, seed, decode_steps, prompt_len, source)
-    if "rows" not in {f.name for f in dataclasses.fields(GoldenRequest)}:
-        raise HarnessError("--rows sampled: this golden store cannot build sampled goldens")
-    return GoldenRequest(model, scale, seed, decode_steps, prompt_len, source, rows=rows)
-
-
 def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "tiny", seed: int = 0,
                      decode_steps: int = 4, mode: str = "cumulative", weights: str | Path | None = None,
-                     prompt_len: int | None = None, policy=None, golden_dir: str | Path | None = None,
-                     progress=None, extra_provenance: dict | None = None, rows: str = "full") -> Verdict:
+                     prompt_len: int | None = None, rows: str = "full", policy=None,
+                     golden_dir: str | Path | None = None, progress=None, extra_provenance: dict | None = None) -> Verdict:
     """The judging behind ``check``: ``deploy(spec, golden, source, mode)`` returns ``(deployment, host to
     close or None)``; every tap of every phase is judged as it arrives."""
     if mode not in MODES:
@@ -288,7 +276,7 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
     if mode == "isolated" and rows != "full":
         raise HarnessError(f"{SAMPLED_ISOLATED} (teacher forcing); use mode='cumulative' (--mode cumulative) "
                            f"or rows='full' (--rows full)")
-    golden = store.get(golden_request(model, scale, seed, decode_steps, prompt_len, source, rows), progress=progress)
+    golden = store.get(GoldenRequest(model, scale, seed, decode_steps, prompt_len, source, rows), progress=progress)
     if mode == "isolated" and golden.sampled:
         raise HarnessError(f"{golden.path}: {SAMPLED_ISOLATED} (teacher forcing); use mode='cumulative' "
                            f"(--mode cumulative) or a golden built with --rows full")

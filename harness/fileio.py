@@ -170,7 +170,7 @@ class SafetensorsWriter:
     into the running block hashes; ``close()`` returns the file's record (BlockHasher.result).
     """
 
-    def __init__(self, path: Path, layout: list[tuple[str, object, tuple[int, ...]]]):
+    def __init__(self, path: Path, layout: list[tuple[str, object, tuple[int, ...]]], align: int = 8):
         import json
         import struct
 
@@ -186,7 +186,7 @@ class SafetensorsWriter:
             self._dtypes[name] = (np.dtype(dtype), tuple(shape))
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
+        text += b" " * (-(8 + len(text)) % align)  # tensor data starts ``align``-byte aligned (8 | align)
         self._hash = BlockHasher()
         self._fh = open(path, "wb")
         self._emit(struct.pack("<Q", len(text)) + text)
@@ -400,3 +400,31 @@ class SafetensorsReader(_SafetensorsHeader):
                 raise HarnessError(f"{_label(self.path, self._what)}: shorter than its header says (changed while read)")
             done += n
         return np.frombuffer(buf, dtype=self._numpy_dtype(info)).reshape(info["shape"])
+
+
+def map_tensor(path: Path | str, info: dict, start: int, what: str = "safetensors file"):
+    """One tensor of a safetensors file as a read-only NumPy view on its own ``ACCESS_READ`` memory map.
+
+    Only the tensor's pages are mapped, and the map goes away with the last view of it: reading a model
+    tensor by tensor keeps one tensor resident, not every page ever touched of one whole-file map. The
+    view's memory cannot be made writeable (``arr.flags.writeable = True`` raises). ``info`` and
+    ``start`` come from ``safetensors_header`` of the same file.
+    """
+    import mmap
+
+    import numpy as np
+
+    dtype = _SafetensorsHeader._numpy_dtype(_SafetensorsHeader, info)
+    begin, end = info["data_offsets"]
+    shape = [int(d) for d in info["shape"]]
+    if end == begin:
+        return np.zeros(shape, dtype=dtype)  # mmap refuses an empty region
+    offset = start + begin
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    fd = open_regular(path, what)
+    try:
+        region = mmap.mmap(fd, offset - aligned + end - begin, access=mmap.ACCESS_READ, offset=aligned)
+    finally:
+        os.close(fd)
+    return np.frombuffer(region, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize,
+                         offset=offset - aligned).reshape(shape)

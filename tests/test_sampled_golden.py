@@ -17,6 +17,7 @@ from harness.suites.phases import NOT_APPLICABLE, PASS
 
 MODEL, STEPS = "qwen3-0.6b", 2
 ROWS = [0, 1, 5, 17, 40, 62, 63]
+LONG = 300  # prompt tokens: more than the first and last 128-row tiles, so a sampled golden drops rows
 
 
 def _sample_entry(path, rows: list[int]) -> None:
@@ -78,20 +79,29 @@ def test_isolated_check_on_a_sampled_golden_is_refused(sampled_root) -> None:
                       golden_dir=sampled_root, isolation="inline")
 
 
-def test_gate_with_sampled_rows_judges_cumulative_and_says_why_isolated_is_na(sampled_root, monkeypatch) -> None:
-    # This branch's store may not build sampled goldens itself: the request resolves to the rewritten entry.
-    monkeypatch.setattr(checker, "golden_request",
-                        lambda model, scale, seed, steps, plen, source, rows="full":
-                        GoldenRequest(model, scale, seed, steps, plen, source))
-    result = run_gate(MODEL, phase=5, scale="tiny", decode_steps=STEPS, golden_dir=sampled_root, rows="sampled",
-                      isolation="inline")
-    assert result.outcomes[2].status == NOT_APPLICABLE
-    assert "sampled golden: isolated mode needs full tensors" in result.outcomes[2].message
+def test_gate_with_sampled_rows_judges_cumulative_and_says_why_isolated_is_na(tmp_path, monkeypatch) -> None:
+    """A real ``--rows sampled`` golden (the store's sampled storage, fewer middle rows so a short prompt
+    drops some): phase 2 n/a with the reason, phases 3 and 5 judge cumulative mode only."""
+    from harness.store import streamwrite
+    from harness.suites.gate import _tap_phase
+    from harness.suites.run import MODES, ModelRun, RunOptions
+
+    monkeypatch.setattr(streamwrite, "SAMPLED_MIDDLE", 16)
+    run = ModelRun(MODEL, RunOptions(scale="tiny", decode_steps=STEPS, prompt_len=LONG, golden_dir=tmp_path,
+                                     rows="sampled", isolation="inline"))
+    try:
+        outcomes = {n: _tap_phase(run, n, MODES) for n in (2, 3, 5)}
+    finally:
+        run.close()
+    golden = run.golden()
+    assert golden.sampled and len(golden.rows("prefill")) == 128 + 16 + (LONG - 256) < LONG
+    assert outcomes[2].status == NOT_APPLICABLE
+    assert "sampled golden: isolated mode needs full tensors" in outcomes[2].message
     for n in (3, 5):
-        assert result.outcomes[n].status == PASS, result.outcomes[n].message
-        assert {c.id.split(":")[0] for c in result.outcomes[n].checks if ":" in c.id} <= {"cumulative", "perf"}
+        assert outcomes[n].status == PASS, outcomes[n].message
+        assert {c.id.split(":")[0] for c in outcomes[n].checks} == {"cumulative"}
 
 
 def test_rows_option_is_validated() -> None:
-    with pytest.raises(HarnessError, match="--rows 'some'"):
-        checker.golden_request(MODEL, "tiny", 0, STEPS, None, GoldenRequest(MODEL).weights, "some")
+    with pytest.raises(HarnessError, match="rows"):
+        checker.check(MODEL, scale="tiny", rows="some", isolation="inline")

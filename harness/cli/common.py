@@ -13,6 +13,9 @@ ScaleOpt = typer.Option("tiny", "--scale", help=f"Model scale: {', '.join(SCALES
 SeedOpt = typer.Option(0, "--seed", help="Seed of the prompt and synthetic weights. Default: 0.")
 DecodeOpt = typer.Option(4, "--decode-steps", help="Decode steps after the prefill. Default: 4.")
 PromptOpt = typer.Option(None, "--prompt-len", help="Prompt tokens. Default: 64 at tiny, 128 at full scale.")
+RowsOpt = typer.Option("full", "--rows", help="Golden storage: full (every prefill row) or sampled (the first "
+                       "and last 128-row tile plus a seeded sample of ~256 rows between them: bounded on disk for "
+                       "long prompts; cumulative mode only, docs/golden-store.md). Default: full.")
 WeightsOpt = typer.Option(None, "--weights", help="Local Hugging Face checkpoint directory (safetensors). "
                           "Default: synthetic weights.")
 GoldenDirOpt = typer.Option(None, "--golden-dir", envvar="NPU_HARNESS_GOLDEN_DIR",

@@ -19,7 +19,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from harness.cli.common import DecodeOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, SeedOpt, WeightsOpt, path_or_none
+from harness.cli.common import (DecodeOpt, GoldenDirOpt, ModelOpt, PromptOpt, RowsOpt, ScaleOpt, SeedOpt, WeightsOpt,
+                                path_or_none)
 from harness.errors import HarnessError
 
 GATE_SCHEMA = 1
@@ -131,9 +132,7 @@ def gate(
     mode: str = typer.Option("both", "--mode", help="cumulative, isolated or both. Default: both."),
     decode_steps: int = DecodeOpt,
     prompt_len: Optional[int] = PromptOpt,
-    rows: str = typer.Option("full", "--rows", help="Golden storage: full, or sampled (some prompt rows of each "
-                             "prefill tap, for long prompts; judged in cumulative mode only, isolated parts n/a). "
-                             "Default: full."),
+    rows: str = RowsOpt,
     recheck_seed: Optional[int] = typer.Option(None, "--recheck-seed", min=0,
                                                help="Phase 7's seed. Default: derived from the deployment and "
                                                     "the golden key (the same every run of the same deployment)."),
@@ -175,10 +174,9 @@ def gate(
 
     deployment_with_faults(deployment, fault)  # --fault with a non-emulator deployment
     modes_of(mode)
-    if rows not in ("full", "sampled"):
-        from harness.errors import HarnessError
+    from harness.store.streamwrite import check_rows
 
-        raise HarnessError(f"--rows {rows!r}: expected full or sampled")
+    check_rows(rows)
     for option, path in (("--json", json_out), ("--junit", junit)):
         if path is not None:
             ensure_writable(path, option)
@@ -189,9 +187,9 @@ def gate(
     host = DeploymentHost(isolation, timeout)  # one deployment host (one child process) for every model
     opts = dict(deployment=deployment, faults=tuple(fault), phase=phase, scale=scale, seed=seed,
                 weights=path_or_none(weights), mode=mode, golden_dir=path_or_none(golden_dir), perf=perf,
-                perf_db=db, decode_steps=decode_steps, prompt_len=prompt_len, trace=path_or_none(trace),
+                perf_db=db, decode_steps=decode_steps, prompt_len=prompt_len, rows=rows, trace=path_or_none(trace),
                 recheck_seed=recheck_seed, recheck_prompt_len=recheck_prompt_len, isolation=host, timeout=timeout,
-                rounds=rounds, rows=rows)
+                rounds=rounds)
     with host:
         results = [run_gate(m, GateOptions(**opts)) for m in ids]
     elapsed = time.perf_counter() - t0

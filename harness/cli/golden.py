@@ -12,7 +12,8 @@ from rich.table import Table
 
 from harness.cli.exits import CommandGroup
 from harness.errors import HarnessError
-from harness.cli.common import (DecodeOpt, GoldenCacheMaxOpt, GoldenCacheOpt, GoldenDirOpt, ModelOpt, PromptOpt, ScaleOpt, WeightsOpt,
+from harness.cli.common import (DecodeOpt, GoldenCacheMaxOpt, GoldenCacheOpt, GoldenDirOpt, ModelOpt, PromptOpt, RowsOpt, ScaleOpt,
+                                WeightsOpt,
                                 models_or_all, path_or_none)
 
 golden_app = typer.Typer(cls=CommandGroup, help="Build, verify, list and clean the golden store.",
@@ -51,6 +52,7 @@ def build(
     decode_steps: int = DecodeOpt,
     prompt_len: Optional[int] = PromptOpt,
     weights: Optional[Path] = WeightsOpt,
+    rows: str = RowsOpt,
     local: bool = typer.Option(False, "--local", help="Also build the isolated-mode local baseline."),
     golden_dir: Optional[Path] = GoldenDirOpt,
     golden_cache: Optional[Path] = GoldenCacheOpt,
@@ -64,7 +66,7 @@ def build(
     for m in models_or_all(model, all_models):
         for s in seed:
             t0 = time.perf_counter()
-            req = GoldenRequest(m, scale, s, decode_steps, prompt_len, WeightsSource(path_or_none(weights)))
+            req = GoldenRequest(m, scale, s, decode_steps, prompt_len, WeightsSource(path_or_none(weights)), rows)
             bar = BuildProgress(f"{m}/{scale} seed {s}")
             try:
                 g = store.get(req, progress=bar)

@@ -34,20 +34,33 @@ def _heads_flat(t: torch.Tensor) -> torch.Tensor:
     return t[0].transpose(0, 1).reshape(t.shape[2], -1)
 
 
+Force = Callable[[str, str], "np.ndarray | None"]  # (phase, tap) -> the value to force, or None
+Sink = Callable[[str, str, torch.Tensor], None]  # (phase, tap, value [T, features]) as captured
+
+
 @dataclass
 class TapRecorder:
-    """Collects taps of the current phase; optionally replaces them with forced values."""
+    """Collects taps of the current phase, or hands each to ``sink`` as it is captured (then nothing is
+    kept but the last logits row, for greedy decoding); optionally replaces taps with forced values."""
 
     phase: str = "prefill"
     taps: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    force: dict[str, dict[str, np.ndarray]] | None = None
+    force: Force | None = None
+    sink: Sink | None = None
+    last_logits: torch.Tensor | None = None
 
     def record(self, name: str, value: torch.Tensor) -> torch.Tensor | None:
         """Record ``value`` ([T, features]); return the forced replacement or None."""
-        self.taps.setdefault(self.phase, {})[name] = value.detach()
+        value = value.detach()
+        if name == "logits":
+            self.last_logits = value[-1].clone()
+        if self.sink is not None:
+            self.sink(self.phase, name, value)
+        else:
+            self.taps.setdefault(self.phase, {})[name] = value
         if self.force is None:
             return None
-        forced = self.force.get(self.phase, {}).get(name)
+        forced = self.force(self.phase, name)
         if forced is None:
             return None
         return torch.from_numpy(np.array(forced, dtype=np.float32)).to(value.dtype)  # a copy: stores map read-only
@@ -55,10 +68,11 @@ class TapRecorder:
     def numpy(self, keep_bf16: bool = False) -> dict[str, dict[str, np.ndarray]]:
         """Captured taps as float32 NumPy arrays (bf16 values are exact in float32); with ``keep_bf16`` a
         bf16 run's taps stay bfloat16 (ml_dtypes, zero-copy), half the bytes for the store to write."""
-        return {phase: {name: _to_numpy(t, keep_bf16) for name, t in taps.items()} for phase, taps in self.taps.items()}
+        return {phase: {name: to_numpy(t, keep_bf16) for name, t in taps.items()} for phase, taps in self.taps.items()}
 
 
-def _to_numpy(t: torch.Tensor, keep_bf16: bool) -> np.ndarray:
+def to_numpy(t: torch.Tensor, keep_bf16: bool = False) -> np.ndarray:
+    """A captured tap as NumPy: float32, or bfloat16 (ml_dtypes, zero-copy) for a bf16 tap with ``keep_bf16``."""
     if keep_bf16 and t.dtype == torch.bfloat16:
         import ml_dtypes
 
@@ -155,9 +169,8 @@ class ReferenceRun:
     decode_tokens: np.ndarray
 
 
-def _finished(rec: TapRecorder, on_phase, keep_bf16: bool) -> None:
-    if on_phase is not None:
-        on_phase(rec.phase, {name: _to_numpy(t, keep_bf16) for name, t in rec.taps[rec.phase].items()})
+def _dict_force(force: dict[str, dict[str, np.ndarray]]) -> Force:
+    return lambda phase, name: force.get(phase, {}).get(name)
 
 
 def run_reference(
@@ -167,21 +180,24 @@ def run_reference(
     *,
     decode_steps: int = 0,
     decode_tokens: np.ndarray | None = None,
-    force: dict[str, dict[str, np.ndarray]] | None = None,
+    force: dict[str, dict[str, np.ndarray]] | Force | None = None,
     keep_bf16: bool = False,
-    on_phase: Callable[[str, dict[str, np.ndarray]], None] | None = None,
+    sink: Sink | None = None,
 ) -> ReferenceRun:
     """Prefill ``input_ids`` then decode with the KV cache, capturing every tap.
 
     Decode tokens are ``decode_tokens`` when given (the fp32 golden's greedy tokens, fed to every
     other run), else chosen greedily from this run's own logits. ``force`` maps phase -> tap -> value
-    to teacher-force (each op then sees golden inputs). ``keep_bf16``: see ``TapRecorder.numpy``.
-    ``on_phase(phase, taps)`` is called as soon as each phase is captured (the store starts writing it
-    while later phases still compute).
+    (or is a function of (phase, tap)) to teacher-force (each op then sees golden inputs).
+    ``keep_bf16``: see ``TapRecorder.numpy``. With ``sink(phase, tap, tensor)`` every tap goes there the
+    moment it is captured and the returned run holds no taps (streaming: the golden build writes and
+    releases each one); the tensor is only valid during the call.
     """
     from transformers import DynamicCache
 
-    rec = TapRecorder(force=force)
+    if isinstance(force, dict):
+        force = _dict_force(force)
+    rec = TapRecorder(force=force, sink=sink)
     handles = install_hooks(model, spec)
     token = _ACTIVE.set(rec)
     tokens: list[int] = []
@@ -190,19 +206,16 @@ def run_reference(
             cache = DynamicCache(config=model.config)
             ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))[None, :]
             out = model(input_ids=ids, cache=cache, use_cache=True)
-            logits = out.logits
-            _finished(rec, on_phase, keep_bf16)
+            del out  # the logits are a tap: the sink has them, nothing else keeps them
             for step in range(decode_steps):
                 if decode_tokens is not None:
                     nxt = int(decode_tokens[step])
                 else:
-                    last = rec.taps[rec.phase]["logits"][-1]
-                    nxt = int(torch.argmax(last.float()))
+                    nxt = int(torch.argmax(rec.last_logits.float()))
                 tokens.append(nxt)
                 rec.phase = f"decode.{step}"
                 out = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True)
-                _finished(rec, on_phase, keep_bf16)
-            del logits, out
+                del out
     finally:
         _ACTIVE.reset(token)
         for handle in handles:

@@ -2,12 +2,15 @@
 written when it cannot be honoured - a seed the generators reject, a negative decode step count, more
 tokens than the model's context length, or a golden the machine has no room for.
 
-The room is predicted up front from the golden's size, which the spec fixes exactly: every tap of every
-phase is ``tokens x features`` elements, stored once as fp32 (the golden) and once as bf16 (the
-baseline), plus bf16 again for isolated mode's local baseline. The build holds every phase in memory
-(fp32 and bf16 runs) next to two fp32 copies of the weights (the cached arrays and the fp32 model; the
-bf16 model is built after the fp32 one is released) and one attention score matrix. The memory figure
-is an upper bound, so a request is refused only when it exceeds what is available outright.
+The room is predicted up front from the spec, which fixes the golden's size exactly: every tap of every
+phase is ``rows x features`` elements, stored once as fp32 (the golden) and once as bf16 (the baseline),
+plus bf16 again for isolated mode's local baseline (full storage only); a sampled golden keeps
+``sampled_rows`` of the prefill. The build streams (harness.reference.streaming, store.streamwrite), so
+its memory is one block's weights (the largest of a decoder layer and the embedding / LM head, in fp32
+beside its mapped bf16 source), one layer's activations and taps, the KV cache, one attention score
+matrix and the logits, over the interpreter's own baseline; its disk adds the private bf16 copy of
+synthetic weights the build reads (deleted at the end). The figures are upper bounds, so a request is
+refused only when it exceeds what is available outright.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from harness.spec.model_spec import ModelSpec
 
 MAX_SEED = 2**32 - 1  # NumPy's and torch's seeding both take it; a negative seed is rejected by NumPy
 DISK_BYTES_PER_ELEMENT = 4 + 2 + 2  # fp32 golden, bf16 baseline, bf16 local baseline (isolated mode)
-RAM_BYTES_PER_ELEMENT = 4 + 4  # the fp32 run's taps and the bf16 run's (held as float32 until written)
+SAMPLED_DISK_BYTES_PER_ELEMENT = 4 + 2  # a sampled golden has no local baseline
+BASE_RAM = 600e6  # Python, torch, transformers and the harness itself, resident before any tensor
 HEADROOM = 1.0  # refuse a golden predicted to need more than what is free
 
 
@@ -47,28 +51,46 @@ def check_request(spec: ModelSpec, seed: int, prompt_len: int | None, decode_ste
 
 @dataclass(frozen=True)
 class Footprint:
-    """What building one golden takes: elements of all taps, bytes on disk, peak bytes in memory."""
+    """What building one golden takes: elements of all stored taps, bytes on disk, peak bytes in memory."""
 
     elements: int
     disk_bytes: int
     ram_bytes: int
 
 
-def _params(spec: ModelSpec) -> int:
+def _layer_params(spec: ModelSpec) -> int:
     attn = spec.hidden_size * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim \
         + spec.num_heads * spec.head_dim * spec.hidden_size
-    mlp = 3 * spec.hidden_size * spec.intermediate_size
+    return attn + 3 * spec.hidden_size * spec.intermediate_size + 2 * spec.hidden_size
+
+
+def _params(spec: ModelSpec) -> int:
     embed = spec.vocab_size * spec.hidden_size * (1 if spec.tied_embeddings else 2)
-    return spec.num_layers * (attn + mlp + 2 * spec.hidden_size) + embed
+    return spec.num_layers * _layer_params(spec) + embed
 
 
-def predict(spec: ModelSpec, tokens: int, decode_steps: int) -> Footprint:
-    """The golden's exact element count (taps x phases) and the disk and memory it needs."""
-    per_token = sum(tapspec.features(spec, tapspec.parse(name).kind) for name in tapspec.tap_names(spec))
-    elements = per_token * (tokens + decode_steps)  # prefill: `tokens` rows; each decode step: one row
+def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full") -> Footprint:
+    """The golden's exact element count (stored taps x rows) and the disk and memory its streaming build needs."""
+    names = tapspec.tap_names(spec)
+    per_token = sum(tapspec.features(spec, tapspec.parse(name).kind) for name in names)
+    layer_width = per_token // max(spec.num_layers, 1)  # one layer's taps per token (about)
+    kept = tokens
+    if rows == "sampled":
+        from harness.store.streamwrite import sampled_rows
+
+        kept = len(sampled_rows(tokens, ""))  # how many rows does not depend on the key, which rows does
+    elements = per_token * (kept + decode_steps)  # prefill: the rows kept; each decode step: one row
     positions = tokens + decode_steps
-    ram = elements * RAM_BYTES_PER_ELEMENT + 2 * 4 * _params(spec) + spec.num_heads * positions * positions * 4
-    return Footprint(elements, elements * DISK_BYTES_PER_ELEMENT, ram)
+    block = max(_layer_params(spec), spec.vocab_size * spec.hidden_size)
+    kv_width = 2 * spec.num_kv_heads * spec.head_dim
+    ram = (BASE_RAM
+           + block * (4 + 2)  # one block in fp32 beside the pages of its bf16 source (or its generation)
+           + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
+           + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)
+           + spec.num_heads * tokens * positions * 4  # one attention score matrix
+           + tokens * spec.vocab_size * 4 * 2)  # the prefill logits, and their stored rows
+    disk_per_element = SAMPLED_DISK_BYTES_PER_ELEMENT if rows == "sampled" else DISK_BYTES_PER_ELEMENT
+    return Footprint(elements, elements * disk_per_element + 2 * _params(spec), int(ram))
 
 
 def available_ram() -> int | None:
@@ -97,10 +119,10 @@ def free_disk(root: Path) -> int | None:
         return None
 
 
-def check_machine(spec: ModelSpec, tokens: int, decode_steps: int, root: Path) -> Footprint:
+def check_machine(spec: ModelSpec, tokens: int, decode_steps: int, root: Path, rows: str = "full") -> Footprint:
     """Refuse (HarnessError) a golden the machine has no memory or disk for; return the prediction."""
-    need = predict(spec, tokens, decode_steps)
-    what = f"{spec.key} with --prompt-len {tokens} --decode-steps {decode_steps}"
+    need = predict(spec, tokens, decode_steps, rows)
+    what = f"{spec.key} with --prompt-len {tokens} --decode-steps {decode_steps}" + (" --rows sampled" if rows == "sampled" else "")
     ram = available_ram()
     if ram is not None and need.ram_bytes > HEADROOM * ram:
         raise HarnessError(f"{what}: building its golden needs about {_gb(need.ram_bytes)} of memory, "
@@ -108,5 +130,5 @@ def check_machine(spec: ModelSpec, tokens: int, decode_steps: int, root: Path) -
     disk = free_disk(root)
     if disk is not None and need.disk_bytes > HEADROOM * disk:
         raise HarnessError(f"{what}: its golden needs about {_gb(need.disk_bytes)} on disk, {_gb(disk)} free "
-                           f"under {root}; lower --prompt-len or --decode-steps, or `harness golden clean`")
+                           f"under {root}; lower --prompt-len or --decode-steps, use --rows sampled, or `harness golden clean`")
     return need

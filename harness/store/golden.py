@@ -23,7 +23,7 @@ import os
 import platform
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +34,10 @@ import numpy as np
 
 from harness.errors import GoldenCorrupt, HarnessError
 from harness.store import signing  # optional keyed signatures over manifests
-from harness.fileio import MappedSafetensors, SafetensorsWriter, block_digest_tasks, block_matches, write_safetensors
+from harness.fileio import MappedSafetensors, block_digest_tasks, block_matches
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
-from harness.weights import WeightsSource, read_weights, weights_digest
+from harness.weights import WeightsSource, build_source, weights_digest
 
 CAPTURE_VERSION = 2  # 2: block-wise sha256 in the manifest
 MANIFEST = "manifest.json"
@@ -86,6 +86,7 @@ class GoldenRequest:
     decode_steps: int = 4
     prompt_len: int | None = None  # None: the scale's default
     weights: WeightsSource = field(default_factory=WeightsSource)
+    rows: str = "full"  # "sampled": prefill keeps the first and last tile and a seeded sample (streamwrite)
 
     @property
     def spec(self) -> ModelSpec:
@@ -97,7 +98,9 @@ class GoldenRequest:
 
     def identity(self) -> dict:
         spec = self.spec
+        storage = {"storage": self.rows} if self.rows != "full" else {}  # full keys stay what they were
         return {
+            **storage,
             "capture_version": CAPTURE_VERSION,
             "model": self.model,
             "scale": self.scale,
@@ -229,18 +232,6 @@ def verify_dir(path: Path, key: bytes | None | object = _KEY_FROM_ENV) -> list[s
     return problems
 
 
-def _write_entry(tmp: Path, phases: dict[str, dict[str, np.ndarray]], manifest: dict) -> None:
-    """Write phase files (hashing the bytes as written, two at a time) and the manifest into ``tmp``."""
-
-    def write(phase: str) -> tuple[str, dict]:
-        name = f"{phase}.safetensors"
-        return name, write_safetensors(tmp / name, phases[phase])
-
-    with ThreadPoolExecutor(HASH_THREADS) as pool:  # hashing and writing release the GIL
-        manifest["files"] = dict(pool.map(write, list(phases)))
-    _write_manifest(tmp, manifest)
-
-
 def _write_manifest(tmp: Path, manifest: dict) -> None:
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
@@ -257,12 +248,6 @@ def _store_errors(root: Path, action: str = "write to"):
         where = exc.filename or root
         raise HarnessError(f"golden store {root}: cannot {action} {where} ({os_reason(exc)}); use a writable "
                            f"directory: --golden-dir DIR or {ENV_DIR}") from None
-
-
-def _bf16(x: np.ndarray) -> np.ndarray:
-    if x.dtype == ml_dtypes.bfloat16:
-        return x
-    return x.astype(ml_dtypes.bfloat16)  # exact: the bf16 run's values are bf16 already
 
 
 class GoldenStore:
@@ -313,6 +298,9 @@ class GoldenStore:
         """The verified golden set of ``request``, built once (under a lock) if absent and ``build``."""
         from harness.store.bounds import check_machine, check_request
 
+        from harness.store.streamwrite import check_rows
+
+        check_rows(request.rows)
         check_request(request.spec, request.seed, request.prompt_len, request.decode_steps)
         path = self.entry_dir(request)
         if (path / MANIFEST).is_file():
@@ -323,7 +311,7 @@ class GoldenStore:
         if not build and not self.remote:
             raise HarnessError(f"no golden for {request.model}/{request.scale} seed {request.seed} in {self.root} "
                                f"(run `harness golden build --model {request.model} --scale {request.scale}`)")
-        check_machine(request.spec, request.tokens, request.decode_steps, self.root)  # before anything is written
+        check_machine(request.spec, request.tokens, request.decode_steps, self.root, request.rows)  # before anything is written
         with self._lock(path):
             if not (path / MANIFEST).is_file():
                 if self.remote:  # download it, or build it once across machines and publish it
@@ -379,56 +367,41 @@ class GoldenStore:
         return tmp
 
     def _build(self, request: GoldenRequest, path: Path, progress: Progress | None) -> None:
+        """Stream the fp32 then the bf16 reference through the entry's phase files, layer by layer."""
         import torch
 
         from harness.reference.capture import run_reference
-        from harness.reference.hf_model import build_hf_model
         from harness.reference.prompts import prompt_ids
+        from harness.reference.streaming import build_streaming_model
+        from harness.store.streamwrite import PhaseFiles, sampled_rows
 
         step = progress or (lambda stage, done, total: None)
         t0 = time.perf_counter()
         key = signing.signing_key()  # an unusable key fails before the build, not after
         spec = request.spec
-        step("weights", 0, 4)
-        weights = read_weights(spec, request.weights, request.seed)  # the source's own, never a shared dict
         ids = prompt_ids(spec, request.seed, request.tokens)
-        step("fp32 reference", 1, 4)
         phases = tapspec.phase_names(request.decode_steps)
+        rows = sampled_rows(request.tokens, request.key()) if request.rows == "sampled" else None
         tmp = self._tmpdir(path)
-        pool = ThreadPoolExecutor(HASH_THREADS)
-        writers: list[SafetensorsWriter] = []
-        started: dict[str, Future] = {}
+        files: PhaseFiles | None = None
         try:
-            # Each phase file holds fp32/<tap> then bf16/<tap> (same shapes, bf16 dtype): its layout is
-            # known once the fp32 run has captured the phase, so the fp32 half streams to disk while the
-            # later phases and the whole bf16 reference still compute.
-            def start(phase: str, taps: dict[str, np.ndarray]) -> SafetensorsWriter:
-                layout = [(f"fp32/{k}", np.float32, v.shape) for k, v in taps.items()]
-                layout += [(f"bf16/{k}", ml_dtypes.bfloat16, v.shape) for k, v in taps.items()]
-                writer = SafetensorsWriter(tmp / f"{phase}.safetensors", layout)
-                writers.append(writer)
-                for k, v in taps.items():
-                    writer.write(f"fp32/{k}", v)
-                return writer
-
-            def begin(phase: str, taps: dict[str, np.ndarray]) -> None:
-                started[phase] = pool.submit(start, phase, taps)
-
-            golden = run_reference(build_hf_model(spec, weights, torch.float32), spec, ids,
-                                   decode_steps=request.decode_steps, on_phase=begin)
+            step("weights", 0, 4)
+            # The source's own weights, read afresh into this build's private file: never the file or
+            # arrays a deployment is handed (harness.weights.build_source).
+            weights = build_source(spec, request.weights, request.seed, tmp)
+            files = PhaseFiles(tmp, spec, phases, request.tokens, VARIANTS, rows)
+            step("fp32 reference", 1, 4)
+            golden = run_reference(build_streaming_model(spec, weights, torch.float32), spec, ids,
+                                   decode_steps=request.decode_steps,
+                                   sink=lambda phase, name, t: files.put("fp32", phase, name, t))
             step("bf16 reference", 2, 4)
-            base = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, ids,
-                                 decode_steps=request.decode_steps, decode_tokens=golden.decode_tokens,
-                                 keep_bf16=True)
+            run_reference(build_streaming_model(spec, weights, torch.bfloat16), spec, ids,
+                          decode_steps=request.decode_steps, decode_tokens=golden.decode_tokens,
+                          sink=lambda phase, name, t: files.put("bf16", phase, name, t))
             step("writing", 3, 4)
-
-            def finish(i: int) -> tuple[str, dict]:
-                writer = started[phases[i]].result()
-                for k in golden.taps[phases[i]]:
-                    writer.write(f"bf16/{k}", _bf16(base.taps[phases[i]][k]))
-                return f"{phases[i]}.safetensors", writer.close()
-
-            files = dict(pool.map(finish, range(len(phases))))
+            records = files.close()
+            del weights
+            (tmp / ".weights.safetensors").unlink(missing_ok=True)
             identity = request.identity()
             manifest = {
                 "schema": 1,
@@ -441,53 +414,66 @@ class GoldenStore:
                 "decode_tokens": golden.decode_tokens.tolist(),
                 "phases": phases,
                 "dtypes": {"fp32": "float32", "bf16": "bfloat16"},
+                "storage": request.rows,
+                **({"rows": {"prefill": rows.tolist()}} if rows is not None else {}),
                 "versions": _versions(),
                 "identity": identity,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "build_seconds": round(time.perf_counter() - t0, 3),
-                "files": files,
+                "files": records,
             }
             _write_manifest(tmp, manifest)
             if key is not None:
                 signing.sign(tmp, key)
             os.rename(tmp, path)
         except BaseException:
-            for w in writers:
-                w.abort()
+            if files is not None:
+                files.abort()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        finally:
-            pool.shutdown(wait=True)
         step("done", 4, 4)
 
     def _build_local(self, golden: GoldenSet, progress: Progress | None) -> None:
+        """The teacher-forced bf16 run, each op fed the stored fp32 golden's inputs, streamed to disk."""
         import torch
 
         from harness.reference.capture import run_reference
-        from harness.reference.hf_model import build_hf_model
+        from harness.reference.streaming import build_streaming_model
+        from harness.store.streamwrite import PhaseFiles
 
+        if golden.manifest.get("storage", "full") != "full":
+            raise HarnessError(f"{golden.path}: a sampled golden has no local baseline (isolated mode teacher-forces "
+                               "every row, which it does not store); judge it in cumulative mode or build it "
+                               "with --rows full")
         step = progress or (lambda stage, done, total: None)
         key = signing.signing_key()
         spec = golden.spec
         source = WeightsSource(golden.manifest["weights"]["source"].removeprefix("checkpoint:")
                                if golden.manifest["weights"]["source"].startswith("checkpoint:") else None)
-        weights = read_weights(spec, source, golden.manifest["seed"])
-        step("local bf16 baseline", 0, 2)
-        force = {phase: golden.phase_tensors(phase) for phase in golden.phases}
-        local = run_reference(build_hf_model(spec, weights, torch.bfloat16), spec, golden.input_ids,
-                              decode_steps=len(golden.phases) - 1, decode_tokens=golden.decode_tokens, force=force,
-                              keep_bf16=True)
-        phases = {phase: {f"bf16/{k}": _bf16(v) for k, v in local.taps[phase].items()} for phase in golden.phases}
         final = golden.path / LOCAL_DIR
         tmp = golden.path / f".tmp-local-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+        files: PhaseFiles | None = None
         try:
-            _write_entry(tmp, phases, {"schema": 1, "kind": "teacher-forced bf16 baseline", "key": golden.manifest["key"]})
+            weights = build_source(spec, source, golden.manifest["seed"], tmp)
+            step("local bf16 baseline", 0, 2)
+            files = PhaseFiles(tmp, spec, golden.phases, len(golden.input_ids), ("bf16",))
+            run_reference(build_streaming_model(spec, weights, torch.bfloat16), spec, golden.input_ids,
+                          decode_steps=len(golden.phases) - 1, decode_tokens=golden.decode_tokens,
+                          force=lambda phase, name: golden.tensor(phase, name),
+                          sink=lambda phase, name, t: files.put("bf16", phase, name, t))
+            records = files.close()
+            del weights
+            (tmp / ".weights.safetensors").unlink(missing_ok=True)
+            _write_manifest(tmp, {"schema": 1, "kind": "teacher-forced bf16 baseline", "key": golden.manifest["key"],
+                                  "files": records})
             if key is not None:
                 signing.sign(tmp, key)
             os.rename(tmp, final)
         except BaseException:
+            if files is not None:
+                files.abort()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         step("done", 2, 2)

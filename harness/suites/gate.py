@@ -168,8 +168,8 @@ def _check_inputs(run: _Run) -> None:
     if o.trace is None and o.phase >= 7 and (o.recheck_seed is not None or o.recheck_prompt_len is not None):
         check_request(spec, 0 if o.recheck_seed is None else o.recheck_seed, o.recheck_prompt_len, o.decode_steps)
         if o.recheck_prompt_len is not None:
-            check_machine(spec, o.recheck_prompt_len, o.decode_steps, run.store.root)
-    check_machine(spec, o.prompt_len or spec.default_prompt_len, steps, run.store.root)
+            check_machine(spec, o.recheck_prompt_len, o.decode_steps, run.store.root, o.rows)
+    check_machine(spec, o.prompt_len or spec.default_prompt_len, steps, run.store.root, o.rows)
 
 
 def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> GateResult:

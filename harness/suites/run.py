@@ -67,11 +67,11 @@ class RunOptions:
     perf_db: str | None = None
     decode_steps: int = 4
     prompt_len: int | None = None
+    rows: str = "full"  # golden storage: full or sampled (harness.store.streamwrite)
     trace: str | Path | None = None
     faults: tuple[str, ...] = ()  # emulator faults switched on (--fault)
     recheck_seed: int | None = None  # phase 7: None derives it from the deployment and the golden
     recheck_prompt_len: int | None = None
-    rows: str = "full"  # golden storage: full, or sampled prompt rows (long prompts; cumulative mode only)
     rounds: int = 10  # timed rounds per performance series (phases 4-5; at least 10 for a decision)
     isolation: Any = "process"  # where the deployment runs: a child process, inline (debugging), or a DeploymentHost
     timeout: float | None = None  # seconds per deployment call; None: derived from the work
@@ -176,14 +176,15 @@ class ModelRun:
     # -- building blocks ---------------------------------------------------------------------------
     def golden(self, seed: int | None = None, steps: int | None = None, prompt_len: int | None = None):
         """The verified golden of (seed, steps, prompt length); defaults: the run's options."""
-        from harness.checker import golden_request
+        from harness.store import GoldenRequest
         from harness.weights import WeightsSource
 
         o = self.opts
         source = WeightsSource(str(o.weights) if o.weights else None)
-        g = self.store.get(golden_request(self.model, o.scale, o.seed if seed is None else seed,
-                                          o.decode_steps if steps is None else steps,
-                                          o.prompt_len if prompt_len is None else prompt_len, source, o.rows),
+        g = self.store.get(GoldenRequest(self.model, o.scale, o.seed if seed is None else seed,
+                                         o.decode_steps if steps is None else steps,
+                                         o.prompt_len if prompt_len is None else prompt_len, source,
+                                         o.rows),
                            progress=o.progress)
         self.goldens.append(g)
         return g
@@ -210,8 +211,8 @@ class ModelRun:
                 return v
             return check(self.model, self.target, scale=o.scale, seed=o.seed if seed is None else seed,
                          decode_steps=o.decode_steps, mode=mode, weights=o.weights,
-                         prompt_len=o.prompt_len if seed is None else prompt_len,
-                         golden_dir=o.golden_dir, progress=o.progress, isolation=self.host, rows=o.rows)
+                         prompt_len=o.prompt_len if seed is None else prompt_len, rows=o.rows,
+                         golden_dir=o.golden_dir, progress=o.progress, isolation=self.host)
 
         v = self.memo(("verdict", key), run)
         self.verdicts[key] = v
@@ -277,7 +278,7 @@ class ModelRun:
                 from harness.weights import WeightsSource
 
                 key = GoldenRequest(self.model, o.scale, o.seed, o.decode_steps, o.prompt_len,
-                                    WeightsSource(str(o.weights) if o.weights else None)).key()
+                                    WeightsSource(str(o.weights) if o.weights else None), o.rows).key()
                 d_seed, d_plen = derive_recheck(self.identity(), key, o.prompt_len or self.spec.default_prompt_len)
                 seed = d_seed if seed is None else seed
                 plen = d_plen if plen is None else plen

@@ -1,16 +1,16 @@
 """Weights: local Hugging Face checkpoints (safetensors only) or seeded synthetic weights."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Mapping
 
 import numpy as np
 
+from harness.errors import HarnessError
 from harness.spec.model_spec import ModelSpec
 
 SYNTHETIC_VERSION = 2  # bump when synthetic_weights changes its output: it is part of the golden key
@@ -37,7 +37,7 @@ def weights_digest(spec: ModelSpec, source: WeightsSource, seed: int) -> str:
 
 
 def read_weights(spec: ModelSpec, source: WeightsSource | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """The source's own weights, read afresh (never a dict anyone else has seen): golden builds use these."""
+    """The source's own weights, read afresh into a dict (small models, tests, calibration)."""
     source = source or WeightsSource()
     if source.path:
         from harness.weights.checkpoint import load_checkpoint
@@ -48,30 +48,110 @@ def read_weights(spec: ModelSpec, source: WeightsSource | None = None, seed: int
     return synthetic_weights(spec, seed)
 
 
+# -- deployments' weights: lazy, read-only, shared through one file per model --------------------------
+CACHE_ENV = "NPU_HARNESS_WEIGHTS_DIR"
+
+
+def cache_dir() -> Path:
+    """Where synthetic weights are materialised: ``$NPU_HARNESS_WEIGHTS_DIR``, else
+    ``$XDG_CACHE_HOME/npu-harness/weights`` (``~/.cache/npu-harness/weights``)."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "npu-harness" / "weights"
+
+
+def synthetic_file(spec: ModelSpec, seed: int) -> Path:
+    """The float32 safetensors file of ``spec``'s synthetic weights, generated once (tensor by tensor,
+    under a file lock, renamed into place complete) and reused by every process after."""
+    import torch
+    from filelock import FileLock
+
+    from harness.spec.model_spec import folder_name
+    from harness.weights.lazy import write_weights_file
+    from harness.weights.synthetic import synthetic_plan
+
+    digest = weights_digest(spec, WeightsSource(), seed).removeprefix("synth-")[:16]
+    ident = f"{folder_name(spec.id)}-{spec.scale}-seed{seed}-{digest}-torch{torch.__version__.split('+')[0]}"
+    root = cache_dir()
+    path = root / f"{ident}.safetensors"
+    if path.is_file():
+        return path
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / f".{ident}.lock")):
+            if not path.is_file():
+                write_weights_file(path, synthetic_plan(spec, seed), np.float32)
+    except OSError as exc:
+        raise HarnessError(f"weights cache {root}: cannot write ({exc.strerror or exc}); set {CACHE_ENV} "
+                           "to a writable directory") from None
+    return path
+
+
+def _bf16_exact_float32(view: np.ndarray) -> np.ndarray:
+    """A checkpoint tensor as float32 rounded to bf16, in memory no one can make writeable."""
+    from harness.weights.synthetic import bf16_round
+
+    return _immutable(bf16_round(np.asarray(view, dtype=np.float32)))
+
+
 def _immutable(arr: np.ndarray) -> np.ndarray:
-    """``arr`` backed by an immutable ``bytes`` buffer: its WRITEABLE flag cannot be switched back on, so
-    not even ``arr.flags.writeable = True`` or a write through ``.base`` can change the cached value."""
+    """``arr`` backed by an immutable ``bytes`` buffer: its WRITEABLE flag cannot be switched back on."""
     arr = np.ascontiguousarray(arr)
     return np.frombuffer(arr.tobytes(), dtype=arr.dtype).reshape(arr.shape)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached(model_id: str, scale: str, source: WeightsSource, seed: int) -> dict[str, np.ndarray]:
-    from harness.spec.model_spec import get
-
-    w = read_weights(get(model_id, scale), source, seed)
-    for name in list(w):  # one tensor at a time: the peak is one extra tensor, not a second model
-        w[name] = _immutable(w.pop(name))
-    return w
 
 
 def load_weights(spec: ModelSpec, source: WeightsSource | None = None, seed: int = 0) -> Mapping[str, np.ndarray]:
     """The weights of ``spec`` (float32, bf16-representable) for a deployment or a check.
 
-    Each call hands out its own read-only Mapping (assigning into it raises TypeError; a deployment that
-    wants changes copies it) over arrays whose memory cannot be written, so nothing a deployment does
-    reaches another caller. The arrays are shared per process (cached): goldens are built from
-    ``read_weights`` instead, never from a Mapping a deployment has seen.
+    A lazy read-only Mapping: each lookup produces the tensor (nothing is cached beyond what the caller
+    keeps), ``keys()``/``in``/``len`` read only file headers, assigning into it raises TypeError (a
+    deployment that wants changes copies it, ``dict(weights)``). Values are read-only arrays whose memory
+    cannot be made writeable: synthetic weights are views on a read-only map of ``synthetic_file``
+    (shared page cache: every process of a gate reads the same pages); checkpoint tensors are converted
+    per lookup from a read-only map of the checkpoint's shards. Goldens are never built from these:
+    a build regenerates or rereads the source privately (``build_source``).
     """
+    from harness.weights.lazy import MappedWeights
+
     source = source or WeightsSource()
-    return MappingProxyType(dict(_cached(spec.id, spec.scale, source, seed)))
+    if source.path:
+        return _checkpoint_mapping(spec, Path(source.path), _bf16_exact_float32)
+    return MappedWeights([synthetic_file(spec, seed)], what="weights cache file")
+
+
+def _checkpoint_mapping(spec: ModelSpec, path: Path, convert) -> Mapping[str, np.ndarray]:
+    from harness.weights.checkpoint import check_config, shard_files
+    from harness.weights.lazy import MappedWeights
+
+    if not path.is_dir():
+        raise HarnessError(f"--weights {path}: not a directory")
+    check_config(spec, path)
+    drop = ("lm_head.weight",) if spec.tied_embeddings else ()
+    return MappedWeights(shard_files(path), convert=convert, drop=drop, what="--weights shard")
+
+
+def build_source(spec: ModelSpec, source: WeightsSource, seed: int, workdir: Path) -> Mapping[str, np.ndarray]:
+    """The weights a golden build reads, a fresh read of the source no deployment has seen: synthetic
+    weights regenerated into ``workdir`` (a bfloat16 file, exact: every value is bf16-rounded; the caller
+    deletes it), or the checkpoint's own shards. Values are bfloat16 or float32 arrays, bf16-exact."""
+    from harness.weights.lazy import MappedWeights, write_weights_file
+    from harness.weights.synthetic import synthetic_plan
+
+    import ml_dtypes
+
+    if source.path:
+        return _checkpoint_mapping(spec, Path(source.path), _bf16_view)
+    path = workdir / ".weights.safetensors"
+    write_weights_file(path, synthetic_plan(spec, seed), ml_dtypes.bfloat16)
+    return MappedWeights([path], what="build weights file")
+
+
+def _bf16_view(view: np.ndarray) -> np.ndarray:
+    """A checkpoint tensor as bfloat16 values (zero-copy when stored as bf16; else rounded to bf16)."""
+    import ml_dtypes
+
+    if view.dtype == ml_dtypes.bfloat16:
+        return view
+    return np.asarray(view, dtype=np.float32).astype(ml_dtypes.bfloat16)

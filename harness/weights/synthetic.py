@@ -19,6 +19,8 @@ full-scale model; the golden key records the torch version) draws every tensor i
 """
 from __future__ import annotations
 
+from typing import Callable, Iterator
+
 import numpy as np
 
 from harness.spec.model_spec import ModelSpec
@@ -46,9 +48,27 @@ def outlier_channels(spec: ModelSpec, seed: int) -> np.ndarray:
     return np.sort(rng.choice(spec.hidden_size, size=N_OUTLIER_CHANNELS, replace=False))
 
 
-def synthetic_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded, bf16-representable weights keyed by HF parameter name (float32 arrays).
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 rounded to the nearest bfloat16 (ties to even), as a bfloat16 (ml_dtypes) array: the
+    values of ``bf16_round`` in half the bytes."""
+    import torch
 
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16)
+    return t.view(torch.int16).numpy().view(_bfloat16())
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+
+
+def synthetic_plan(spec: ModelSpec, seed: int = 0) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
+    """(HF parameter name, shape, make) per tensor, in generation order.
+
+    Calling every ``make`` in list order yields the tensor's values as bfloat16 (exact); they share
+    one seeded generator, so the order is part of the values. A caller materialises and releases one
+    tensor at a time (``iter_synthetic_weights``): the peak is one tensor, not the model.
     ``lm_head.weight`` is omitted when the model ties it to the embedding (as HF checkpoints do).
     """
     import torch
@@ -57,10 +77,11 @@ def synthetic_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     H, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     outliers = outlier_channels(spec, seed)
-    w: dict[str, np.ndarray] = {}
+    plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
 
     def normal(shape, std):
-        return (torch.randn(shape, generator=gen) * float(std)).numpy()
+        # In place: the same float32 product as ``randn * std``, without a second tensor of the shape.
+        return torch.randn(shape, generator=gen).mul_(float(std)).numpy()
 
     def norm_weight(n, damp=None, center=1.0, spread=0.15):
         g = np.abs(center + normal(n, spread * center)).astype(np.float32)
@@ -68,41 +89,64 @@ def synthetic_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
             g[damp] = OUTLIER_NORM_WEIGHT
         return g
 
-    embed = normal((V, H), EMBED_STD)
-    embed[:, outliers] *= OUTLIER_GAIN
-    w["model.embed_tokens.weight"] = embed
+    def add(name: str, shape, make: Callable[[], np.ndarray]) -> None:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        plan.append((name, shape, lambda: to_bf16(make())))
+
+    def embed():
+        e = normal((V, H), EMBED_STD)
+        e[:, outliers] *= OUTLIER_GAIN
+        return e
+
+    add("model.embed_tokens.weight", (V, H), embed)
 
     # RMSNorm output has per-channel RMS ~ norm weight (~1), so a projection with std s/sqrt(H)
     # gives outputs of std ~s.
     qk_std = np.sqrt(ATTN_LOGIT_STD)
+
+    def down():
+        d = normal((H, I), 0.5 / np.sqrt(I))
+        d[outliers, :] *= OUTLIER_GAIN / 2  # the MLPs keep feeding the outlier channels, as in trained models
+        return d
+
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = norm_weight(H, damp=outliers)
-        w[p + "post_attention_layernorm.weight"] = norm_weight(H, damp=outliers)
+        add(p + "input_layernorm.weight", H, lambda: norm_weight(H, damp=outliers))
+        add(p + "post_attention_layernorm.weight", H, lambda: norm_weight(H, damp=outliers))
         if spec.has_qk_norm:
             # q/k norm renormalises each head to RMS ~weight: the weight carries the logit scale.
-            w[p + "self_attn.q_proj.weight"] = normal((nh * hd, H), 1.0 / np.sqrt(H))
-            w[p + "self_attn.k_proj.weight"] = normal((nkv * hd, H), 1.0 / np.sqrt(H))
-            w[p + "self_attn.q_norm.weight"] = norm_weight(hd, center=qk_std)
-            w[p + "self_attn.k_norm.weight"] = norm_weight(hd, center=qk_std)
+            add(p + "self_attn.q_proj.weight", (nh * hd, H), lambda: normal((nh * hd, H), 1.0 / np.sqrt(H)))
+            add(p + "self_attn.k_proj.weight", (nkv * hd, H), lambda: normal((nkv * hd, H), 1.0 / np.sqrt(H)))
+            add(p + "self_attn.q_norm.weight", hd, lambda: norm_weight(hd, center=qk_std))
+            add(p + "self_attn.k_norm.weight", hd, lambda: norm_weight(hd, center=qk_std))
         else:
-            w[p + "self_attn.q_proj.weight"] = normal((nh * hd, H), qk_std / np.sqrt(H))
-            w[p + "self_attn.k_proj.weight"] = normal((nkv * hd, H), qk_std / np.sqrt(H))
-        w[p + "self_attn.v_proj.weight"] = normal((nkv * hd, H), 1.0 / np.sqrt(H))
-        w[p + "self_attn.o_proj.weight"] = normal((H, nh * hd), 0.5 / np.sqrt(nh * hd))
+            add(p + "self_attn.q_proj.weight", (nh * hd, H), lambda: normal((nh * hd, H), qk_std / np.sqrt(H)))
+            add(p + "self_attn.k_proj.weight", (nkv * hd, H), lambda: normal((nkv * hd, H), qk_std / np.sqrt(H)))
+        add(p + "self_attn.v_proj.weight", (nkv * hd, H), lambda: normal((nkv * hd, H), 1.0 / np.sqrt(H)))
+        add(p + "self_attn.o_proj.weight", (H, nh * hd), lambda: normal((H, nh * hd), 0.5 / np.sqrt(nh * hd)))
         if spec.has_qkv_bias:
             # Trained Qwen2.5 checkpoints carry sizeable q/k biases (the k bias especially).
-            w[p + "self_attn.q_proj.bias"] = normal(nh * hd, 0.5)
-            w[p + "self_attn.k_proj.bias"] = normal(nkv * hd, 1.0)
-            w[p + "self_attn.v_proj.bias"] = normal(nkv * hd, 0.2)
-        w[p + "mlp.gate_proj.weight"] = normal((I, H), GATE_STD / np.sqrt(H))
-        w[p + "mlp.up_proj.weight"] = normal((I, H), 1.0 / np.sqrt(H))
-        down = normal((H, I), 0.5 / np.sqrt(I))
-        down[outliers, :] *= OUTLIER_GAIN / 2  # the MLPs keep feeding the outlier channels, as in trained models
-        w[p + "mlp.down_proj.weight"] = down
+            add(p + "self_attn.q_proj.bias", nh * hd, lambda: normal(nh * hd, 0.5))
+            add(p + "self_attn.k_proj.bias", nkv * hd, lambda: normal(nkv * hd, 1.0))
+            add(p + "self_attn.v_proj.bias", nkv * hd, lambda: normal(nkv * hd, 0.2))
+        add(p + "mlp.gate_proj.weight", (I, H), lambda: normal((I, H), GATE_STD / np.sqrt(H)))
+        add(p + "mlp.up_proj.weight", (I, H), lambda: normal((I, H), 1.0 / np.sqrt(H)))
+        add(p + "mlp.down_proj.weight", (H, I), down)
 
     # Logits = final_norm(x) @ embed.T: scale the final norm so logits have a trained spread.
-    w["model.norm.weight"] = norm_weight(H, damp=outliers, center=LOGIT_STD / (EMBED_STD * np.sqrt(H)))
+    add("model.norm.weight", H, lambda: norm_weight(H, damp=outliers, center=LOGIT_STD / (EMBED_STD * np.sqrt(H))))
     if not spec.tied_embeddings:
-        w["lm_head.weight"] = normal((V, H), EMBED_STD)
-    return {k: bf16_round(v) for k, v in w.items()}
+        add("lm_head.weight", (V, H), lambda: normal((V, H), EMBED_STD))
+    return plan
+
+
+def iter_synthetic_weights(spec: ModelSpec, seed: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, bf16-representable float32 array) per tensor, generated one at a time in plan order."""
+    for name, _, make in synthetic_plan(spec, seed):
+        yield name, make().astype(np.float32)
+
+
+def synthetic_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded, bf16-representable weights keyed by HF parameter name (float32 arrays), all in memory
+    (small models and tests; builds stream them through ``synthetic_plan``)."""
+    return dict(iter_synthetic_weights(spec, seed))
