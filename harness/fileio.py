@@ -403,7 +403,7 @@ class SafetensorsReader(_SafetensorsHeader):
 
 
 def map_tensor(path: Path | str, info: dict, start: int, what: str = "safetensors file"):
-    """One tensor of a safetensors file as a read-only NumPy view on its own ``ACCESS_READ`` memory map.
+    """One tensor of a safetensors file as a read-only NumPy view on its own read-only memory map.
 
     Only the tensor's pages are mapped, and the map goes away with the last view of it: reading a model
     tensor by tensor keeps one tensor resident, not every page ever touched of one whole-file map. The
@@ -423,7 +423,10 @@ def map_tensor(path: Path | str, info: dict, start: int, what: str = "safetensor
     aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
     fd = open_regular(path, what)
     try:
-        region = mmap.mmap(fd, offset - aligned + end - begin, access=mmap.ACCESS_READ, offset=aligned)
+        # PROT_READ: the memory cannot be written (as ACCESS_READ); MAP_POPULATE: the kernel maps every
+        # page in this one call, where faulting them in one by one costs seconds per GB on a VM.
+        region = mmap.mmap(fd, offset - aligned + end - begin, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ, offset=aligned)
     finally:
         os.close(fd)
     return np.frombuffer(region, dtype=dtype, count=(end - begin) // np.dtype(dtype).itemsize,

@@ -171,6 +171,6 @@ def test_streaming_prediction_fits_the_done_when_build() -> None:
     """qwen3-4b at 2048 tokens is predicted within the 8 GB target, and sampled storage bounds its disk."""
     spec = harness.models.get("qwen3-4b", "full")
     full, sampled = predict(spec, 2048, 32), predict(spec, 2048, 32, "sampled")
-    assert full.ram_bytes < 8e9 and sampled.ram_bytes == full.ram_bytes
+    assert full.ram_bytes < sampled.ram_bytes < 8e9
     assert sampled.disk_bytes < full.disk_bytes / 2
     assert predict(spec, 256, 32).ram_bytes < 6e9

@@ -4,7 +4,7 @@ weights Mapping just before the block runs and released right after.
 The model is built on the meta device (no memory, no init). Forward pre-hooks on the embedding, each
 decoder layer, the final norm and the LM head put that block's tensors in place; forward hooks swap
 them back for meta placeholders. Peak weight memory is one block (the largest: the embedding table or
-the LM head), whatever the model's size; numerics are the stock modules' own, on the same values as
+the LM head, plus one set of conversion buffers those blocks share), whatever the model's size; numerics are the stock modules' own, on the same values as
 ``build_hf_model`` (bit-identical taps, tested).
 """
 from __future__ import annotations
@@ -20,47 +20,71 @@ from harness.reference.hf_model import ATTN_IMPL
 from harness.spec.model_spec import ModelSpec
 
 
-def _as_torch(value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """A weights array (float32 or bfloat16, possibly a read-only map) as a ``dtype`` tensor; zero-copy
-    when the dtypes agree (the modules only read their parameters)."""
+def _source(value: np.ndarray) -> torch.Tensor:
+    """A weights array (float32 or bfloat16, possibly a read-only map) as a tensor on the same memory."""
     import ml_dtypes
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         if value.dtype == ml_dtypes.bfloat16:
-            t = torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(np.asarray(value, dtype=np.float32))
-    t = t.to(dtype)
-    if t.data_ptr() % 64:
-        # BLAS picks kernels (and so reduction orders) by alignment: a mapped tensor at an odd offset
-        # would round differently from the same values in torch's own (64-byte aligned) memory.
-        t = t.clone()
-    return t
+            return torch.from_numpy(value.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.asarray(value, dtype=np.float32))
+
+
+def _as_torch(value: np.ndarray, dtype: torch.dtype, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """``value`` as a ``dtype`` tensor: zero-copy when the dtypes agree and the memory is 64-byte aligned
+    (the modules only read their parameters), else converted into ``buffer`` (reused block after block:
+    fresh memory costs a page fault per 4 KiB, seconds per GB on a VM) or a new tensor."""
+    t = _source(value)
+    if t.dtype == dtype and t.data_ptr() % 64 == 0:
+        return t
+    # BLAS picks kernels (and so reduction orders) by alignment: a mapped tensor at an odd offset would
+    # round differently from the same values in torch's own (64-byte aligned) memory, so it is copied.
+    if buffer is None:
+        return t.to(dtype=dtype, copy=True)
+    return buffer.copy_(t)
+
+
+class _Buffers:
+    """Conversion targets shared by the blocks (one block is materialised at a time): the n-th tensor of
+    a given shape in a block always lands in the same buffer, so all layers reuse one layer's memory."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self._pool = dtype, {}
+
+    def get(self, shape: tuple[int, ...], nth: int) -> torch.Tensor:
+        buf = self._pool.get((shape, nth))
+        if buf is None:
+            buf = self._pool[(shape, nth)] = torch.empty(shape, dtype=self.dtype)
+        return buf
 
 
 class _Block:
     """The parameters of one module (prefix ``prefix``), put in place on entry and released on exit."""
 
-    def __init__(self, module: torch.nn.Module, names: dict[str, str], weights: Mapping, dtype: torch.dtype):
+    def __init__(self, module: torch.nn.Module, names: dict[str, str], weights: Mapping, buffers: _Buffers):
         # names: parameter path inside ``module`` -> weights key
         self.slots = []
+        seen: dict[tuple[int, ...], int] = {}
         for local, key in names.items():
             owner_path, _, leaf = local.rpartition(".")
             owner = module.get_submodule(owner_path) if owner_path else module
-            self.slots.append((owner, leaf, key, owner._parameters[leaf]))
-        self.weights, self.dtype = weights, dtype
+            shape = tuple(owner._parameters[leaf].shape)
+            nth = seen[shape] = seen.get(shape, -1) + 1
+            self.slots.append((owner, leaf, key, owner._parameters[leaf], nth))
+        self.weights, self.buffers = weights, buffers
 
     def enter(self, module, args):
-        for owner, leaf, key, placeholder in self.slots:
-            t = _as_torch(self.weights[key], self.dtype)
-            if tuple(t.shape) != tuple(placeholder.shape):
-                raise HarnessError(f"weight {key}: shape {tuple(t.shape)}, expected {tuple(placeholder.shape)}")
+        for owner, leaf, key, placeholder, nth in self.slots:
+            value = self.weights[key]
+            if tuple(value.shape) != tuple(placeholder.shape):
+                raise HarnessError(f"weight {key}: shape {tuple(value.shape)}, expected {tuple(placeholder.shape)}")
+            t = _as_torch(value, self.buffers.dtype, self.buffers.get(tuple(placeholder.shape), nth))
             owner._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
         return None
 
     def exit(self, module, args, output):
-        for owner, leaf, _, placeholder in self.slots:
+        for owner, leaf, _, placeholder, _ in self.slots:
             owner._parameters[leaf] = placeholder
         return None
 
@@ -90,9 +114,11 @@ def build_streaming_model(spec: ModelSpec, weights: Mapping[str, np.ndarray], dt
         raise HarnessError(
             f"weights do not match {spec.id} ({spec.scale}): missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    buffers = _Buffers(dtype)
+
     def attach(module: torch.nn.Module, prefix: str, names: dict[str, str] | None = None) -> None:
         names = names or {n: prefix + n for n, _ in module.named_parameters(remove_duplicate=False)}
-        block = _Block(module, names, weights, dtype)
+        block = _Block(module, names, weights, buffers)
         module.register_forward_pre_hook(block.enter, prepend=True)
         module.register_forward_hook(block.exit)
 

@@ -6,8 +6,8 @@ The room is predicted up front from the spec, which fixes the golden's size exac
 phase is ``rows x features`` elements, stored once as fp32 (the golden) and once as bf16 (the baseline),
 plus bf16 again for isolated mode's local baseline (full storage only); a sampled golden keeps
 ``sampled_rows`` of the prefill. The build streams (harness.reference.streaming, store.streamwrite), so
-its memory is one block's weights (the largest of a decoder layer and the embedding / LM head, in fp32
-beside its mapped bf16 source), one layer's activations and taps, the KV cache, one attention score
+its memory is one block's weights (fp32 conversion buffers of one decoder layer and of the embedding /
+LM head, beside the mapped bf16 source of the block running), one layer's activations and taps, the KV cache, one attention score
 matrix and the logits, over the interpreter's own baseline; its disk adds the private bf16 copy of
 synthetic weights the build reads (deleted at the end). The figures are upper bounds, so a request is
 refused only when it exceeds what is available outright.
@@ -84,11 +84,13 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
     block = max(_layer_params(spec), spec.vocab_size * spec.hidden_size)
     kv_width = 2 * spec.num_kv_heads * spec.head_dim
     ram = (BASE_RAM
-           + block * (4 + 2)  # one block in fp32 beside the pages of its bf16 source (or its generation)
+           + (_layer_params(spec) + spec.vocab_size * spec.hidden_size) * 4  # fp32 conversion buffers
+           + block * 2  # the mapped pages of the largest block's bf16 source
            + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
            + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)
            + spec.num_heads * tokens * positions * 4  # one attention score matrix
-           + tokens * spec.vocab_size * 4 * 2)  # the prefill logits, and their stored rows
+           + tokens * spec.vocab_size * 4  # the prefill logits (written as they are: no copy)
+           + (kept * spec.vocab_size * 4 if rows == "sampled" else 0))  # the sampled rows of them
     disk_per_element = SAMPLED_DISK_BYTES_PER_ELEMENT if rows == "sampled" else DISK_BYTES_PER_ELEMENT
     return Footprint(elements, elements * disk_per_element + 2 * _params(spec), int(ram))
 

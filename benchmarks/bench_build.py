@@ -1,0 +1,130 @@
+"""Streaming golden build vs two plain HF forwards: time and peak resident memory, side by side.
+
+For each model (full scale, synthetic weights, ``--prompt-len`` tokens, ``--decode-steps`` steps):
+
+- plain: the two forwards a golden needs with every weight in memory (fp32 then bf16 model, each built
+  from an in-memory weights dict, prefill + greedy decode with the KV cache, no hooks). ``fwd`` is the
+  forwards alone; the models' construction and the weights' generation are reported apart.
+- build: ``GoldenStore.get`` streaming (weights generated into the build's private file, both runs layer
+  by layer, every tap written with its sha256 as captured), from nothing to a verified entry.
+
+Each measurement runs in its own child process, so ``peak`` is that process's own maximum RSS.
+Printed: seconds, peak GB, and build / plain (fwd) and build / plain (everything) ratios; the target is
+build <= 1.3 x the two plain forwards. Models whose plain run would not fit can be skipped
+(``--skip-plain``). Example:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_build.py --model qwen2.5-0.5b --model qwen3-0.6b
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _peak_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+
+
+def plain(model: str, scale: str, tokens: int, steps: int) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    import harness
+    from harness.reference.hf_model import build_hf_model
+    from harness.reference.prompts import prompt_ids
+    from harness.weights.synthetic import synthetic_weights
+
+    spec = harness.models.get(model, scale)
+    t0 = time.perf_counter()
+    weights = synthetic_weights(spec, 0)
+    gen = time.perf_counter() - t0
+    ids = prompt_ids(spec, 0, tokens)
+    fwd = construct = 0.0
+    chosen: list[int] | None = None
+    for dtype in (torch.float32, torch.bfloat16):
+        t0 = time.perf_counter()
+        m = build_hf_model(spec, weights, dtype)
+        construct += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            cache = DynamicCache(config=m.config)
+            out = m(input_ids=torch.as_tensor(ids)[None], cache=cache, use_cache=True)
+            picked = []
+            for step in range(steps):
+                nxt = int(out.logits[0, -1].float().argmax()) if chosen is None else chosen[step]
+                picked.append(nxt)
+                out = m(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True)
+        fwd += time.perf_counter() - t0
+        chosen = chosen or picked
+        del m, out, cache
+    return {"gen": gen, "construct": construct, "fwd": fwd, "peak_gb": _peak_gb()}
+
+
+def build(model: str, scale: str, tokens: int, steps: int, rows: str) -> dict:
+    import shutil
+
+    import harness.reference.capture  # noqa: F401  imports (transformers) are not build time, as in plain()
+    import harness.reference.streaming  # noqa: F401
+    from harness.store import GoldenRequest, GoldenStore
+
+    root = tempfile.mkdtemp(prefix="bench-build-")
+    try:
+        t0 = time.perf_counter()
+        g = GoldenStore(root).get(GoldenRequest(model, scale, 0, steps, tokens, rows=rows))
+        total = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in g.path.iterdir()) / 1e9
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"build": total, "disk_gb": size, "peak_gb": _peak_gb()}
+
+
+def _child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", help="Model id (repeatable). Default: qwen2.5-0.5b.")
+    ap.add_argument("--scale", default="full")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-steps", type=int, default=4)
+    ap.add_argument("--rows", default="full", help="Golden storage of the build: full or sampled.")
+    ap.add_argument("--skip-plain", action="store_true", help="Only the build (the plain run would not fit).")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, model, scale, tokens, steps, rows = args.child
+        res = plain(model, scale, int(tokens), int(steps)) if kind == "plain" else \
+            build(model, scale, int(tokens), int(steps), rows)
+        print(json.dumps(res))
+        return
+    head = (f"{'model':<15}{'tokens':>7}{'gen s':>8}{'fwd s':>8}{'plain GB':>9}{'build s':>9}{'build GB':>9}"
+            f"{'disk GB':>8}{'build/fwd':>10}{'build/plain':>12}")
+    print(f"scale {args.scale}, {args.decode_steps} decode steps, --rows {args.rows}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    print(head)
+    for model in args.model or ["qwen2.5-0.5b"]:
+        common = [model, args.scale, str(args.prompt_len), str(args.decode_steps), args.rows]
+        p = None if args.skip_plain else _child(["plain", *common])
+        b = _child(["build", *common])
+        if p:
+            everything = p["gen"] + p["construct"] + p["fwd"]
+            print(f"{model:<15}{args.prompt_len:>7}{p['gen']:>8.1f}{p['fwd']:>8.1f}{p['peak_gb']:>9.2f}"
+                  f"{b['build']:>9.1f}{b['peak_gb']:>9.2f}{b['disk_gb']:>8.2f}{b['build'] / p['fwd']:>10.2f}"
+                  f"{b['build'] / everything:>12.2f}")
+        else:
+            print(f"{model:<15}{args.prompt_len:>7}{'-':>8}{'-':>8}{'-':>9}{b['build']:>9.1f}{b['peak_gb']:>9.2f}"
+                  f"{b['disk_gb']:>8.2f}{'-':>10}{'-':>12}")
+
+
+if __name__ == "__main__":
+    main()
