@@ -57,6 +57,13 @@ class TapJudge:
         self._order: dict[str, int] | None = None
         self._logits: np.ndarray | None = None  # what the deployment tapped as logits (vs what it returns)
         self.seconds = 0.0  # spent judging (inline, inside the deployment's calls)
+        # A sampled golden stores some prompt rows of each prefill tap: the deployment's full [T, features]
+        # value is checked for its shape, then those rows are judged.
+        self.rows = golden.rows(phase)
+        self.full_rows = len(golden.input_ids) if phase == "prefill" else 1
+
+    def _sampled(self, dut: np.ndarray) -> np.ndarray:
+        return dut if self.rows is None else dut[self.rows]
 
     @property
     def returns_own_value(self) -> bool:
@@ -77,6 +84,7 @@ class TapJudge:
         when the deployment did not tap its logits, the returned ones are its logits result."""
         if "logits" not in self.golden.tap_names(self.phase):
             return
+        logits = self._sampled(logits)
         if self._logits is not None and self._logits.shape == logits.shape and \
                 np.array_equal(self._logits, logits, equal_nan=True):
             return  # the very values the tap's result judged
@@ -122,11 +130,14 @@ class TapJudge:
             raise TapError(f"tap {name!r} handed over twice in phase {self.phase}")
         self.seen.add(name)
         golden = self.golden.tensor(self.phase, name, "fp32")
+        expected = golden.shape if self.rows is None else (self.full_rows, *golden.shape[1:])
         dut, problem = as_float32(name, value)
         if problem is None:
             dut = _unbatched(dut, golden.ndim)
-        if problem is None and dut.shape != golden.shape:
-            problem = f"tap {name}: shape {tuple(dut.shape)}, expected {tuple(golden.shape)}"
+        if problem is None and dut.shape != expected:
+            problem = f"tap {name}: shape {tuple(dut.shape)}, expected {tuple(expected)}"
+        if problem is None:
+            dut = self._sampled(dut)
         if problem is not None:
             self.results.append(TapResult(self.phase, name, False, {}, message=problem))
         else:
@@ -139,7 +150,7 @@ class TapJudge:
             if not result.passed and self.keep_failed:
                 self._keep_failed(name, dut)
         if self.mode == "isolated":
-            return golden.copy()  # teacher forcing; a copy, as golden tensors are read-only store views
+            return golden  # teacher forcing (GoldenSet.tensor returns a private copy)
         return value
 
 
@@ -227,9 +238,10 @@ def check(
     ``policy``: a PolicySet, or overrides ``{kind: policy text}``. ``isolation``: ``process`` (default:
     the deployment runs in a child process, see harness.deployment.isolation), ``inline`` (this process,
     for debugging), or a ``DeploymentHost`` to reuse; ``timeout``: seconds per deployment call (default:
-    derived from the model size and tokens). A factory asking for the goldens (``needs_golden``) is
-    refused. Raises HarnessError when the check cannot run (bad input, broken golden, a deployment that
-    cannot be built, raises, crashes or overruns its deadline).
+    derived from the model size and tokens). ``rows``: ``full`` (default) or ``sampled`` (a golden that
+    stores some prompt rows of each prefill tap, for long prompts; cumulative mode only). A factory asking
+    for the goldens (``needs_golden``) is refused. Raises HarnessError when the check cannot run (bad
+    input, broken golden, a deployment that cannot be built, raises, crashes or overruns its deadline).
     """
     from harness.deployment.isolation import open_deployment, validate_isolation, validate_timeout
 
@@ -248,6 +260,9 @@ def check(
                             golden_dir=golden_dir, progress=progress)
 
 
+SAMPLED_ISOLATED = "sampled golden: isolated mode needs full tensors"
+
+
 def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "tiny", seed: int = 0,
                      decode_steps: int = 4, mode: str = "cumulative", weights: str | Path | None = None,
                      prompt_len: int | None = None, rows: str = "full", policy=None,
@@ -262,7 +277,13 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
     spec = get(model, scale)
     source = WeightsSource(str(weights) if weights else None)
     store = GoldenStore(golden_dir)
+    if mode == "isolated" and rows != "full":
+        raise HarnessError(f"{SAMPLED_ISOLATED} (teacher forcing); use mode='cumulative' (--mode cumulative) "
+                           f"or rows='full' (--rows full)")
     golden = store.get(GoldenRequest(model, scale, seed, decode_steps, prompt_len, source, rows), progress=progress)
+    if mode == "isolated" and golden.sampled:
+        raise HarnessError(f"{golden.path}: {SAMPLED_ISOLATED} (teacher forcing); use mode='cumulative' "
+                           f"(--mode cumulative) or a golden built with --rows full")
     if mode == "isolated":
         golden = store.ensure_local(golden, progress=progress)
     baseline = "local" if mode == "isolated" else "bf16"

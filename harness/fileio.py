@@ -341,6 +341,22 @@ class MappedSafetensors(_SafetensorsHeader):
                              offset=self._start + begin)
         return flat.reshape(info["shape"])
 
+    def read_tensor(self, key: str, dtype=None):
+        """A private copy of one tensor (as ``dtype``, default its own), after which the mapped pages it
+        touched are dropped from this process (MADV_DONTNEED; they stay in the page cache): reading every
+        tensor of a large file one after another does not grow resident memory by the file's size."""
+        import mmap
+
+        import numpy as np
+
+        view = self.get_tensor(key)
+        out = np.array(view, dtype=dtype or view.dtype, copy=True)
+        begin, end = self._header[key]["data_offsets"]
+        if end > begin and hasattr(self._map, "madvise"):
+            start = (self._start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._map.madvise(mmap.MADV_DONTNEED, start, self._start + end - start)
+        return out
+
 
 class SafetensorsReader(_SafetensorsHeader):
     """A safetensors file from an untrusted place, read tensor by tensor with ``pread`` on one open

@@ -126,3 +126,19 @@ def test_config_rejects_bad_knobs() -> None:
         EmulatorConfig(slowdown=0.5)
     with pytest.raises(HarnessError, match="exp='fast'"):
         EmulatorConfig(exp="fast")
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 40), kb=st.integers(1, 7), n=st.integers(1, 70), bias=st.booleans(), seed=st.integers(0, 99))
+def test_fp32_accumulation_adds_the_k_tiles_in_order(m, kb, n, bias, seed) -> None:
+    """The compiled accumulator gives the very float32 sums of ``total += tile_j`` in K-tile order."""
+    k = kb * CFG.k_tile - (seed % CFG.k_tile)  # ragged K too: padded with exact zeros
+    a, w = _rand(m, k, seed=seed), _rand(n, k, seed=seed + 1, std=100.0)
+    b = _rand(n, seed=seed + 2) if bias else None
+    tiled = K.Tiled(w, CFG.k_tile)
+    a_pad = torch.nn.functional.pad(a, (0, tiled.tiles.shape[0] * CFG.k_tile - k))
+    partial = torch.bmm(a_pad.reshape(m, -1, CFG.k_tile).transpose(0, 1), tiled.tiles)
+    total = torch.zeros(m, n) if b is None else b.expand(m, n).clone()
+    for tile in partial:
+        total += tile
+    np.testing.assert_array_equal(K.gemm(a, tiled, CFG, bias=b), K.bf16(total))

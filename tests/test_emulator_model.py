@@ -153,3 +153,64 @@ def test_read_only_weights_and_golden_taps_are_accepted(tiny) -> None:
         return out
 
     np.testing.assert_array_equal(emu.prefill(np.arange(1, 9), golden), factory(spec, weights).prefill(np.arange(1, 9), None))
+
+
+class _CountingWeights:
+    """A read-only Mapping that counts accesses, as a lazy weights mapping produces values per access."""
+
+    def __init__(self, weights):
+        self._w, self.reads = weights, 0
+
+    def __getitem__(self, name):
+        self.reads += 1
+        value = np.array(self._w[name])
+        value.flags.writeable = False
+        return value
+
+    def __contains__(self, name):
+        return name in self._w
+
+    def __iter__(self):
+        return iter(self._w)
+
+    def __len__(self):
+        return len(self._w)
+
+
+@pytest.mark.parametrize("faults", [(), ("gemm_tile_remainder",), ("untied_lm_head",), ("bf16_accumulation",)])
+def test_streamed_weights_give_bit_identical_outputs(tiny, monkeypatch, faults) -> None:
+    """With no resident budget every layer is fetched and tiled when it runs and the LM head goes by row
+    chunks: prefill and decode logits and every tap equal the all-resident emulator's, bit for bit."""
+    from harness.deployment.emulator import model as emu_model
+
+    spec, weights = tiny
+    ids = np.arange(3, 40)
+
+    def run(budget: str):
+        monkeypatch.setenv(emu_model.BUDGET_ENV, budget)
+        monkeypatch.setattr(emu_model, "_HEAD_CHUNK_ROWS", 1000)  # several ragged chunks at tiny scale
+        counted = _CountingWeights(weights)
+        emu = make_factory(faults)(spec, counted)
+        taps: list[np.ndarray] = []
+        out = [emu.prefill(ids, lambda n, v: taps.append(v.copy()) or v)]
+        out += [emu.decode(7, lambda n, v: taps.append(v.copy()) or v) for _ in range(2)]
+        return out, taps, emu, counted.reads
+
+    (full, full_taps, resident, reads_resident) = run("4G")
+    (streamed, streamed_taps, streaming, reads_streamed) = run("0")
+    assert resident.lm_head is not None and len(resident._resident) == spec.num_layers
+    assert streaming.lm_head is None and not streaming._resident
+    assert reads_streamed > reads_resident  # layers were fetched again on every call
+    for a, b in zip(full + full_taps, streamed + streamed_taps):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resident_budget_parses_units(monkeypatch) -> None:
+    from harness.deployment.emulator import model as emu_model
+
+    for raw, want in (("512M", 512 << 20), ("1.5G", 3 << 29), ("1000", 1000)):
+        monkeypatch.setenv(emu_model.BUDGET_ENV, raw)
+        assert emu_model.resident_budget() == want
+    monkeypatch.setenv(emu_model.BUDGET_ENV, "lots")
+    with pytest.raises(HarnessError, match="NPU_HARNESS_EMULATOR_BUDGET"):
+        emu_model.resident_budget()

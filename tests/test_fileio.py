@@ -1,5 +1,6 @@
 """The golden store's file layer: block sha256s, the zero-copy safetensors writer and mapped reader."""
 import hashlib
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -65,3 +66,32 @@ def test_writer_refuses_out_of_order_and_wrong_shapes(tmp_path):
     w.write("a", np.zeros(2, np.float32))
     with pytest.raises(ValueError, match="1 tensors never written"):
         w.close()
+
+
+def _rss_file_kib() -> int:
+    """File-backed resident memory of this process (RssFile in /proc/self/status), KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_mapped_reads_do_not_keep_the_file_resident(tmp_path) -> None:
+    """Reading every tensor of a 64 MB file through one mapping leaves (almost) none of its pages
+    resident in this process: each read copies the tensor out and drops the pages it touched."""
+    from harness.fileio import MappedSafetensors, write_safetensors
+
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal((1024, 2048), dtype=np.float32) for i in range(8)}
+    path = tmp_path / "big.safetensors"
+    write_safetensors(path, tensors)
+    mapped = MappedSafetensors(path)
+    before = _rss_file_kib()
+    for name, want in tensors.items():
+        got = mapped.read_tensor(name)
+        assert got.flags.writeable and np.array_equal(got, want)
+        del got
+    grown_mib = (_rss_file_kib() - before) / 1024
+    assert grown_mib < 16, f"file-backed resident memory grew {grown_mib:.0f} MiB reading a 64 MiB file"
+    as_f64 = mapped.read_tensor("t0", np.float64)
+    assert as_f64.dtype == np.float64 and np.array_equal(as_f64, tensors["t0"])

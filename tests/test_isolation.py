@@ -299,3 +299,16 @@ def test_torch_taps_of_any_float_dtype_and_a_batch_dimension_are_judged(golden_r
 
     v = _check(golden_root, bad)
     assert not v.passed and "expected a floating-point tensor" in v.first_failure.message
+
+
+def test_unpacked_segment_is_mapped_not_copied_and_writable():
+    """A large tap arrives as the segment's own pages (no second copy); writing to it is the receiver's
+    business (the name is gone, nobody else sees the pages)."""
+    import itertools
+
+    a = np.arange(600_000, dtype=np.float32).reshape(600, 1000)
+    packed = pack(a, "npuhtest-", itertools.count())
+    got = unpack(packed)
+    assert not got.flags.owndata and got.flags.writeable and not Path("/dev/shm", packed[1]).exists()
+    got[0, 0] = -1.0
+    np.testing.assert_array_equal(got[1:], a[1:])

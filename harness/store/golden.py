@@ -178,10 +178,19 @@ class GoldenSet:
             path, key = self.path / f"{phase}.safetensors", f"{variant}/{tap}"
         handle = self._open(path)
         try:
-            value = handle.get_tensor(key)
-        except Exception:
+            return handle.read_tensor(key, np.float32)  # a copy; the mapped pages leave resident memory
+        except KeyError:
             raise HarnessError(f"{path}: no tensor {key!r}") from None
-        return np.asarray(value, dtype=np.float32)
+
+    def rows(self, phase: str) -> np.ndarray | None:
+        """The prompt rows a sampled golden stores for ``phase`` (sorted int64 indices), or None when
+        the phase's taps are stored whole."""
+        rows = self.manifest.get("rows", {}).get(phase)
+        return None if rows is None else np.asarray(rows, dtype=np.int64)
+
+    @property
+    def sampled(self) -> bool:
+        return self.manifest.get("storage") == "sampled"
 
     def phase_tensors(self, phase: str, variant: str = "fp32") -> dict[str, np.ndarray]:
         return {name: self.tensor(phase, name, variant) for name in self.tap_names(phase)}

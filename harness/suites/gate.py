@@ -71,6 +71,12 @@ def _phase1(run: _Run) -> PhaseOutcome:
 def _tap_phase(run: _Run, gate_phase: int, modes: tuple[str, ...]) -> PhaseOutcome:
     if run.opts.trace is not None:
         modes = ("cumulative",)
+    if run.opts.rows != "full" and "isolated" in modes:  # a sampled golden cannot teacher-force
+        from harness.checker import SAMPLED_ISOLATED
+
+        modes = tuple(m for m in modes if m != "isolated")
+        if gate_phase == 2 or not modes:
+            return PhaseOutcome(gate_phase, NOT_APPLICABLE, message=SAMPLED_ISOLATED)
     checks: list[Check] = []
     for mode in sorted(modes, key=lambda m: m != "isolated"):  # isolated first: it localises
         # Without isolated mode, phase 2 judges the block's cumulative results (as isolated ones would be).

@@ -104,6 +104,8 @@ def rerun_command(model: str, opts: RunOptions, seed: int, prompt_len: int, name
             "--decode-steps", str(opts.decode_steps)]
     if opts.prompt_len:
         args += ["--prompt-len", str(opts.prompt_len)]
+    if opts.rows != "full":
+        args += ["--rows", opts.rows]
     if opts.weights:
         args += ["--weights", str(opts.weights)]
     dep = opts.deployment if isinstance(opts.deployment, str) else None if opts.deployment is None else name

@@ -124,7 +124,11 @@ class Context:
         return None if self.phase == "prefill" else int(self.phase.split(".")[1])
 
     def positions(self) -> np.ndarray:
-        return np.arange(self.prompt_len) if self.step is None else np.array([self.prompt_len + self.step])
+        """The positions of this phase's golden rows (a sampled golden stores some prompt rows)."""
+        if self.step is not None:
+            return np.array([self.prompt_len + self.step])
+        rows = self.golden.rows("prefill") if hasattr(self.golden, "rows") else None
+        return np.arange(self.prompt_len) if rows is None else rows
 
     def cache(self, kind: str) -> np.ndarray:
         """This layer's golden ``k_rope`` or ``v`` over every position up to the current one."""

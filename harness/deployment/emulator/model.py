@@ -24,6 +24,44 @@ from harness.spec.model_spec import ModelSpec
 Tap = Callable[[str, np.ndarray], np.ndarray]
 FAMILIES = ("llama", "qwen2", "qwen3")
 _CACHE_MARGIN = 64  # decode steps the KV cache holds before it grows
+# Prepared weights (fp32, K-tile-major) kept resident between calls; beyond it layers stream. 2 GiB keeps
+# every tiny / small model and a 0.5B model whole, and bounds a 4B model's emulator to about 3 GB.
+BUDGET_ENV = "NPU_HARNESS_EMULATOR_BUDGET"
+_DEFAULT_BUDGET = 2 << 30
+_HEAD_CHUNK_ROWS = 8192  # LM head rows tiled at once when the head streams (8192 x 2560 fp32 = 84 MB)
+
+
+def resident_budget() -> int:
+    """Bytes of prepared weights the emulator keeps between calls (``$NPU_HARNESS_EMULATOR_BUDGET``,
+    e.g. ``512M`` or ``4G``; default 2 GiB)."""
+    import os
+
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_BUDGET
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    try:
+        scale = units.get(raw[-1].lower(), 1)
+        return int(float(raw[:-1] if raw[-1].lower() in units else raw) * scale)
+    except ValueError:
+        raise HarnessError(f"{BUDGET_ENV}={raw!r}: expected bytes, e.g. 512M or 4G") from None
+
+
+def _required(spec: ModelSpec, dev: Deviations) -> list[str]:
+    """Every weight name the emulator reads (checked up front: a missing one fails at construction)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not spec.tied_embeddings and not dev.fresh_lm_head:
+        names.append("lm_head.weight")
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        if spec.has_qkv_bias:
+            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        if spec.has_qk_norm:
+            names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+    return names
 
 
 def _identity_tap(name: str, value: np.ndarray) -> np.ndarray:
@@ -56,6 +94,12 @@ class _Layer:
             self.q_norm, self.k_norm = get(p + "self_attn.q_norm.weight"), get(p + "self_attn.k_norm.weight")
         self.gate, self.up, self.down = (tile(x, get(p + f"mlp.{x}_proj.weight")) for x in ("gate", "up", "down"))
 
+    @property
+    def nbytes(self) -> int:
+        parts = [self.attn_norm, self.ffn_norm, self.bq, self.bk, self.bv, self.q_norm, self.k_norm]
+        parts += [t.tiles for t in (self.wq, self.wk, self.wv, self.wo, self.gate, self.up, self.down)]
+        return sum(p.numel() * p.element_size() for p in parts if p is not None)
+
 
 class Emulator:
     """XDNA 2 numerics emulator of one model; ``config`` holds the kernel knobs, ``faults`` named bugs."""
@@ -69,28 +113,33 @@ class Emulator:
         self.dev: Deviations = deviations(self.faults, spec)
         self.nh, self.nkv, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
 
-        def get(name: str) -> torch.Tensor:
-            if name not in weights:
-                raise HarnessError(f"emulator: weight {name!r} missing for {spec.id} ({spec.scale})")
-            # The NPU holds bf16 weights: round whatever was given (a no-op for bf16-representable ones).
-            return K.bf16(_tensor(weights[name]))
-
+        self._weights = weights  # a dict or a lazy read-only Mapping: fetched layer by layer, never all at once
+        missing = [n for n in _required(spec, self.dev) if n not in weights]
+        if missing:
+            raise HarnessError(f"emulator: weight {missing[0]!r} missing for {spec.id} ({spec.scale})")
         self._acc = {name: (acc, kt) for name, acc, kt in self.dev.acc}
-
-        def tile(name: str, w: torch.Tensor) -> K.Tiled:
-            return K.Tiled(w, self._acc.get(name, (None, self.cfg.k_tile))[1])
-
-        self.embed = get("model.embed_tokens.weight")
-        self.layers = [_Layer(get, i, spec, tile, self.dev.o_proj_transposed) for i in range(spec.num_layers)]
-        self.final_norm = get("model.norm.weight")
+        # Embedding and LM head stay resident as bf16 (half of fp32, exact: the NPU holds bf16 weights);
+        # the LM head is tiled whole when that fits the budget, else in row chunks per call.
+        self.embed = self._get("model.embed_tokens.weight").to(torch.bfloat16)
         if self.dev.fresh_lm_head:
             g = torch.Generator().manual_seed(1234)
-            head = K.bf16(torch.randn(self.embed.shape, generator=g) * 0.02)
+            self._head = K.bf16(torch.randn(self.embed.shape, generator=g) * 0.02).to(torch.bfloat16)
         elif spec.tied_embeddings:
-            head = self.embed
+            self._head = self.embed
         else:
-            head = get("lm_head.weight")
-        self.lm_head = tile("logits", head)
+            self._head = self._get("lm_head.weight").to(torch.bfloat16)
+        self.final_norm = self._get("model.norm.weight")
+        self._budget = resident_budget()
+        head_bytes = self._head.numel() * 4
+        self.lm_head: K.Tiled | None = None
+        if head_bytes <= self._budget // 2:
+            self.lm_head = self._tile("logits", self._head.float())
+            self._budget -= head_bytes
+        # Decoder layers: the first ones that fit the remaining budget stay resident (prepared once);
+        # the rest are fetched, converted and tiled when they run and released after (streaming). A fixed
+        # prefix, not an LRU: layers run in order, so an LRU smaller than the model would never hit.
+        self._resident: dict[int, _Layer] = {}
+        self._resident_limit: int | None = None  # decided once the first layer's size is known
         self.eps = self.dev.eps if self.dev.eps is not None else spec.rms_norm_eps
         theta = self.dev.rope_theta if self.dev.rope_theta is not None else spec.rope_theta
         self.inv_freq = K.rope_inv_freq(self.hd, theta, spec.rope_scaling if self.dev.rope_scaling else None)
@@ -100,6 +149,25 @@ class Emulator:
         self.scale = 1.0 / self.hd if self.dev.attn_scale_linear else 1.0 / math.sqrt(self.hd)
         self.pos = 0
         self._cache: list[list[torch.Tensor]] = []
+
+    def _get(self, name: str) -> torch.Tensor:
+        # The NPU holds bf16 weights: round whatever was given (a no-op for bf16-representable ones).
+        return K.bf16(_tensor(self._weights[name]))
+
+    def _tile(self, name: str, w: torch.Tensor) -> K.Tiled:
+        return K.Tiled(w, self._acc.get(name, (None, self.cfg.k_tile))[1])
+
+    def _layer_weights(self, i: int) -> _Layer:
+        """Layer ``i``'s prepared weights: resident, or fetched now (dropped by the caller after use)."""
+        layer = self._resident.get(i)
+        if layer is not None:
+            return layer
+        layer = _Layer(self._get, i, self.spec, self._tile, self.dev.o_proj_transposed)
+        if self._resident_limit is None:
+            self._resident_limit = min(self.spec.num_layers, self._budget // max(1, layer.nbytes))
+        if i < self._resident_limit:
+            self._resident[i] = layer
+        return layer
 
     # -- public contract ---------------------------------------------------------------------------
     def prefill(self, input_ids, tap: Tap | None = None) -> np.ndarray:
@@ -139,7 +207,7 @@ class Emulator:
     def _reset(self, tokens: int) -> None:
         cap = tokens + _CACHE_MARGIN
         self._cache = [[torch.zeros(self.nkv, cap, self.hd), torch.zeros(self.nkv, cap, self.hd)]
-                       for _ in self.layers]
+                       for _ in range(self.spec.num_layers)]
         self.pos = 0
 
     def _tap(self, tap: Tap, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -182,17 +250,40 @@ class Emulator:
         return kc[:, :length], vc[:, :length]
 
     def _forward(self, ids: torch.Tensor, positions: np.ndarray, tap: Tap, decode: bool) -> np.ndarray:
-        x = self._tap(tap, "embed", self.embed[ids])
+        x = self._tap(tap, "embed", self.embed[ids].float())
         rope_pos = positions + (self.dev.decode_pos_offset if decode else 0)
         cos, sin = K.rope_table(rope_pos, self.inv_freq)
-        for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, x, positions, cos, sin, tap, decode)
+        for i in range(self.spec.num_layers):
+            x = self._layer(i, self._layer_weights(i), x, positions, cos, sin, tap, decode)
         self.pos += ids.numel()
         h = K.rmsnorm(x, self.final_norm, self.eps) if self.dev.final_norm else x
         h = self._tap(tap, "final_norm", h)
-        logits = self._gemm("logits", h, self.lm_head)
+        logits = self._logits(h)
         self._tap(tap, "logits", logits)
         return logits.numpy()
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head GEMM; without a resident tiled head, vocabulary rows are tiled chunk by chunk
+        (each output column depends on its own weight row only: the same values as one GEMM)."""
+        if self.lm_head is not None:
+            return self._gemm("logits", h, self.lm_head)
+        vocab = self._head.shape[0]
+        acc, kt = self._acc.get("logits", (None, None))
+        cfg = self.cfg if kt is None else replace(self.cfg, k_tile=kt)
+        remainder = self.dev.gemm_remainder or cfg.remainder
+        problems = K.check_tiling("logits", h.shape[0], h.shape[1], vocab, cfg)
+        if problems and remainder == "raise":
+            raise K.TilingError(f"logits [M={h.shape[0]}, K={h.shape[1]}, N={vocab}]: " + "; ".join(problems)
+                                + " (remainder='raise')")
+        out = torch.empty(h.shape[0], vocab)
+        step = _HEAD_CHUNK_ROWS
+        for r0 in range(0, vocab, step):
+            r1 = min(vocab, r0 + step)
+            chunk = self._tile("logits", self._head[r0:r1].float())
+            out[:, r0:r1] = K.gemm(h, chunk, cfg, acc=acc, remainder="pad", name="logits")
+        if remainder == "ignore" and vocab % cfg.n_block:
+            out[:, vocab - vocab % cfg.n_block:] = 0.0
+        return out
 
     def _layer(self, i: int, w: _Layer, x: torch.Tensor, positions: np.ndarray,
                cos: torch.Tensor, sin: torch.Tensor, tap: Tap, decode: bool) -> torch.Tensor:

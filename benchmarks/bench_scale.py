@@ -1,0 +1,214 @@
+"""Full-scale memory and time: ``harness golden build`` and ``harness gate`` per model and prompt length.
+
+Each command runs in its own subprocess; the peak resident memory is that of the whole process tree
+(the gate's deployment child included), the sum of the tree's RSS polled from /proc every 0.1 s (shared
+pages of the tap segments count in both processes: an upper bound). ``plain`` is the time of two plain
+HF forwards (fp32 and bf16: the prompt plus the decode steps with the KV cache, models built outside the
+timing) in a third subprocess, the reference point of the build's "within 1.3x" target; it is skipped
+(``-``) when the fp32 model would not fit next to the bf16 one (``--plain-max-gb``).
+
+Run (big runs hold the shared memory lock, bounded in time)::
+
+    flock /work/wt/_notes/bigmem.lock timeout 7200 .venv/bin/python benchmarks/bench_scale.py \\
+        --models qwen3-0.6b --prompt-lens 128 --decode-steps 32
+
+Prints one table row per (model, prompt length) as it completes, and the table again at the end;
+``--json PATH`` writes the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = ("qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b", "qwen2.5-1.5b", "qwen3-1.7b", "smollm2-1.7b",
+          "llama-3.2-3b", "qwen2.5-3b", "qwen3-4b")
+HEADER = ("model", "tokens", "build GB", "build s", "x plain", "gate GB", "gate s", "gate exit")
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants."""
+    tree, total, todo = _children(), 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += _rss_bytes(pid)
+        todo.extend(tree.get(pid, []))
+    return total
+
+
+def run_measured(cmd: list[str], timeout: float, log: Path | None = None) -> dict:
+    """Run ``cmd``; its wall time, exit code and the process tree's peak resident memory."""
+    start = time.perf_counter()
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            if time.perf_counter() - start > timeout:
+                proc.kill()
+                proc.wait()
+                break
+            time.sleep(0.1)
+    finally:
+        if log:
+            out.close()
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_gb": round(peak / 1e9, 2),
+            "exit": proc.returncode}
+
+
+PLAIN = """
+import sys, time, torch
+from harness.spec.model_spec import get
+from harness.reference.hf_model import build_hf_model
+from harness.reference.prompts import prompt_ids
+from harness.weights import WeightsSource, load_weights
+model, tokens, steps, scale = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+spec = get(model, scale)
+weights = load_weights(spec, WeightsSource(None), 0)
+ids = torch.as_tensor(prompt_ids(spec, 0, tokens))[None, :]
+total = 0.0
+for dtype in (torch.float32, torch.bfloat16):
+    hf = build_hf_model(spec, weights, dtype)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = hf(input_ids=ids, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            out = hf(input_ids=nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        total += time.perf_counter() - t0
+    del hf, out, cache
+print(total)
+"""
+
+
+def plain_seconds(model: str, tokens: int, steps: int, timeout: float, scale: str = "full") -> float | None:
+    """Seconds of the two plain HF forwards (fp32 + bf16), or None when they did not run."""
+    try:
+        done = subprocess.run([sys.executable, "-c", PLAIN, model, str(tokens), str(steps), scale], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return None
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def params(spec) -> int:
+    """Parameter count of ``spec`` (tied embeddings counted once)."""
+    attn = spec.hidden_size * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim \
+        + spec.num_heads * spec.head_dim * spec.hidden_size
+    embed = spec.vocab_size * spec.hidden_size * (1 if spec.tied_embeddings else 2)
+    return spec.num_layers * (attn + 3 * spec.hidden_size * spec.intermediate_size) + embed
+
+
+def harness_cmd() -> list[str]:
+    return [sys.executable, "-m", "harness"]
+
+
+def bench_one(model: str, tokens: int, args, golden_dir: Path) -> dict:
+    from harness.spec.model_spec import get
+
+    common = ["--model", model, "--scale", args.scale, "--prompt-len", str(tokens),
+              "--decode-steps", str(args.decode_steps), "--golden-dir", str(golden_dir)]
+    rows = ["--rows", args.rows] if args.rows != "full" else []
+    log = Path(args.log) if args.log else None
+    build = run_measured(harness_cmd() + ["golden", "build", *common, *rows], args.timeout, log)
+    gate = {"seconds": None, "peak_gb": None, "exit": None}
+    if build["exit"] == 0:
+        gate_cmd = harness_cmd() + ["gate", *common, *rows, "--phase", str(args.phase)]
+        if args.rows != "full":
+            gate_cmd += ["--mode", "cumulative"]
+        gate = run_measured(gate_cmd, args.timeout, log)
+    fp32_gb = params(get(model, args.scale)) * 4 / 1e9
+    plain = None
+    if not args.no_plain and fp32_gb * 1.5 <= args.plain_max_gb:
+        plain = plain_seconds(model, tokens, args.decode_steps, args.timeout, args.scale)
+    ratio = round(build["seconds"] / plain, 2) if plain and build["exit"] == 0 else None
+    return {"model": model, "tokens": tokens, "build_gb": build["peak_gb"], "build_s": build["seconds"],
+            "build_exit": build["exit"], "plain_s": None if plain is None else round(plain, 1), "ratio": ratio,
+            "gate_gb": gate["peak_gb"], "gate_s": gate["seconds"], "gate_exit": gate["exit"],
+            "decode_steps": args.decode_steps, "rows": args.rows, "phase": args.phase}
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [" | ".join(HEADER), " | ".join("---" for _ in HEADER)]
+    for r in rows:
+        build_s = _cell(r["build_s"]) + ("" if r["build_exit"] == 0 else f" (exit {r['build_exit']})")
+        lines.append(" | ".join(_cell(v) for v in (r["model"], r["tokens"], r["build_gb"])) + f" | {build_s} | " +
+                     " | ".join(_cell(v) for v in (r["ratio"], r["gate_gb"], r["gate_s"], r["gate_exit"])))
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated model ids. Default: all nine")
+    p.add_argument("--prompt-lens", default="128,2048", help="comma-separated prompt lengths. Default: 128,2048")
+    p.add_argument("--decode-steps", type=int, default=32, help="decode steps. Default: 32")
+    p.add_argument("--rows", default="full", choices=("full", "sampled"), help="golden storage. Default: full")
+    p.add_argument("--scale", default="full", help="model scale. Default: full")
+    p.add_argument("--phase", type=int, default=5, help="gate phases 0..N. Default: 5")
+    p.add_argument("--golden-dir", default=None, help="golden store (default: a temporary directory, removed)")
+    p.add_argument("--timeout", type=float, default=7200, help="seconds per command. Default: 7200")
+    p.add_argument("--plain-max-gb", type=float, default=12.0,
+                   help="skip the plain forwards when 1.5x the fp32 weights exceed this. Default: 12")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain HF forwards")
+    p.add_argument("--log", default=None, help="append the commands' output to this file. Default: discarded")
+    p.add_argument("--json", default=None, help="write the rows as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    lens = [int(x) for x in args.prompt_lens.split(",") if x.strip()]
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        golden_dir = Path(args.golden_dir or tmp)
+        for model in models:
+            for tokens in lens:
+                row = bench_one(model, tokens, args, golden_dir)
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
+                if args.json:
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

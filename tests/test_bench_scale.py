@@ -1,0 +1,61 @@
+"""benchmarks/bench_scale.py plumbing: the process tree's peak memory, the commands it runs, the table."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+
+def _bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_memory_counts_the_child_processes() -> None:
+    """A parent holding ~100 MB that starts a child holding ~100 MB peaks at their sum, not at either."""
+    bench = _bench()
+    hold = "import numpy, time; a = numpy.ones(13_000_000); time.sleep({})"
+    code = (f"import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', {hold.format(1.0)!r}]); "
+            f"exec({hold.format(0)!r}); c.wait()")
+    out = bench.run_measured([sys.executable, "-c", code], timeout=60)
+    assert out["exit"] == 0 and out["peak_gb"] >= 0.19, out
+
+
+def test_commands_options_and_table(tmp_path, monkeypatch, capsys) -> None:
+    bench = _bench()
+    calls: list[list[str]] = []
+
+    def fake_run(cmd, timeout, log=None):
+        calls.append(cmd)
+        return {"seconds": 12.5, "peak_gb": 3.25, "exit": 0}
+
+    monkeypatch.setattr(bench, "run_measured", fake_run)
+    monkeypatch.setattr(bench, "plain_seconds", lambda *a, **k: 10.0)
+    rows = bench.main(["--models", "qwen3-0.6b,llama-3.2-1b", "--prompt-lens", "128,2048", "--decode-steps", "32",
+                       "--rows", "sampled", "--golden-dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
+    assert [(r["model"], r["tokens"]) for r in rows] == [("qwen3-0.6b", 128), ("qwen3-0.6b", 2048),
+                                                         ("llama-3.2-1b", 128), ("llama-3.2-1b", 2048)]
+    build, gate = calls[0], calls[1]
+    assert build[build.index("golden"):build.index("golden") + 8] == [
+        "golden", "build", "--model", "qwen3-0.6b", "--scale", "full", "--prompt-len", "128"]
+    for cmd in (build, gate):
+        assert ["--rows", "sampled"] == cmd[cmd.index("--rows"):cmd.index("--rows") + 2]
+        assert cmd[cmd.index("--decode-steps") + 1] == "32" and cmd[cmd.index("--golden-dir") + 1] == str(tmp_path)
+    assert "gate" in gate and gate[gate.index("--phase") + 1] == "5" and "cumulative" in gate
+    assert rows[0]["ratio"] == 1.25 and rows[0]["gate_gb"] == 3.25
+    assert json.loads((tmp_path / "r.json").read_text()) == rows
+    printed = capsys.readouterr().out
+    assert "model | tokens | build GB" in printed and "llama-3.2-1b | 2048 | 3.25 | 12.5 | 1.25 | 3.25 | 12.5 | 0" in printed
+
+
+def test_plain_forwards_skipped_when_they_would_not_fit(tmp_path, monkeypatch) -> None:
+    bench = _bench()
+    monkeypatch.setattr(bench, "run_measured", lambda cmd, timeout, log=None: {"seconds": 1.0, "peak_gb": 1.0, "exit": 0})
+    monkeypatch.setattr(bench, "plain_seconds", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    rows = bench.main(["--models", "qwen3-4b", "--prompt-lens", "128", "--plain-max-gb", "12",
+                       "--golden-dir", str(tmp_path)])
+    assert rows[0]["plain_s"] is None and rows[0]["ratio"] is None  # 16 GB of fp32 weights: skipped
