@@ -86,8 +86,9 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
     kv_width = 2 * spec.num_kv_heads * spec.head_dim
     ram = (BASE_RAM
            + (_layer_params(spec) + spec.vocab_size * spec.hidden_size) * 4  # fp32 conversion buffers
-           + (2 * _params(spec) if 2 * _params(spec) <= KEEP_MAPPED_BYTES else block * 2)  # mapped bf16 pages:
-           # a small file stays mapped whole (harness.weights.build_source), else one block's
+           # mapped bf16 pages: a small model's file stays mapped whole (harness.weights.build_source) and
+           # its fp32 run keeps every converted tensor; else one block's
+           + (6 * _params(spec) if 2 * _params(spec) <= KEEP_MAPPED_BYTES else block * 2)
            + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
            + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)
            + spec.num_heads * tokens * positions * 4  # one attention score matrix
