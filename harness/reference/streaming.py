@@ -49,8 +49,10 @@ class _Buffers:
     """Conversion targets shared by the blocks (one block is materialised at a time): the n-th tensor of
     a given shape in a block always lands in the same buffer, so all layers reuse one layer's memory."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, resident: bool = False):
         self.dtype, self._pool = dtype, {}
+        # resident: a small model keeps every converted tensor (converted once, not once per forward)
+        self.resident: dict[str, torch.Tensor] | None = {} if resident else None
 
     def get(self, shape: tuple[int, ...], nth: int) -> torch.Tensor:
         buf = self._pool.get((shape, nth))
@@ -79,7 +81,13 @@ class _Block:
             value = self.weights[key]
             if tuple(value.shape) != tuple(placeholder.shape):
                 raise HarnessError(f"weight {key}: shape {tuple(value.shape)}, expected {tuple(placeholder.shape)}")
-            t = _as_torch(value, self.buffers.dtype, self.buffers.get(tuple(placeholder.shape), nth))
+            resident = self.buffers.resident
+            if resident is not None:
+                t = resident.get(key)
+                if t is None:
+                    t = resident[key] = _as_torch(value, self.buffers.dtype)
+            else:
+                t = _as_torch(value, self.buffers.dtype, self.buffers.get(tuple(placeholder.shape), nth))
             owner._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
         return None
 
@@ -89,8 +97,12 @@ class _Block:
         return None
 
 
-def build_streaming_model(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: torch.dtype = torch.float32):
-    """The transformers model of ``spec`` in eval mode, reading its blocks from ``weights`` as it runs."""
+def build_streaming_model(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: torch.dtype = torch.float32,
+                          resident_bytes: int = 0):
+    """The transformers model of ``spec`` in eval mode, reading its blocks from ``weights`` as it runs.
+
+    When the model's weights in ``dtype`` take at most ``resident_bytes``, each converted tensor is kept
+    after its first use (small models: the decode steps then convert nothing)."""
     import transformers
 
     from harness.reference import capture  # noqa: F401  (registers the capture attention function)
@@ -114,7 +126,9 @@ def build_streaming_model(spec: ModelSpec, weights: Mapping[str, np.ndarray], dt
         raise HarnessError(
             f"weights do not match {spec.id} ({spec.scale}): missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-    buffers = _Buffers(dtype)
+    size = sum(int(np.prod(weights[k].shape)) if not hasattr(weights, "shape") else int(np.prod(weights.shape(k)))
+               for k in weights) * torch.empty(0, dtype=dtype).element_size()
+    buffers = _Buffers(dtype, resident=size <= resident_bytes)
 
     def attach(module: torch.nn.Module, prefix: str, names: dict[str, str] | None = None) -> None:
         names = names or {n: prefix + n for n, _ in module.named_parameters(remove_duplicate=False)}

@@ -22,6 +22,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec
+from harness.weights import KEEP_MAPPED_BYTES
 
 MAX_SEED = 2**32 - 1  # NumPy's and torch's seeding both take it; a negative seed is rejected by NumPy
 DISK_BYTES_PER_ELEMENT = 4 + 2 + 2  # fp32 golden, bf16 baseline, bf16 local baseline (isolated mode)
@@ -85,7 +86,9 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
     kv_width = 2 * spec.num_kv_heads * spec.head_dim
     ram = (BASE_RAM
            + (_layer_params(spec) + spec.vocab_size * spec.hidden_size) * 4  # fp32 conversion buffers
-           + block * 2  # the mapped pages of the largest block's bf16 source
+           # mapped bf16 pages: a small model's file stays mapped whole (harness.weights.build_source) and
+           # its fp32 run keeps every converted tensor; else one block's
+           + (6 * _params(spec) if 2 * _params(spec) <= KEEP_MAPPED_BYTES else block * 2)
            + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
            + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)
            + spec.num_heads * tokens * positions * 4  # one attention score matrix

@@ -132,6 +132,9 @@ def _checkpoint_mapping(spec: ModelSpec, path: Path, convert) -> Mapping[str, np
     return MappedWeights(shard_files(path), convert=convert, drop=drop, what="--weights shard")
 
 
+KEEP_MAPPED_BYTES = 2 << 30  # a build keeps a weights file this small mapped whole (<= 1B parameters in bf16)
+
+
 def build_source(spec: ModelSpec, source: WeightsSource, seed: int, workdir: Path) -> Mapping[str, np.ndarray]:
     """The weights a golden build reads, a fresh read of the source no deployment has seen: synthetic
     weights regenerated into ``workdir`` (a bfloat16 file, exact: every value is bf16-rounded; the caller
@@ -145,7 +148,7 @@ def build_source(spec: ModelSpec, source: WeightsSource, seed: int, workdir: Pat
         return _checkpoint_mapping(spec, Path(source.path), _bf16_view)
     path = workdir / ".weights.safetensors"
     write_weights_file(path, synthetic_plan(spec, seed), ml_dtypes.bfloat16)
-    return MappedWeights([path], what="build weights file")
+    return MappedWeights([path], what="build weights file", keep_mapped_below=KEEP_MAPPED_BYTES)
 
 
 def _bf16_view(view: np.ndarray) -> np.ndarray:

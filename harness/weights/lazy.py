@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from harness.fileio import SafetensorsWriter, map_tensor, safetensors_header
+from harness.fileio import MappedSafetensors, SafetensorsWriter, map_tensor, safetensors_header
 
 
 ALIGN = 64
@@ -27,19 +27,26 @@ class MappedWeights(Mapping):
     """
 
     def __init__(self, files: Iterable[Path | str], *, convert: Callable[[np.ndarray], np.ndarray] | None = None,
-                 drop: Iterable[str] = (), what: str = "weights file"):
+                 drop: Iterable[str] = (), what: str = "weights file", keep_mapped_below: int = 0):
         self._where: dict[str, tuple[str, dict, int]] = {}
         self._convert, self._what = convert, what
+        self._whole: dict[str, MappedSafetensors] = {}
+        files = [str(f) for f in files]
         for f in files:
             header, start = safetensors_header(f, what)
             for name, info in header.items():
-                self._where[name] = (str(f), info, start)
+                self._where[name] = (f, info, start)
         for name in drop:
             self._where.pop(name, None)
+        if files and sum(os.path.getsize(f) for f in files) <= keep_mapped_below:
+            # Small enough to stay mapped: one map per file, its pages mapped once, instead of mapping
+            # every tensor again on each lookup (a decode step looks every tensor up).
+            self._whole = {f: MappedSafetensors(Path(f), what) for f in files}
 
     def __getitem__(self, name: str) -> np.ndarray:
         path, info, start = self._where[name]  # KeyError for an unknown name, as a dict raises
-        view = map_tensor(path, info, start, self._what)
+        whole = self._whole.get(path)
+        view = whole.get_tensor(name) if whole is not None else map_tensor(path, info, start, self._what)
         return view if self._convert is None else self._convert(view)
 
     def __iter__(self) -> Iterator[str]:
