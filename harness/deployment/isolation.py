@@ -24,6 +24,7 @@ have no deadline: nothing can interrupt a hung call in the same process.
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import os
 import pickle
@@ -282,6 +283,7 @@ def child_main(conn: Any) -> None:
             return
         if kind == "drop":
             deployments.pop(msg[1], None)
+            gc.collect()  # a dropped deployment's memory (GBs at full scale) is free before the next is built
             continue
         start = time.perf_counter()
         try:

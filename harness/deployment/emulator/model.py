@@ -120,14 +120,14 @@ class Emulator:
         self._acc = {name: (acc, kt) for name, acc, kt in self.dev.acc}
         # Embedding and LM head stay resident as bf16 (half of fp32, exact: the NPU holds bf16 weights);
         # the LM head is tiled whole when that fits the budget, else in row chunks per call.
-        self.embed = self._get("model.embed_tokens.weight").to(torch.bfloat16)
+        self.embed = _tensor(self._weights["model.embed_tokens.weight"]).to(torch.bfloat16)
         if self.dev.fresh_lm_head:
             g = torch.Generator().manual_seed(1234)
             self._head = K.bf16(torch.randn(self.embed.shape, generator=g) * 0.02).to(torch.bfloat16)
         elif spec.tied_embeddings:
             self._head = self.embed
         else:
-            self._head = self._get("lm_head.weight").to(torch.bfloat16)
+            self._head = _tensor(self._weights["lm_head.weight"]).to(torch.bfloat16)
         self.final_norm = self._get("model.norm.weight")
         self._budget = resident_budget()
         head_bytes = self._head.numel() * 4
