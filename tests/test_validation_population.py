@@ -283,3 +283,18 @@ def test_factories_pickle_by_reference(name):
     factory = ALL[name].factory
     again = pickle.loads(pickle.dumps(factory))
     assert again == factory and again.name == name
+
+
+def test_fused_member_holds_no_concatenated_weights():
+    """numpy-fused concatenates q/k/v and gate/up per GEMM and drops the copy: holding it for every
+    layer would add half the model's weights (3.7 GB at 1.7B). Its layers keep only the caller's
+    (bf16-representable) arrays, and the fused product equals the separate ones'."""
+    spec, weights = _read_only_weights("qwen2.5-0.5b")
+    rounded = {k: round_bf16(v) for k, v in weights.items()}  # bf16 values: held as is, not copied
+    dep = MEMBERS["numpy-fused"].factory(spec, rounded)
+    matrices = [v for layer in dep.layers for v in vars(layer).values() if isinstance(v, np.ndarray) and v.ndim == 2]
+    assert len(matrices) == 7 * spec.num_layers  # q, k, v, o, gate, up, down
+    assert all(any(v is w for w in rounded.values()) for v in matrices)
+    layer, x = dep.layers[0], np.ones((3, spec.hidden_size), np.float32)
+    fused = np.split(x @ layer.qkv().T, layer.qkv_split, axis=1)
+    assert all(np.allclose(f, x @ w.T, rtol=1e-6) for f, w in zip(fused, (layer.q, layer.k, layer.v)))
