@@ -110,7 +110,7 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
     lines = []
     for r in v.results:
         m = r.metrics or {}
-        stats = policy.statistics(m, r.phase) if m else {}
+        stats = policy.statistics(m, r.phase, mode) if m else {}
         reasons = (r.judgement or {}).get("reasons", [])
         lean, base_lean = leans.get((r.phase, r.tap), (None, None))
         lines.append({**head, "phase": r.phase, "tap": r.tap, "kind": tapspec.parse(r.tap).kind,

@@ -339,3 +339,47 @@ def test_override_and_lookup_errors(tmp_path: Path) -> None:
         PolicySet.builtin().lookup("bogus")
     with pytest.raises(HarnessError, match="policy file not found"):
         PolicySet.load(pyproject=tmp_path / "missing.toml")
+
+
+def _drifted_logits(seed: int, rows: int = 32, width: int = 8192, lean_rms: float = 1.0):
+    """Cumulative logits after many layers: golden, and two independently drifted runs (the bf16
+    baseline and a correct dut) whose rows lean along the golden by a random amount of size
+    ``lean_rms`` ULP (~0.4% per ULP) on top of large per-element noise."""
+    rng = np.random.default_rng(seed)
+    g = (rng.standard_normal((rows, width)) * 2).astype(np.float32)
+
+    def run() -> np.ndarray:
+        lean = 1 + 0.004 * lean_rms * rng.standard_normal((rows, 1))
+        return _bf16((g * lean + 0.01 * rng.standard_normal(g.shape)).astype(np.float32))
+    return run(), g, run()
+
+
+def test_cumulative_lean_is_judged_against_the_baselines_drift() -> None:
+    """Full-scale cumulative logits: correct members' rows lean 2.2-7.8 ULP, as the bf16 baseline's own
+    rows do after 24 layers of drift, and over a 152k-wide row that lean is highly significant (r_bias
+    4.5-4.8 > 4.5). In cumulative mode a row counts only when it leans more than BIAS_DRIFT_MULTIPLE
+    times the baseline's RMS row lean; isolated mode keeps the absolute floor."""
+    from harness.compare.metrics import BIAS_DRIFT_MULTIPLE
+    for seed in range(4):
+        d, g, b = _drifted_logits(seed)
+        m = tap_metrics(d, g, b)
+        assert m["r_bias_drift"] <= m["r_bias"] and m["drift_lean_floor_ulp"] > 0.25
+        assert CalibratedPolicy().judge(d, g, b, m, kind="logits", phase="prefill", mode="cumulative")
+        assert CalibratedPolicy().statistics(m, "prefill", "isolated")["r_bias"] == m["r_bias"]
+    # a wrong scale leans every row together, beyond the drift: still caught in cumulative mode
+    d, g, b = _drifted_logits(0, lean_rms=0.05)
+    bad = (d * np.float32(1.01)).astype(np.float32)
+    m = tap_metrics(bad, g, b)
+    assert m["drift_lean_floor_ulp"] < 1.0 and abs(m["drift_bias_lean_ulp"]) > BIAS_DRIFT_MULTIPLE * 0.05
+    j = CalibratedPolicy().judge(bad, g, b, m, kind="logits", phase="prefill", mode="cumulative")
+    assert not j and "r_bias" in j.reasons[-1] and "typical row lean" in j.reasons[-1]
+
+
+def test_the_drift_floor_is_nan_safe() -> None:
+    """A NaN in the baseline makes the drift floor NaN: every row then counts (never fewer than the
+    absolute floor would count), and the tap fails on its NaN dut elements anyway."""
+    d, g, b = _case(2, (4, 64))
+    b = b.copy()
+    b[1, 3] = np.nan
+    m = tap_metrics(d, g, b)
+    assert np.isnan(m["drift_lean_floor_ulp"]) and m["r_bias_drift"] >= m["r_bias"] or np.isnan(m["r_bias_drift"])

@@ -571,19 +571,52 @@ def _t(total, squares, f):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(**_EXACT)
-def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor):  # type: ignore[no-untyped-def]
+def _worst_bias(rows, features, lean_floor):  # type: ignore[no-untyped-def]
+    """(r_bias, t_dut, t_baseline, lean_dut, lean_baseline) of the worst row among those whose mean ULP
+    error along the golden (the lean) is at least ``lean_floor`` (NaN-safe: a NaN lean counts, NaN wins)."""
+    r_bias, t_d_worst, t_b_worst, lean_d, lean_b = 0.0, 0.0, 0.0, 0.0, 0.0
+    for i in range(rows.shape[1]):
+        lean = rows[5, i] / features
+        if abs(lean) < lean_floor:                      # too small to matter, however significant (NaN counts)
+            continue
+        t_d = _t(rows[5, i], rows[7, i], features)
+        if t_d != 0.0:
+            t_b = _t(rows[6, i], rows[8, i], features)
+            ratio = abs(t_d) / max(abs(t_b), BIAS_T_FLOOR)
+            if not ratio <= r_bias:                     # NaN wins
+                r_bias, t_d_worst, t_b_worst, lean_d, lean_b = ratio, t_d, t_b, lean, rows[6, i] / features
+    return r_bias, t_d_worst, t_b_worst, lean_d, lean_b
+
+
+@numba.njit(**_EXACT)
+def baseline_lean_rms(rows, features):  # type: ignore[no-untyped-def]
+    """RMS over rows of the baseline's lean (its mean ULP error along the golden per row): how far a
+    correct run's rows lean by themselves (NaN-safe: NaN propagates)."""
+    r = rows.shape[1]
+    if r == 0:
+        return 0.0
+    s = 0.0
+    for i in range(r):
+        lean = rows[6, i] / features
+        s += lean * lean
+    return math.sqrt(s / r)
+
+
+@numba.njit(**_EXACT)
+def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor, drift_multiple):  # type: ignore[no-untyped-def]
     """Per-row profile from the row sums (NaN-safe): (relative error per row; R per row, its
     denominator floored at ``floor_rel`` times the golden's norm; r_bias, the worst row's |t| of the
     dut's ULP errors along the golden over the baseline's (at least BIAS_T_FLOOR) among the rows
     whose mean such error (the lean, in ULP) is at least ``lean_floor``, with that row's two t values
-    and two leans; r_ulp, the worst row's RMS ULP error over the baseline's (floored at
-    ``ulp_rms_floor`` ULP); the TOP rows with the largest relative error (NaN first); the sums over
-    rows, ROW_SUMS order)."""
+    and two leans; the same among the rows whose lean is also at least ``drift_multiple`` times the
+    baseline's RMS row lean (the drift-relative r_bias of cumulative mode), followed by that lean
+    floor; r_ulp, the worst row's RMS ULP error over the baseline's (floored at ``ulp_rms_floor``
+    ULP); the TOP rows with the largest relative error (NaN first); the sums over rows, ROW_SUMS
+    order)."""
     r = rows.shape[1]
     tok_err = np.zeros(r)
     tok_r = np.zeros(r)
     key = np.zeros(r)
-    r_bias, t_d_worst, t_b_worst, lean_d, lean_b = 0.0, 0.0, 0.0, 0.0, 0.0
     r_ulp = 0.0
     for i in range(r):
         if rows[7, i] != 0.0:                           # sum of squared ULP errors (signs square away)
@@ -597,16 +630,15 @@ def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor):  # type: 
             den = max(math.sqrt(bb), floor_rel * ng)
             tok_r[i] = math.sqrt(dd) / den if den > 0.0 else math.inf
         key[i] = math.inf if math.isnan(tok_err[i]) or math.isnan(dd) else tok_err[i]
-        lean = rows[5, i] / features
-        if abs(lean) < lean_floor:                      # too small to matter, however significant (NaN counts)
-            continue
-        t_d = _t(rows[5, i], rows[7, i], features)
-        if t_d != 0.0:
-            t_b = _t(rows[6, i], rows[8, i], features)
-            ratio = abs(t_d) / max(abs(t_b), BIAS_T_FLOOR)
-            if not ratio <= r_bias:                     # NaN wins
-                r_bias, t_d_worst, t_b_worst, lean_d, lean_b = ratio, t_d, t_b, lean, rows[6, i] / features
+    bias = _worst_bias(rows, features, lean_floor)
+    drift_floor = drift_multiple * baseline_lean_rms(rows, features)
+    drift_floor = drift_floor if not drift_floor <= lean_floor else lean_floor    # NaN stays NaN
+    if drift_floor == lean_floor:
+        drift = bias
+    else:                                               # a NaN floor counts every row (NaN wins in them)
+        drift = _worst_bias(rows, features, drift_floor if drift_floor == drift_floor else 0.0)
     totals = np.zeros(rows.shape[0])
     for k in range(rows.shape[0]):
         totals[k] = rows[k].sum()
-    return tok_err, tok_r, (r_bias, t_d_worst, t_b_worst, lean_d, lean_b), r_ulp, _top(key, np.arange(r)), totals
+    return (tok_err, tok_r, bias, (drift[0], drift[1], drift[2], drift[3], drift[4], drift_floor), r_ulp,
+            _top(key, np.arange(r)), totals)

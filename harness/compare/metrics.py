@@ -69,6 +69,11 @@ TAIL_QUANTILE = 0.99
 # lean floor"): fp32 and float64 implementations lean <= 4.5e-5 ULP, a 1% scaling >= 1.68 ULP,
 # round-toward-zero 0.5 ULP, the RMSNorm with bf16 statistics >= 0.5 ULP in the rows that fail it.
 BIAS_LEAN_FLOOR_ULP = 0.25
+# r_bias_drift (judged in cumulative mode) counts a row only when its lean is also at least this many
+# times the RMS over rows of the baseline's own lean: end to end, a correct run drifts, and its rows
+# lean by as much as the bf16 baseline's own (docs/policies.md, "Cumulative mode: a lean relative to
+# the drift").
+BIAS_DRIFT_MULTIPLE = 4.0
 ULP_RMS_FLOOR = 0.5 / math.sqrt(3.0)  # r_ulp's denominator >= the rms ULP error of one correct rounding
 TOP = kernel.TOP                    # worst_tokens / worst_elements length (the kernel selects them)
 
@@ -193,7 +198,8 @@ def tap_metrics(dut: Any, golden: Any, baseline: Any) -> dict[str, Any]:
     Inputs are 2-D ``[tokens, features]`` arrays of one shape (converted to float32). Keys: max_abs,
     mean_abs, rmse, rel_fro, nmse, cosine, snr_db, ulp_mean, ulp_p99, ulp_max, beyond_4ulp, nan, inf,
     n, r, r_tail, baseline_rel_fro, baseline_ulp_p99, gain, baseline_gain, ulp_bias, baseline_ulp_bias,
-    bias_t, baseline_bias_t, r_bias, bias_lean_ulp, baseline_bias_lean_ulp, r_ulp, ulp_rms, baseline_ulp_rms,
+    bias_t, baseline_bias_t, r_bias, bias_lean_ulp, baseline_bias_lean_ulp, r_bias_drift, drift_bias_t,
+    drift_baseline_bias_t, drift_bias_lean_ulp, drift_lean_floor_ulp, r_ulp, ulp_rms, baseline_ulp_rms,
     token_rel_err, token_r, worst_tokens, worst_elements ([token,
     feature, dut, golden], worst ULP error first).
     """
@@ -207,8 +213,9 @@ def _assemble(raw: _Raw, d0: np.ndarray, g0: np.ndarray) -> dict[str, Any]:
     n = g0.size
     feats = g0.shape[1]
     floor_rel = R_FLOOR_ROUNDINGS * BF16_ROUNDING_REL_RMS
-    tok_err, tok_r, (r_bias, bias_t, baseline_bias_t, lean, baseline_lean), r_ulp, worst_tokens, totals = (
-        kernel.row_summary(raw.rows, feats, floor_rel, BIAS_LEAN_FLOOR_ULP, ULP_RMS_FLOOR))
+    (tok_err, tok_r, (r_bias, bias_t, baseline_bias_t, lean, baseline_lean), drift, r_ulp, worst_tokens,
+     totals) = kernel.row_summary(raw.rows, feats, floor_rel, BIAS_LEAN_FLOOR_ULP, ULP_RMS_FLOOR,
+                                  BIAS_DRIFT_MULTIPLE)
     gg, dd, gd, bb, gb, ud, ub = (float(x) for x in totals[:7])
     dg = gg + gd                                    # <dut, golden> = <g, g> + <g, d>
     dut2 = max(gg + 2.0 * gd + dd, 0.0)
@@ -249,6 +256,11 @@ def _assemble(raw: _Raw, d0: np.ndarray, g0: np.ndarray) -> dict[str, Any]:
         "baseline_ulp_rms": math.sqrt(totals[8] / n) if n else 0.0,
         "bias_lean_ulp": lean,
         "baseline_bias_lean_ulp": baseline_lean,
+        "r_bias_drift": drift[0],
+        "drift_bias_t": drift[1],
+        "drift_baseline_bias_t": drift[2],
+        "drift_bias_lean_ulp": drift[3],
+        "drift_lean_floor_ulp": drift[5],
         "token_rel_err": tok_err.tolist(),
         "token_r": tok_r.tolist(),
         "worst_tokens": worst_tokens.tolist(),

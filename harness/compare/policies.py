@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from harness.compare.metrics import BF16_ROUNDING_REL_RMS, exact_match
+from harness.compare.metrics import BF16_ROUNDING_REL_RMS, BIAS_DRIFT_MULTIPLE, exact_match
 from harness.errors import HarnessError
 
 # The calibrated rule's thresholds, in one place, per family: mode (cumulative: the end-to-end HF
@@ -191,7 +191,7 @@ class CalibratedPolicy(Policy):
         if metrics["baseline_rel_fro"] == 0.0:
             return ExactPolicy()._judge(dut, golden, baseline, metrics, kind=kind, phase=phase, mode=mode)
         limits = self.limits(phase, mode, kind)
-        stats = self.statistics(metrics, phase)
+        stats = self.statistics(metrics, phase, mode)
         reasons = []
         if not stats["r"] <= limits["r"]:
             reasons.append(_over("R", stats["r"], limits["r"]) + f": rel_fro {_fmt(metrics['rel_fro'])} vs bf16 "
@@ -200,24 +200,29 @@ class CalibratedPolicy(Policy):
             reasons.append(_over("r_tail", stats["r_tail"], limits["r_tail"]) + f": p99 error "
                            f"{_fmt(metrics['ulp_p99'])} ULP vs bf16 baseline {_fmt(metrics['baseline_ulp_p99'])} ULP")
         if not stats["r_bias"] <= limits["r_bias"]:
-            lean = metrics.get("bias_lean_ulp")
+            drift = mode != "isolated" and "r_bias_drift" in metrics
+            pre = "drift_" if drift else ""
+            lean = metrics.get(pre + "bias_lean_ulp")
             by = f" by {_fmt(lean)} ULP on average" if lean is not None else ""
+            floor = (f", more than {_fmt(metrics['drift_lean_floor_ulp'])} ULP, {_fmt(BIAS_DRIFT_MULTIPLE)}x the "
+                     "baseline's typical row lean" if drift else "")
             reasons.append(_over("r_bias", stats["r_bias"], limits["r_bias"]) + f": the errors lean along the "
-                           f"golden{by} (t {_fmt(metrics['bias_t'])} vs bf16 baseline t {_fmt(metrics['baseline_bias_t'])}): "
-                           "a scaled output")
+                           f"golden{by}{floor} (t {_fmt(metrics[pre + 'bias_t'])} vs bf16 baseline t "
+                           f"{_fmt(metrics[pre + 'baseline_bias_t'])}): a scaled output")
         return {f"{k}_max": v for k, v in limits.items()}, reasons, stats
 
-    def statistics(self, metrics: dict[str, Any], phase: str) -> dict[str, float]:
-        """The judged statistics of one tap, denominators floored: R (relative Frobenius error over the
-        baseline's), r_tail (p99 ULP error over the baseline's) and r_bias (the worst row's t statistic
-        of ULP errors signed along the golden over the baseline's, at least 3: tap_metrics)."""
+    def statistics(self, metrics: dict[str, Any], phase: str, mode: str = "cumulative") -> dict[str, float]:
+        """The judged statistics of one tap in a mode, denominators floored: R (relative Frobenius error
+        over the baseline's), r_tail (p99 ULP error over the baseline's) and r_bias (the worst row's t
+        statistic of ULP errors signed along the golden over the baseline's, at least 3: tap_metrics;
+        in cumulative mode among the rows leaning beyond the baseline's drift, ``r_bias_drift``)."""
         decode = phase.startswith("decode")
         r_floor = (self.decode_r_floor if decode else self.r_floor) * BF16_ROUNDING_REL_RMS
         base_rel = max(metrics["baseline_rel_fro"], r_floor)
         tail_floor = self.decode_tail_floor if decode else self.tail_floor
         return {"r": _div(metrics["rel_fro"], base_rel),
                 "r_tail": _div(metrics["ulp_p99"], max(metrics["baseline_ulp_p99"], tail_floor)),
-                "r_bias": metrics["r_bias"]}
+                "r_bias": metrics["r_bias"] if mode == "isolated" else metrics.get("r_bias_drift", metrics["r_bias"])}
 
     def limits(self, phase: str, mode: str = "cumulative", kind: str = "") -> dict[str, float]:
         """The limits of a tap kind in a phase (``prefill`` / ``decode.N``) and mode: {"r", "r_tail",

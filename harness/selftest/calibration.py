@@ -47,7 +47,7 @@ def ratios(results: list[CaseResult], floors: dict[str, float] | None = None) ->
             if metrics["baseline_rel_fro"] == 0.0:   # exact baseline (embedding lookup): judged exactly
                 continue
             fam = out[_family(phase, res.case.mode)]
-            stats = policy.statistics(metrics, phase)
+            stats = policy.statistics(metrics, phase, res.case.mode)
             for key, name in STATS.items():
                 fam[key].append(stats[name])
             fam["where"].append(f"{res.case.id} {phase}/{tap}")

@@ -63,7 +63,8 @@ class Case:
 
 # The metrics the calibrated policy's statistics are computed from (CalibratedPolicy.statistics).
 CALIBRATION_KEYS = ("rel_fro", "baseline_rel_fro", "ulp_p99", "baseline_ulp_p99", "r_bias", "bias_t",
-                    "baseline_bias_t", "bias_lean_ulp", "r_ulp", "ulp_rms", "baseline_ulp_rms")
+                    "baseline_bias_t", "bias_lean_ulp", "r_ulp", "ulp_rms", "baseline_ulp_rms", "r_bias_drift",
+                    "drift_bias_t", "drift_baseline_bias_t", "drift_bias_lean_ulp", "drift_lean_floor_ulp")
 
 
 @dataclass
