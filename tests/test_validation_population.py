@@ -298,3 +298,16 @@ def test_fused_member_holds_no_concatenated_weights():
     layer, x = dep.layers[0], np.ones((3, spec.hidden_size), np.float32)
     fused = np.split(x @ layer.qkv().T, layer.qkv_split, axis=1)
     assert all(np.allclose(f, x @ w.T, rtol=1e-6) for f, w in zip(fused, (layer.q, layer.k, layer.v)))
+
+
+def test_sweep_markdown_table_states_each_modes_first_failure():
+    sweep = _sweep_module()
+    base = {"member": "m", "model": "a", "seed": 0, "check_passed": True, "first_failure": None,
+            "phase": "prefill", "tap": "logits"}
+    lines = [{**base, "mode": "cumulative"}, {**base, "mode": "isolated"},
+             {**base, "model": "b", "mode": "cumulative", "check_passed": False, "passed": False,
+              "first_failure": "prefill/logits", "over": ["r_bias 4.84 > max 4.5"]},
+             {**base, "model": "b", "mode": "isolated"}]
+    table = sweep.markdown_table(lines)
+    assert table[0] == "| member | a | b |"
+    assert table[2] == "| m | pass | cum. fail: prefill `logits` r_bias 4.84 > max 4.5<br>iso. pass |"
