@@ -16,7 +16,8 @@ or R / r_tail. docs/validation.md describes the members and quotes the figures.
     .venv/bin/python benchmarks/validation_sweep.py --from-jsonl FILE... [--markdown]   # earlier runs' table
 
 ``--scale full`` runs one seed (the first) in one worker: a full-scale golden set of a 1.7B model and
-its weights take several GB. One job is one (model, seed), so no two workers build the same golden.
+its weights take several GB; the golden set is built in a child process first, so the build's peak
+is returned before the checks load the weights. One job is one (model, seed), so no two workers build the same golden.
 """
 from __future__ import annotations
 
@@ -125,6 +126,23 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
     return [{k: _finite(x) for k, x in line.items()} for line in lines]
 
 
+def _build_golden_apart(model: str, seed: int, scale: str, steps: int, golden_dir, local: bool) -> str | None:
+    """Build (or reuse) the golden set and its local baseline in a child process: a full-scale build
+    peaks at ~15 GB at 1.7B, which this process would keep while the checks load the weights again
+    (the OOM killer took a qwen3-1.7b sweep at 19.9 GB). Returns the error of a failed build, or None."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "harness", "golden", "build", "--model", model, "--scale", scale,
+           "--seed", str(seed), "--decode-steps", str(steps)]
+    cmd += ["--local"] if local else []
+    cmd += ["--golden-dir", str(golden_dir)] if golden_dir else []
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return f"golden build exited {done.returncode}: {lines[-1] if lines else ''}"
+    return None
+
+
 def _job(args: tuple) -> list[dict]:
     """Every member x mode of one (model, seed)."""
     from harness.deployment.validation import member as lookup
@@ -132,6 +150,11 @@ def _job(args: tuple) -> list[dict]:
 
     use_one_thread()
     model, seed, names, modes, scale, steps, golden_dir = args
+    if scale == "full":
+        error = _build_golden_apart(model, seed, scale, steps, golden_dir, "isolated" in modes)
+        if error:
+            return [{"member": n, "model": model, "scale": scale, "seed": seed, "mode": m, "error": error}
+                    for n in names for m in modes]
     out = []
     for name in names:
         for mode in modes:
