@@ -53,7 +53,9 @@ def _run(cases: list, runs: Path, jobs: int, golden_dir: str | None) -> list:
 def main(argv: list[str] | None = None) -> int:
     from harness.compare.policies import CALIBRATED_THRESHOLDS
     from harness.deployment.validation import IMPRECISE, MEMBERS
-    from harness.selftest.calibration import EMULATOR_SEEDS_100_139, derive, ratios, rejudge, summarise
+    from harness.compare import policies
+    from harness.selftest.calibration import (EMULATOR_SEEDS_100_139, derive, derive_kind_limits, kind_maxima, ratios,
+                                              rejudge, summarise)
     from harness.selftest.runner import OURS, member_population, population, shape_population
     from harness.selftest.scoreboard import Scoreboard
     from harness.spec.model_spec import names
@@ -93,6 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     limits = [k for k in CALIBRATED_THRESHOLDS if k.endswith("_max")]
     print("derived thresholds:", {k: derived[k] for k in limits})
     print("current thresholds:", {k: CALIBRATED_THRESHOLDS[k] for k in limits})
+    maxima = kind_maxima(calib)
+    kind_limits = derive_kind_limits(maxima, args.margin)
+    for fam, stats in maxima.items():
+        for stat, kinds in stats.items():
+            if kinds:
+                kind, (value, where) = max(kinds.items(), key=lambda kv: kv[1][0])
+                print(f"  {fam:20s} {stat:16s} clean max per kind: "
+                      + " ".join(f"{k} {v:.2f}" for k, (v, _w) in sorted(kinds.items())) + f"  (worst {where})")
+    print("derived KIND_LIMITS:", json.dumps(kind_limits, sort_keys=True))
+    print("per-kind limits identical to the shipped KIND_LIMITS:", kind_limits == policies.KIND_LIMITS)
+    shipped_kind_limits = json.loads(json.dumps(policies.KIND_LIMITS))
+    policies.KIND_LIMITS.clear()
+    policies.KIND_LIMITS.update(kind_limits)              # held-out runs are judged under the derived limits
 
     t1 = time.perf_counter()
     hold = _seeds(args.holdout_seeds)
@@ -118,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"calibration_seeds": args.calib_seeds, "member_calibration_seeds": args.member_calib_seeds,
                                "calibration_members": calib_members, "holdout_seeds": args.holdout_seeds,
                                "margin": args.margin, "summary": summary, "derived": derived,
+                               "kind_maxima": maxima, "kind_limits": kind_limits,
+                               "shipped_kind_limits": shipped_kind_limits,
                                "holdout": board.to_dict()}, indent=1))
     print(f"wrote {out}")
     return 0 if board.passed else 1

@@ -131,7 +131,8 @@ class TapJudge:
             self.results.append(TapResult(self.phase, name, False, {}, message=problem))
         else:
             base = self.golden.tensor(self.phase, name, self.baseline)
-            result = judge_tap(self.policies, self.phase, name, parsed.kind, dut, golden, base, self.mode)
+            result = judge_tap(self.policies, self.phase, name, parsed.kind, dut, golden, base, self.mode,
+                               self.spec.head_dim)
             self.results.append(result)
             if name == "logits":
                 self._logits = np.array(dut, copy=True)
@@ -142,11 +143,14 @@ class TapJudge:
         return value
 
 
-def judge_tap(policies, phase: str, name: str, kind: str, dut, golden, base, mode: str = "cumulative") -> TapResult:
-    """Metrics plus the policy's judgement of one tap."""
+def judge_tap(policies, phase: str, name: str, kind: str, dut, golden, base, mode: str = "cumulative",
+              head_dim: int = 0) -> TapResult:
+    """Metrics plus the policy's judgement of one tap; ``head_dim`` (the model's) gives the tap its
+    per-block statistics: a head's slice on head-structured taps (taps.HEAD_KINDS), an aligned block
+    of as many columns (a GEMM output tile) on the others."""
     from harness.compare.metrics import tap_metrics
 
-    metrics = tap_metrics(dut, golden, base)
+    metrics = tap_metrics(dut, golden, base, block=head_dim)
     policy = policies.lookup(kind, phase)
     judgement = policy.judge(dut, golden, base, metrics, kind=kind, phase=phase, mode=mode)
     message = None

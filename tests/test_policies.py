@@ -383,3 +383,51 @@ def test_the_drift_floor_is_nan_safe() -> None:
     b[1, 3] = np.nan
     m = tap_metrics(d, g, b)
     assert np.isnan(m["drift_lean_floor_ulp"]) and m["r_bias_drift"] >= m["r_bias"] or np.isnan(m["r_bias_drift"])
+
+
+def test_one_row_in_a_prefill_fails_on_its_row_in_isolated_mode() -> None:
+    """A 1% error with random signs on one row of a 64-row prefill moves the tap-wide R by ~1/8 of its
+    own; the worst row's R (row_r) sees it whole. Judged against the tap kind's own limit, in
+    isolated mode only (cumulative mode's drift is no per-row allowance)."""
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal((64, 256)).astype(np.float32)
+    b = _bf16(g)
+    d = _bf16(g)
+    d[40] = d[40] * (1 + 0.01 * rng.choice([-1.0, 1.0], 256)).astype(np.float32)
+    m = tap_metrics(d, g, b, block=32)
+    j = CalibratedPolicy().judge(d, g, b, m, kind="q", phase="prefill", mode="isolated")
+    assert j.measured["r"] <= CALIBRATED_THRESHOLDS["isolated_r_max"] and m["row_r"] > 3
+    assert not j and any(r.startswith("row_r ") for r in j.reasons)
+    cumulative = CalibratedPolicy().judge(d, g, b, m, kind="q", phase="prefill", mode="cumulative")
+    assert "row_r" not in cumulative.measured and not any(r.startswith("row_r") for r in cumulative.reasons)
+    assert CalibratedPolicy().judge(b, g, b, tap_metrics(b, g, b, block=32), kind="q", phase="prefill", mode="isolated")
+    loose = parse_policy(CalibratedPolicy(kind_scale=10.0).spec())
+    assert loose.kind_scale == 10.0 and loose.judge(d, g, b, m, kind="q", phase="prefill", mode="isolated")
+
+
+def test_a_head_slice_and_a_flash_style_head_gain() -> None:
+    """One head's slice off by 1% (random signs) over every row: the worst head's R (head_r) sees
+    it. A flash attention with bf16 running statistics errs by one factor per (row, head): the gain-free
+    statistics remove exactly that."""
+    from harness.compare.metrics import structure_metrics
+    rng = np.random.default_rng(6)
+    g = rng.standard_normal((16, 128)).astype(np.float32)
+    b = _bf16(g)
+    d = _bf16(g)
+    d[:, 32:64] = d[:, 32:64] * (1 + 0.01 * rng.choice([-1.0, 1.0], (16, 32))).astype(np.float32)
+    m = tap_metrics(d, g, b, block=32)
+    assert m["head_r"] > 3 and m["head_r"] > 2 * m["r"]
+    gains = (1 + 0.01 * rng.choice([-1.0, 1.0], (16, 4, 1))).astype(np.float32)
+    flash = (g.reshape(16, 4, 32) * gains).reshape(16, 128)
+    s = structure_metrics(flash, g, b, 32)
+    assert tap_metrics(flash, g, b)["r"] > 3 and s["head_gain_free_r"] < 1.5 and s["row_gain_free_r"] < 1.5
+
+
+def test_structure_statistics_are_nan_safe() -> None:
+    """NaN in the dut makes every structure statistic NaN (never a pass by comparison)."""
+    d, g, b = _case(4, (8, 128))
+    d = d.copy()
+    d[2, 70] = np.nan
+    m = tap_metrics(d, g, b, block=32)
+    assert all(np.isnan(m[k]) for k in ("row_r", "gain_free_r", "row_gain_free_r", "head_r", "head_gain_free_r"))
+    assert not CalibratedPolicy().judge(d, g, b, m, kind="q", phase="prefill", mode="isolated")

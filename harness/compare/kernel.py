@@ -611,14 +611,19 @@ def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor, drift_mult
     and two leans; the same among the rows whose lean is also at least ``drift_multiple`` times the
     baseline's RMS row lean (the drift-relative r_bias of cumulative mode), followed by that lean
     floor; r_ulp, the worst row's RMS ULP error over the baseline's (floored at ``ulp_rms_floor``
-    ULP); the TOP rows with the largest relative error (NaN first); the sums over rows, ROW_SUMS
-    order)."""
+    ULP); the squared errors of dut and baseline once each row's best gain along the golden is removed,
+    summed over rows (|d|^2 - <g, d>^2 / |g|^2; NaN propagates: max() keeps a NaN first argument);
+    the TOP rows with the largest relative error (NaN first); the sums over rows, ROW_SUMS order)."""
     r = rows.shape[1]
     tok_err = np.zeros(r)
     tok_r = np.zeros(r)
     key = np.zeros(r)
     r_ulp = 0.0
+    res_d = 0.0                                         # errors with each row's best gain removed
+    res_b = 0.0
     for i in range(r):
+        res_d += _gain_free(rows[0, i], rows[1, i], rows[2, i])
+        res_b += _gain_free(rows[0, i], rows[3, i], rows[4, i])
         if rows[7, i] != 0.0:                           # sum of squared ULP errors (signs square away)
             ratio = math.sqrt(rows[7, i] / max(rows[8, i], ulp_rms_floor * ulp_rms_floor * features))
             if not ratio <= r_ulp:                      # NaN wins
@@ -641,4 +646,88 @@ def row_summary(rows, features, floor_rel, lean_floor, ulp_rms_floor, drift_mult
     for k in range(rows.shape[0]):
         totals[k] = rows[k].sum()
     return (tok_err, tok_r, bias, (drift[0], drift[1], drift[2], drift[3], drift[4], drift_floor), r_ulp,
-            _top(key, np.arange(r)), totals)
+            (res_d, res_b), _top(key, np.arange(r)), totals)
+
+
+@numba.njit(**_EXACT)
+def _ratio_floored(num2, den2, gg, floor_rel):  # type: ignore[no-untyped-def]
+    """sqrt(num2) / max(sqrt(den2), floor_rel sqrt(gg)): 0 for a zero numerator, NaN propagating."""
+    if num2 == 0.0:
+        return 0.0
+    if math.isnan(num2) or math.isnan(den2) or math.isnan(gg):
+        return math.nan
+    den = max(math.sqrt(den2), floor_rel * math.sqrt(gg))
+    return math.sqrt(num2) / den if den > 0.0 else math.inf
+
+
+@numba.njit(**_EXACT)
+def _gain_free(gg, dd, gd):  # type: ignore[no-untyped-def]
+    """|d|^2 - <g, d>^2 / |g|^2 (the error once its best gain along g is removed), at least 0; a zero g
+    keeps the whole error; NaN propagates."""
+    if not gg > 0.0:
+        return dd if not math.isnan(gg) else math.nan
+    v = dd - gd * gd / gg
+    return v if not v < 0.0 else 0.0
+
+
+@numba.njit(fastmath=_FAST, **_JIT)
+def _block_sums(dut, g, base, block):  # type: ignore[no-untyped-def]
+    """[5, rows, blocks]: <g,g>, <d,d>, <g,d>, <b,b>, <g,b> over each aligned block of ``block`` columns
+    of each row (d = dut - g, b = baseline - g), float64."""
+    r, f = g.shape
+    nb = f // block
+    out = np.zeros((5, r, nb))
+    for i in range(r):
+        for h in range(nb):
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            s3 = 0.0
+            s4 = 0.0
+            gr, dr, br = g[i, h * block:(h + 1) * block], dut[i, h * block:(h + 1) * block], base[i, h * block:(h + 1) * block]
+            for j in range(block):
+                x = np.float64(gr[j])
+                d = np.float64(dr[j]) - x
+                b = np.float64(br[j]) - x
+                s0 += x * x
+                s1 += d * d
+                s2 += x * d
+                s3 += b * b
+                s4 += x * b
+            out[0, i, h] = s0
+            out[1, i, h] = s1
+            out[2, i, h] = s2
+            out[3, i, h] = s3
+            out[4, i, h] = s4
+    return out
+
+
+@numba.njit(**_EXACT)
+def head_summary(dut, g, base, block, floor_rel):  # type: ignore[no-untyped-def]
+    """(gain_free_r, row_gain_free_r, head_r, head_gain_free_r) of a head-structured tap whose rows are
+    ``block``-wide heads (harness.compare.metrics.structure_metrics says what each is). NaN wins every
+    maximum."""
+    s = _block_sums(dut, g, base, block)
+    r, nb = s.shape[1], s.shape[2]
+    res_d = np.zeros((r, nb))
+    res_b = np.zeros((r, nb))
+    for i in range(r):
+        for h in range(nb):
+            res_d[i, h] = _gain_free(s[0, i, h], s[1, i, h], s[2, i, h])
+            res_b[i, h] = _gain_free(s[0, i, h], s[3, i, h], s[4, i, h])
+    total = _ratio_floored(res_d.sum(), res_b.sum(), s[0].sum(), floor_rel)
+    row_free = 0.0
+    for i in range(r):
+        v = _ratio_floored(res_d[i].sum(), res_b[i].sum(), s[0, i].sum(), floor_rel)
+        if math.isnan(v) or v > row_free:       # NaN wins and stays
+            row_free = v
+    head = 0.0
+    head_free = 0.0
+    for h in range(nb):
+        v = _ratio_floored(s[1, :, h].sum(), s[3, :, h].sum(), s[0, :, h].sum(), floor_rel)
+        if math.isnan(v) or v > head:
+            head = v
+        v = _ratio_floored(res_d[:, h].sum(), res_b[:, h].sum(), s[0, :, h].sum(), floor_rel)
+        if math.isnan(v) or v > head_free:
+            head_free = v
+    return total, row_free, head, head_free

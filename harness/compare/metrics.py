@@ -192,7 +192,7 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.copysign(math.inf, num)
 
 
-def tap_metrics(dut: Any, golden: Any, baseline: Any) -> dict[str, Any]:
+def tap_metrics(dut: Any, golden: Any, baseline: Any, *, block: int = 0) -> dict[str, Any]:
     """Every metric of ``dut`` against ``golden`` (fp32 reference) with ``baseline`` (bf16 reference).
 
     Inputs are 2-D ``[tokens, features]`` arrays of one shape (converted to float32). Keys: max_abs,
@@ -201,20 +201,52 @@ def tap_metrics(dut: Any, golden: Any, baseline: Any) -> dict[str, Any]:
     bias_t, baseline_bias_t, r_bias, bias_lean_ulp, baseline_bias_lean_ulp, r_bias_drift, drift_bias_t,
     drift_baseline_bias_t, drift_bias_lean_ulp, drift_lean_floor_ulp, r_ulp, ulp_rms, baseline_ulp_rms,
     token_rel_err, token_r, worst_tokens, worst_elements ([token,
-    feature, dut, golden], worst ULP error first).
+    feature, dut, golden], worst ULP error first), row_r, gain_free_r, and with ``block`` (a head's
+    width, for head-structured taps) head_r and head_gain_free_r (``structure_metrics``).
     """
     d, g, b = _as_2d(dut, "dut"), _as_2d(golden, "golden"), _as_2d(baseline, "baseline")
     if d.shape != g.shape or b.shape != g.shape:
         raise TapError(f"shape mismatch: dut {d.shape}, golden {g.shape}, baseline {b.shape}")
-    return _assemble(_fast(d, g, b) if g.size else _empty(g), d, g)
+    raw = _fast(d, g, b) if g.size else _empty(g)
+    out = _assemble(raw, d, g)
+    if block:
+        out.update(structure_metrics(d, g, b, block))
+    return out
+
+
+def _floored_ratio(num2: float, den2: float, gg: float, floor_rel: float) -> float:
+    """sqrt(num2) / max(sqrt(den2), floor_rel sqrt(gg)), 0 for a zero numerator, NaN-propagating."""
+    return float(kernel._ratio_floored(num2, den2, gg, floor_rel))
+
+
+def structure_metrics(d: np.ndarray, g: np.ndarray, b: np.ndarray, block: int = 0) -> dict[str, Any]:
+    """Statistics that see structure inside a tap (docs/policies.md, "Structure inside a tap"):
+
+    - ``row_r``: the worst row's R (``token_r``'s maximum): one token's row corrupted in a 64-row
+      prefill moves the tap-wide R by 1/8 of its own.
+    - ``gain_free_r``: R of the errors once each row's (or, with ``block``, each row's head slice's)
+      best gain along the golden is removed, dut over baseline (denominators floored as R's): a flash
+      attention with bf16 running statistics errs by one factor per head and row, which this removes,
+      while element-wise noise stays.
+    - ``row_gain_free_r`` (with ``block``): the worst row's gain-free R (attention rows of a flash
+      kernel with bf16 statistics reach row R ~3-4 by their per-head gains alone).
+    - ``head_r``, ``head_gain_free_r`` (with ``block``: a head's width on a head-structured tap): the
+      worst column block's R over every row (one head's slice corrupted), and its gain-free form.
+    NaN-safe: NaN in the dut makes them NaN (the tap fails on its NaN count anyway)."""
+    if not (block and g.shape[1] % block == 0 and g.shape[1] > block and g.size):
+        return {}
+    total, row_free, head, head_free = kernel.head_summary(d, g, b, block, R_FLOOR_ROUNDINGS * BF16_ROUNDING_REL_RMS)
+    return {"gain_free_r": float(total), "row_gain_free_r": float(row_free), "head_r": float(head),
+            "head_gain_free_r": float(head_free)}
+
 
 
 def _assemble(raw: _Raw, d0: np.ndarray, g0: np.ndarray) -> dict[str, Any]:
     n = g0.size
     feats = g0.shape[1]
     floor_rel = R_FLOOR_ROUNDINGS * BF16_ROUNDING_REL_RMS
-    (tok_err, tok_r, (r_bias, bias_t, baseline_bias_t, lean, baseline_lean), drift, r_ulp, worst_tokens,
-     totals) = kernel.row_summary(raw.rows, feats, floor_rel, BIAS_LEAN_FLOOR_ULP, ULP_RMS_FLOOR,
+    (tok_err, tok_r, (r_bias, bias_t, baseline_bias_t, lean, baseline_lean), drift, r_ulp, (res_d, res_b),
+     worst_tokens, totals) = kernel.row_summary(raw.rows, feats, floor_rel, BIAS_LEAN_FLOOR_ULP, ULP_RMS_FLOOR,
                                   BIAS_DRIFT_MULTIPLE)
     gg, dd, gd, bb, gb, ud, ub = (float(x) for x in totals[:7])
     dg = gg + gd                                    # <dut, golden> = <g, g> + <g, d>
@@ -261,6 +293,9 @@ def _assemble(raw: _Raw, d0: np.ndarray, g0: np.ndarray) -> dict[str, Any]:
         "drift_baseline_bias_t": drift[2],
         "drift_bias_lean_ulp": drift[3],
         "drift_lean_floor_ulp": drift[5],
+        # structure inside the tap (docs/policies.md, "Structure inside a tap")
+        "row_r": float(tok_r.max()) if tok_r.size else 0.0,
+        "gain_free_r": _floored_ratio(float(res_d), float(res_b), gg, floor_rel),
         "token_rel_err": tok_err.tolist(),
         "token_r": tok_r.tolist(),
         "worst_tokens": worst_tokens.tolist(),

@@ -182,6 +182,7 @@ class CalibratedPolicy(Policy):
     attn_decode_bias_max: float = CALIBRATED_THRESHOLDS["attn_decode_bias_max"]
     attn_isolated_bias_max: float = CALIBRATED_THRESHOLDS["attn_isolated_bias_max"]
     attn_isolated_decode_bias_max: float = CALIBRATED_THRESHOLDS["attn_isolated_decode_bias_max"]
+    kind_scale: float = 1.0           # multiplies every per-kind limit of isolated mode (KIND_LIMITS)
     r_floor: float = CALIBRATED_THRESHOLDS["r_floor"]
     decode_r_floor: float = CALIBRATED_THRESHOLDS["decode_r_floor"]
     tail_floor: float = CALIBRATED_THRESHOLDS["tail_floor"]
@@ -209,7 +210,39 @@ class CalibratedPolicy(Policy):
             reasons.append(_over("r_bias", stats["r_bias"], limits["r_bias"]) + f": the errors lean along the "
                            f"golden{by}{floor} (t {_fmt(metrics[pre + 'bias_t'])} vs bf16 baseline t "
                            f"{_fmt(metrics[pre + 'baseline_bias_t'])}): a scaled output")
+        for key, (value, limit) in self.structure(metrics, phase, mode, kind).items():
+            if not value <= limit:
+                reasons.append(_over(key, value, limit) + STRUCTURE_REASONS[key])
+            stats[key] = value
+            limits[key] = limit
         return {f"{k}_max": v for k, v in limits.items()}, reasons, stats
+
+    def structure(self, metrics: dict[str, Any], phase: str, mode: str, kind: str = "") -> dict[str, tuple[float, float]]:
+        """{statistic: (value, limit)} of the per-kind limits a tap has in isolated mode (``KIND_LIMITS``,
+        times ``kind_scale``), for the statistics its metrics hold: kind_r (R against the kind's own
+        limit), row_r, row_gain_free_r, head_r, head_gain_free_r, lean (|ulp_bias| - |baseline_ulp_bias|:
+        how much more the whole tap leans along the golden than the baseline, ULP; never positive for a
+        dut that leans less than the baseline)."""
+        if mode != "isolated":
+            return {}
+        table = KIND_LIMITS.get(threshold_prefix(phase, mode) + "kind", {})
+        out = {}
+        for key, by_kind in table.items():
+            limit = by_kind.get(kind)
+            if limit is None:
+                continue
+            if key == "kind_r":
+                value = self.statistics(metrics, phase, mode)["r"]
+            elif key == "lean":
+                if "ulp_bias" not in metrics:
+                    continue
+                value = abs(metrics["ulp_bias"]) - abs(metrics["baseline_ulp_bias"])
+            else:
+                if key not in metrics:
+                    continue
+                value = abs(metrics[key])
+            out[key] = (value, limit * self.kind_scale)
+        return out
 
     def statistics(self, metrics: dict[str, Any], phase: str, mode: str = "cumulative") -> dict[str, float]:
         """The judged statistics of one tap in a mode, denominators floored: R (relative Frobenius error
@@ -234,6 +267,39 @@ class CalibratedPolicy(Policy):
 
 
 ATTENTION_KINDS = frozenset({"attn"})
+
+# Isolated mode's per-kind limits (docs/policies.md, "Structure inside a tap"): family
+# ("isolated_kind" prefill, "isolated_decode_kind") -> statistic -> tap kind -> limit. A kind a
+# statistic does not list is not judged on it. Calibrated (harness.selftest.calibration.derive_kind_limits)
+# on the same population as CALIBRATED_THRESHOLDS: 1.5 x the clean maximum of the kind, rounded up.
+KIND_LIMITS: dict[str, dict[str, dict[str, float]]] = {
+    "isolated_kind": {
+        "kind_r": {"act": 2, "attn": 2.5, "attn_norm": 1.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.5, "final_norm": 1.5, "gate": 1.75, "k": 1.75, "k_norm": 1.5, "k_rope": 1.75, "logits": 1.75, "o": 1.75, "out": 1.5, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "row_r": {"act": 3, "attn": 6.25, "attn_norm": 2, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 2, "gate": 1.75, "k": 1.75, "k_norm": 2, "k_rope": 3, "logits": 1.75, "o": 1.75, "out": 3, "q": 1.75, "q_norm": 1.75, "q_rope": 2, "up": 1.75, "v": 1.75},
+        "row_gain_free_r": {"act": 3.25, "attn": 5.25, "attn_norm": 2, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 2, "gate": 1.75, "k": 2, "k_norm": 2.5, "k_rope": 2.75, "logits": 1.75, "o": 1.75, "out": 2.25, "q": 1.75, "q_norm": 1.75, "q_rope": 2, "up": 1.75, "v": 1.75},
+        "head_r": {"act": 2.75, "attn": 3, "attn_norm": 1.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.5, "final_norm": 1.5, "gate": 1.75, "k": 1.75, "k_norm": 1.5, "k_rope": 1.75, "logits": 1.75, "o": 1.75, "out": 1.75, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "head_gain_free_r": {"act": 2.5, "attn": 2.75, "attn_norm": 1.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.5, "final_norm": 1.5, "gate": 1.75, "k": 1.75, "k_norm": 1.5, "k_rope": 1.75, "logits": 1.75, "o": 1.75, "out": 1.75, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "lean": {"act": 0.25, "attn": 0.25, "attn_norm": 0.25, "attn_residual": 0.25, "down": 0.25, "ffn_norm": 0.25, "final_norm": 0.25, "gate": 0.25, "k": 0.25, "k_norm": 0.25, "k_rope": 0.25, "logits": 0.25, "o": 0.25, "out": 0.25, "q": 0.25, "q_norm": 0.25, "q_rope": 0.25, "up": 0.25, "v": 0.25},
+    },
+    "isolated_decode_kind": {
+        "kind_r": {"act": 2.5, "attn": 5.25, "attn_norm": 1.75, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 1.75, "gate": 1.75, "k": 1.75, "k_norm": 2, "k_rope": 3, "logits": 1.75, "o": 1.75, "out": 3.25, "q": 1.75, "q_norm": 1.75, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "row_gain_free_r": {"act": 2.25, "attn": 4.5, "attn_norm": 1.75, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 1.75, "gate": 1.75, "k": 1.75, "k_norm": 2, "k_rope": 2.5, "logits": 1.75, "o": 1.75, "out": 2, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "head_r": {"act": 17, "attn": 11.75, "attn_norm": 5.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 5.25, "final_norm": 4.25, "gate": 1.75, "k": 1.75, "k_norm": 2.25, "k_rope": 6, "logits": 1.75, "o": 1.75, "out": 7, "q": 1.75, "q_norm": 3, "q_rope": 3.75, "up": 1.75, "v": 1.75},
+        "head_gain_free_r": {"act": 13.75, "attn": 10, "attn_norm": 3.75, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 4.5, "final_norm": 4.75, "gate": 1.75, "k": 1.75, "k_norm": 2.25, "k_rope": 3.5, "logits": 1.75, "o": 1.75, "out": 4.25, "q": 1.75, "q_norm": 3, "q_rope": 3.25, "up": 1.75, "v": 1.75},
+    },
+}
+
+# What each per-kind statistic's failure says (CalibratedPolicy.structure), and its metric
+STRUCTURE_REASONS = {
+    "kind_r": ": the error exceeds what correct implementations of this tap kind reach",
+    "row_r": ": one row (token) errs far beyond the bf16 baseline's error in that row",
+    "head_r": ": one head's slice errs far beyond the bf16 baseline's error there",
+    "gain_free_r": ": element-wise error beyond the baseline's once each row's (head's) gain is removed",
+    "row_gain_free_r": ": one row errs element-wise beyond the baseline's once each head's gain is removed",
+    "head_gain_free_r": ": one head errs element-wise beyond the baseline's once each row's gain is removed",
+    "lean": " ULP: the whole tap leans along the golden (mean signed ULP error) more than the bf16 baseline "
+            "does: a rounding mode or a scale",
+}
 
 
 def kind_prefix(kind: str) -> str:

@@ -150,3 +150,63 @@ def rejudge(results: list[CaseResult], thresholds: dict[str, float]) -> list[Cas
         outcomes = {**res.outcomes, OURS: {"passed": first is None, "first": first}}
         out.append(dataclasses.replace(res, outcomes=outcomes))
     return out
+
+
+# Per-kind limits of isolated mode (policies.KIND_LIMITS): the statistics, each from its metric, and
+# the step its limit is rounded up to; a lean limit is never below the lean floor (no sub-quarter-ULP
+# lean may fail a tap, however consistent).
+KIND_STATS = {"kind_r": None, "row_r": "row_r", "row_gain_free_r": "row_gain_free_r", "head_r": "head_r",
+              "head_gain_free_r": "head_gain_free_r", "lean": "ulp_bias"}
+# (gain_free_r, the tap-wide gain-free R, is reported by the metrics but not judged: on the shapes it
+# caught nothing the others miss, and every judged statistic is one more way to a false alarm.)
+# Judged in prefill only: a decode row's row_r is its R; a decode row's mean ULP error is noisy (HF
+# bf16's own single rows lean up to 0.8 ULP: a tap-wide lean limit there failed the fp32 members).
+PREFILL_ONLY = ("row_r", "lean")
+KIND_STEP = {"lean": 0.05}
+KIND_FLOOR = {"lean": 0.25}
+KIND_FAMILIES = {"isolated_kind": "prefill", "isolated_decode_kind": "decode.0"}
+
+
+def kind_maxima(results: list[CaseResult]) -> dict[str, dict[str, dict[str, tuple[float, str]]]]:
+    """family -> statistic -> kind -> (clean maximum, where) over the clean isolated results of correct
+    deployments (exact-baseline taps out); ``PREFILL_ONLY`` statistics in prefill only."""
+    policy = CalibratedPolicy()
+    out: dict[str, dict[str, dict[str, tuple[float, str]]]] = {f: {s: {} for s in KIND_STATS} for f in KIND_FAMILIES}
+    for res in results:
+        if (res.case.fault != CLEAN or res.case.shape or res.expected is not None or res.error
+                or res.case.mode != "isolated"):
+            continue
+        for phase, tap, kind, metrics, _passed in res.taps:
+            if metrics["baseline_rel_fro"] == 0.0:
+                continue
+            decode = phase.startswith("decode")
+            fam = out["isolated_decode_kind" if decode else "isolated_kind"]
+            for stat, name in KIND_STATS.items():
+                if stat in PREFILL_ONLY and decode:
+                    continue
+                if name is None:
+                    value = policy.statistics(metrics, phase, "isolated")["r"]
+                elif stat == "lean" and name in metrics:
+                    value = abs(metrics["ulp_bias"]) - abs(metrics["baseline_ulp_bias"])
+                elif name in metrics:
+                    value = abs(metrics[name])
+                else:
+                    continue
+                best = fam[stat].get(kind)
+                if best is None or not value <= best[0]:
+                    fam[stat][kind] = (value, f"{res.case.id} {phase}/{tap}")
+    return out
+
+
+def derive_kind_limits(maxima: dict, margin: float = 1.5) -> dict[str, dict[str, dict[str, float]]]:
+    """policies.KIND_LIMITS from ``kind_maxima``: margin x the clean maximum per (family, statistic,
+    kind), rounded up (0.25, lean 0.05), a lean never below 0.25 ULP."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for fam, stats in maxima.items():
+        for stat, kinds in stats.items():
+            step, floor = KIND_STEP.get(stat, 0.25), KIND_FLOOR.get(stat, 0.0)
+            limits = {k: max(floor, _round_up(margin * v, step)) for k, (v, _w) in sorted(kinds.items())
+                      if math.isfinite(v)}
+            if limits:
+                out.setdefault(fam, {})[stat] = limits
+    return out

@@ -215,7 +215,7 @@ def perturbed_tap_cases(model: str, taps: dict[str, dict[str, np.ndarray]], *, p
             for name in names:
                 m = bug_shapes.get(name).reference if magnitude is None else magnitude(name)
                 dut = bug_shapes.perturb(value, ctx, name, m, seed)
-                result = judge_tap(policies, phase, tap, parse(tap).kind, dut, gold, base, "isolated")
+                result = judge_tap(policies, phase, tap, parse(tap).kind, dut, gold, base, "isolated", spec.head_dim)
                 hint = None
                 if not result.passed:
                     first = FirstFailure(phase=phase, tap=tap, metrics=result.metrics)

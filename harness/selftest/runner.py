@@ -64,7 +64,8 @@ class Case:
 # The metrics the calibrated policy's statistics are computed from (CalibratedPolicy.statistics).
 CALIBRATION_KEYS = ("rel_fro", "baseline_rel_fro", "ulp_p99", "baseline_ulp_p99", "r_bias", "bias_t",
                     "baseline_bias_t", "bias_lean_ulp", "r_ulp", "ulp_rms", "baseline_ulp_rms", "r_bias_drift",
-                    "drift_bias_t", "drift_baseline_bias_t", "drift_bias_lean_ulp", "drift_lean_floor_ulp")
+                    "drift_bias_t", "drift_baseline_bias_t", "drift_bias_lean_ulp", "drift_lean_floor_ulp",
+                    "row_r", "gain_free_r", "head_r", "head_gain_free_r", "row_gain_free_r", "ulp_bias", "baseline_ulp_bias")
 
 
 @dataclass
@@ -177,7 +178,7 @@ def run_case(case: Case, *, golden_dir: str | Path | None = None, decode_steps: 
         kind = parse(r.tap).kind
         if keep_taps and r.metrics:
             m = r.metrics
-            out.taps.append((r.phase, r.tap, kind, {k: m[k] for k in CALIBRATION_KEYS}, r.passed))
+            out.taps.append((r.phase, r.tap, kind, {k: m[k] for k in CALIBRATION_KEYS if k in m}, r.passed))
         if r.judgement is None:  # a contract problem (shape, dtype): a failure whatever the policy
             for name in CLASSIC:
                 judged[name].append(r)

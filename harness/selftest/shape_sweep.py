@@ -147,7 +147,7 @@ def sweep_host(host, model: str, seed: int, steps: int, golden_dir, policy, shap
                         shape = bug_shapes.get(name)
                         for m in shape.magnitudes:
                             dut = bug_shapes.perturb(host_value, ctx, name, m, seed)
-                            r = judge_tap(policies, phase, tap, kind, dut, g, base, mode)
+                            r = judge_tap(policies, phase, tap, kind, dut, g, base, mode, spec.head_dim)
                             c = counts[f"{mode}|{name}|{m!r}|{kind}|{pk}"]
                             c[0] += 1
                             if not r.passed:
