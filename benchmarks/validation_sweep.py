@@ -84,6 +84,18 @@ class _LeanRecorder:
         return self.deployment.decode(token_id, self._wrap(tap))
 
 
+def _closest_limit(judgement: dict) -> tuple[str | None, float | None]:
+    """The judged statistic nearest its limit (value / limit, over 1 when it failed): a passing tap's
+    headroom, whatever statistics the policy judges."""
+    limits = judgement.get("thresholds") or {}
+    ratios = {k: v / limits[f"{k}_max"] for k, v in (judgement.get("measured") or {}).items()
+              if isinstance(v, (int, float)) and limits.get(f"{k}_max")}
+    if not ratios:
+        return None, None
+    stat = max(ratios, key=ratios.get)
+    return stat, round(ratios[stat], 4)
+
+
 def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: int, golden_dir) -> list[dict]:
     import harness
     from harness.compare.policies import CalibratedPolicy
@@ -113,6 +125,7 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
         m = r.metrics or {}
         stats = policy.statistics(m, r.phase, mode) if m else {}
         reasons = (r.judgement or {}).get("reasons", [])
+        worst_stat, worst_ratio = _closest_limit(r.judgement or {})
         lean, base_lean = leans.get((r.phase, r.tap), (None, None))
         lines.append({**head, "phase": r.phase, "tap": r.tap, "kind": tapspec.parse(r.tap).kind,
                       "R": stats.get("r"), "r_tail": stats.get("r_tail"), "r_bias": stats.get("r_bias"),
@@ -121,6 +134,7 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
                       **{k: m.get(k) for k in METRIC_KEYS}, "passed": r.passed,
                       "failed_on": [x.split(" ", 1)[0] for x in reasons],
                       "over": [x.split(":", 1)[0] for x in reasons],  # "r_bias 4.84 > max 4.5"
+                      "worst_stat": worst_stat, "worst_ratio": worst_ratio,  # the statistic nearest its limit
                       "row_lean_ulp": lean, "baseline_row_lean_ulp": base_lean,
                       "check_passed": v.passed, "first_failure": first, "elapsed_s": elapsed})
     return [{k: _finite(x) for k, x in line.items()} for line in lines]
@@ -163,15 +177,19 @@ def _job(args: tuple) -> list[dict]:
 
 
 def classify(first_line: dict) -> str:
-    """Why a check failed first: 'r_bias tiny lean', 'r_bias' or 'R/r_tail' (or 'error')."""
+    """Why a check failed first: 'R/r_tail' when R or r_tail failed; else 'r_bias tiny lean' or 'r_bias'
+    when r_bias did (with or without the isolated per-kind structure statistics); else 'structure' (a
+    per-kind statistic alone: row_r, head_r, lean, ...); or 'error'."""
     if "error" in first_line:
         return "error"
     failed = set(first_line.get("failed_on") or [])
-    if failed and failed <= {"r_bias"}:
+    if failed & {"R", "r_tail"}:
+        return "R/r_tail"
+    if "r_bias" in failed:
         lean = first_line.get("row_lean_ulp")
         tiny = isinstance(lean, (int, float)) and abs(lean) < TINY_LEAN_ULP
         return "r_bias tiny lean" if tiny else "r_bias"
-    return "R/r_tail"
+    return "structure" if failed else "R/r_tail"
 
 
 def false_alarm_table(lines: list[dict]) -> list[str]:
@@ -196,12 +214,12 @@ def false_alarm_table(lines: list[dict]) -> list[str]:
             row["causes"][classify(first)] += 1
             row["taps"][f"{first.get('phase', '?')} {first.get('kind', first.get('error', '?'))}"] += 1
     out = [f"{'member':26s} {'mode':10s} {'checks':>6s} {'false alarms':>12s}  {'r_bias tiny lean':>16s} "
-           f"{'r_bias':>6s} {'R/r_tail':>8s} {'error':>5s}  most common first failure"]
+           f"{'r_bias':>6s} {'R/r_tail':>8s} {'structure':>9s} {'error':>5s}  most common first failure"]
     for (member, mode), row in sorted(rows.items()):
         c = row["causes"]
         common = max(row["taps"].items(), key=lambda kv: kv[1])[0] if row["taps"] else "-"
         out.append(f"{member:26s} {mode:10s} {row['checks']:6d} {row['fails']:5d} ({row['fails'] / row['checks']:5.1%})  "
-                   f"{c['r_bias tiny lean']:16d} {c['r_bias']:6d} {c['R/r_tail']:8d} {c['error']:5d}  {common}")
+                   f"{c['r_bias tiny lean']:16d} {c['r_bias']:6d} {c['R/r_tail']:8d} {c['structure']:9d} {c['error']:5d}  {common}")
     return out
 
 

@@ -253,6 +253,9 @@ def test_sweep_lines_carry_the_policy_statistics_and_the_lean(golden_root):
     assert {"R", "r_tail", "r_bias", "bias_t", "baseline_bias_t", "ulp_bias", "rel_fro", "baseline_rel_fro",
             "ulp_p99", "baseline_ulp_p99", "passed"} <= set(first)
     assert sweep.classify(first) == "r_bias"
+    assert first["worst_stat"] == "r_bias" and first["worst_ratio"] > 1  # failed: over its limit
+    assert all(x["worst_ratio"] <= 1 for x in lines if x["passed"] and x["worst_ratio"] is not None)
+    assert any(x["over"] and x["over"][0].startswith("r_bias") for x in lines)
     table = sweep.false_alarm_table(lines)
     assert "numpy-bf16-rmsnorm-stats" in table[1] and "1 (100.0%)" in table[1]
 
@@ -264,6 +267,8 @@ def test_row_lean_measures_a_scaling_in_ulps():
     assert abs(sweep.row_lean_ulp(g + 2.0 ** -9, g) - 0.25) < 1e-9
     assert sweep.classify({"failed_on": ["r_bias"], "row_lean_ulp": 1e-5}) == "r_bias tiny lean"
     assert sweep.classify({"failed_on": ["R", "r_bias"], "row_lean_ulp": 1e-5}) == "R/r_tail"
+    assert sweep.classify({"failed_on": ["r_bias", "row_r"], "row_lean_ulp": 0.9}) == "r_bias"
+    assert sweep.classify({"failed_on": ["head_r"]}) == "structure"
 
 
 def test_bf16_weights_are_rounded_once_and_only_when_needed():
