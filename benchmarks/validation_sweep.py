@@ -8,7 +8,7 @@ verdict and the check's, and for failing taps the worst row's lean in ULPs (``ro
 baseline's ``baseline_row_lean_ulp``): the size of what r_bias found significant. A check that cannot run writes one line with ``error``. Then it prints the
 false-alarm table per member x mode: every failing check is a false alarm (the members are correct),
 split by what failed first: r_bias alone with a row lean under 0.1 ULP, r_bias alone with a larger lean,
-or R / r_tail. docs/validation.md describes the members and quotes the figures.
+or R / r_tail, or per-kind statistics of isolated mode alone. docs/validation.md describes the members and quotes the figures.
 
     .venv/bin/python benchmarks/validation_sweep.py [--members all|calibration|heldout|NAME,...]
         [--models all|ID,...] [--seeds 0-1] [--modes both] [--scale tiny|full] [--decode-steps 4]
@@ -177,19 +177,22 @@ def _job(args: tuple) -> list[dict]:
 
 
 def classify(first_line: dict) -> str:
-    """Why a check failed first: 'R/r_tail' when R or r_tail failed; else 'r_bias tiny lean' or 'r_bias'
-    when r_bias did (with or without the isolated per-kind structure statistics); else 'structure' (a
-    per-kind statistic alone: row_r, head_r, lean, ...); or 'error'."""
+    """Why a check failed first: 'r_bias tiny lean', 'r_bias' (with or without per-kind statistics of
+    isolated mode: a row-scale error shows on both), 'per-kind' (only per-kind statistics, policies.
+    KIND_LIMITS) or 'R/r_tail' (or 'error')."""
+    from harness.compare.policies import STRUCTURE_REASONS
+
     if "error" in first_line:
         return "error"
     failed = set(first_line.get("failed_on") or [])
-    if failed & {"R", "r_tail"}:
-        return "R/r_tail"
-    if "r_bias" in failed:
+    if failed and failed <= set(STRUCTURE_REASONS):
+        return "per-kind"
+    failed -= set(STRUCTURE_REASONS)
+    if failed and failed <= {"r_bias"}:
         lean = first_line.get("row_lean_ulp")
         tiny = isinstance(lean, (int, float)) and abs(lean) < TINY_LEAN_ULP
         return "r_bias tiny lean" if tiny else "r_bias"
-    return "structure" if failed else "R/r_tail"
+    return "R/r_tail"
 
 
 def false_alarm_table(lines: list[dict]) -> list[str]:
@@ -214,12 +217,13 @@ def false_alarm_table(lines: list[dict]) -> list[str]:
             row["causes"][classify(first)] += 1
             row["taps"][f"{first.get('phase', '?')} {first.get('kind', first.get('error', '?'))}"] += 1
     out = [f"{'member':26s} {'mode':10s} {'checks':>6s} {'false alarms':>12s}  {'r_bias tiny lean':>16s} "
-           f"{'r_bias':>6s} {'R/r_tail':>8s} {'structure':>9s} {'error':>5s}  most common first failure"]
+           f"{'r_bias':>6s} {'R/r_tail':>8s} {'per-kind':>8s} {'error':>5s}  most common first failure"]
     for (member, mode), row in sorted(rows.items()):
         c = row["causes"]
         common = max(row["taps"].items(), key=lambda kv: kv[1])[0] if row["taps"] else "-"
         out.append(f"{member:26s} {mode:10s} {row['checks']:6d} {row['fails']:5d} ({row['fails'] / row['checks']:5.1%})  "
-                   f"{c['r_bias tiny lean']:16d} {c['r_bias']:6d} {c['R/r_tail']:8d} {c['structure']:9d} {c['error']:5d}  {common}")
+                   f"{c['r_bias tiny lean']:16d} {c['r_bias']:6d} {c['R/r_tail']:8d} {c['per-kind']:8d} {c['error']:5d}  "
+                   f"{common}")
     return out
 
 

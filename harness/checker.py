@@ -146,7 +146,7 @@ class TapJudge:
 def judge_tap(policies, phase: str, name: str, kind: str, dut, golden, base, mode: str = "cumulative",
               head_dim: int = 0) -> TapResult:
     """Metrics plus the policy's judgement of one tap; ``head_dim`` (the model's) gives the tap its
-    per-block statistics: a head's slice on head-structured taps (taps.HEAD_KINDS), an aligned block
+    per-block statistics: a head's slice on head-structured taps (q, k, v, their norms and RoPE, attn), an aligned block
     of as many columns (a GEMM output tile) on the others."""
     from harness.compare.metrics import tap_metrics
 

@@ -268,7 +268,7 @@ def test_row_lean_measures_a_scaling_in_ulps():
     assert sweep.classify({"failed_on": ["r_bias"], "row_lean_ulp": 1e-5}) == "r_bias tiny lean"
     assert sweep.classify({"failed_on": ["R", "r_bias"], "row_lean_ulp": 1e-5}) == "R/r_tail"
     assert sweep.classify({"failed_on": ["r_bias", "row_r"], "row_lean_ulp": 0.9}) == "r_bias"
-    assert sweep.classify({"failed_on": ["head_r"]}) == "structure"
+    assert sweep.classify({"failed_on": ["head_r"]}) == "per-kind"
 
 
 def test_bf16_weights_are_rounded_once_and_only_when_needed():
@@ -316,3 +316,10 @@ def test_sweep_markdown_table_states_each_modes_first_failure():
     table = sweep.markdown_table(lines)
     assert table[0] == "| member | a | b |"
     assert table[2] == "| m | pass | cum. fail: prefill `logits` r_bias 4.84 > max 4.5<br>iso. pass |"
+
+
+def test_classify_names_per_kind_failures():
+    sweep = _sweep_module()
+    assert sweep.classify({"failed_on": ["row_r"]}) == "per-kind"
+    assert sweep.classify({"failed_on": ["r_bias", "row_r"], "row_lean_ulp": 0.6}) == "r_bias"
+    assert sweep.classify({"failed_on": ["R", "head_r"]}) == "R/r_tail"

@@ -18,8 +18,6 @@ LAYER_KINDS: tuple[str, ...] = (
     "attn_residual", "ffn_norm", "gate", "up", "act", "down", "out",
 )
 QK_NORM_KINDS = ("q_norm", "k_norm")
-# Kinds whose features are heads, flattened head-major (head * head_dim + d)
-HEAD_KINDS = frozenset({"q", "k", "v", "q_norm", "k_norm", "q_rope", "k_rope", "attn"})
 GLOBAL_HEAD = ("embed",)
 GLOBAL_TAIL = ("final_norm", "logits")
 
