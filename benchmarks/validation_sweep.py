@@ -13,10 +13,11 @@ or R / r_tail, or per-kind statistics of isolated mode alone. docs/validation.md
     .venv/bin/python benchmarks/validation_sweep.py [--members all|calibration|heldout|NAME,...]
         [--models all|ID,...] [--seeds 0-1] [--modes both] [--scale tiny|full] [--decode-steps 4]
         [--imprecise] [--jobs 2] [--out reports/validation_sweep.jsonl] [--golden-dir DIR]
-    .venv/bin/python benchmarks/validation_sweep.py --from-jsonl FILE...   # the table of earlier runs
+    .venv/bin/python benchmarks/validation_sweep.py --from-jsonl FILE... [--markdown]   # earlier runs' table
 
 ``--scale full`` runs one seed (the first) in one worker: a full-scale golden set of a 1.7B model and
-its weights take several GB. One job is one (model, seed), so no two workers build the same golden.
+its weights take several GB; the golden set is built in a child process first, so the build's peak
+is returned before the checks load the weights. One job is one (model, seed), so no two workers build the same golden.
 """
 from __future__ import annotations
 
@@ -83,6 +84,18 @@ class _LeanRecorder:
         return self.deployment.decode(token_id, self._wrap(tap))
 
 
+def _closest_limit(judgement: dict) -> tuple[str | None, float | None]:
+    """The judged statistic nearest its limit (value / limit, over 1 when it failed): a passing tap's
+    headroom, whatever statistics the policy judges."""
+    limits = judgement.get("thresholds") or {}
+    ratios = {k: v / limits[f"{k}_max"] for k, v in (judgement.get("measured") or {}).items()
+              if isinstance(v, (int, float)) and limits.get(f"{k}_max")}
+    if not ratios:
+        return None, None
+    stat = max(ratios, key=ratios.get)
+    return stat, round(ratios[stat], 4)
+
+
 def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: int, golden_dir) -> list[dict]:
     import harness
     from harness.compare.policies import CalibratedPolicy
@@ -112,6 +125,7 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
         m = r.metrics or {}
         stats = policy.statistics(m, r.phase, mode) if m else {}
         reasons = (r.judgement or {}).get("reasons", [])
+        worst_stat, worst_ratio = _closest_limit(r.judgement or {})
         lean, base_lean = leans.get((r.phase, r.tap), (None, None))
         lines.append({**head, "phase": r.phase, "tap": r.tap, "kind": tapspec.parse(r.tap).kind,
                       "R": stats.get("r"), "r_tail": stats.get("r_tail"), "r_bias": stats.get("r_bias"),
@@ -119,9 +133,28 @@ def _check_lines(member, model: str, seed: int, mode: str, scale: str, steps: in
                       **{f"stat_{k}": v for k, v in stats.items() if k not in ("r", "r_tail", "r_bias")},
                       **{k: m.get(k) for k in METRIC_KEYS}, "passed": r.passed,
                       "failed_on": [x.split(" ", 1)[0] for x in reasons],
+                      "over": [x.split(":", 1)[0] for x in reasons],  # "r_bias 4.84 > max 4.5"
+                      "worst_stat": worst_stat, "worst_ratio": worst_ratio,  # the statistic nearest its limit
                       "row_lean_ulp": lean, "baseline_row_lean_ulp": base_lean,
                       "check_passed": v.passed, "first_failure": first, "elapsed_s": elapsed})
     return [{k: _finite(x) for k, x in line.items()} for line in lines]
+
+
+def _build_golden_apart(model: str, seed: int, scale: str, steps: int, golden_dir, local: bool) -> str | None:
+    """Build (or reuse) the golden set and its local baseline in a child process: a full-scale build
+    peaks at ~15 GB at 1.7B, which this process would keep while the checks load the weights again
+    (the OOM killer took a qwen3-1.7b sweep at 19.9 GB). Returns the error of a failed build, or None."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "harness", "golden", "build", "--model", model, "--scale", scale,
+           "--seed", str(seed), "--decode-steps", str(steps)]
+    cmd += ["--local"] if local else []
+    cmd += ["--golden-dir", str(golden_dir)] if golden_dir else []
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return f"golden build exited {done.returncode}: {lines[-1] if lines else ''}"
+    return None
 
 
 def _job(args: tuple) -> list[dict]:
@@ -131,6 +164,11 @@ def _job(args: tuple) -> list[dict]:
 
     use_one_thread()
     model, seed, names, modes, scale, steps, golden_dir = args
+    if scale == "full":
+        error = _build_golden_apart(model, seed, scale, steps, golden_dir, "isolated" in modes)
+        if error:
+            return [{"member": n, "model": model, "scale": scale, "seed": seed, "mode": m, "error": error}
+                    for n in names for m in modes]
     out = []
     for name in names:
         for mode in modes:
@@ -189,6 +227,42 @@ def false_alarm_table(lines: list[dict]) -> list[str]:
     return out
 
 
+def _verdicts(lines: list[dict]) -> dict[tuple, str]:
+    """(member, model, mode) -> "pass", "fail: <phase> <tap> <what exceeded>" or "error: ..." (seeds
+    pooled: the first failing check of any seed)."""
+    out: dict[tuple, str] = {}
+    for line in lines:
+        key = (line["member"], line["model"], line["mode"])
+        if "error" in line:
+            out[key] = f"error: {line['error'][:80]}"
+        elif not line["check_passed"] and f"{line['phase']}/{line['tap']}" == line["first_failure"]:
+            what = ", ".join(line.get("over") or [f"{m} {line[m]:.3g}" for m in line.get("failed_on") or []
+                                                  if isinstance(line.get(m), (int, float))])
+            out[key] = f"fail: {line['phase']} `{line['tap']}` {what}"
+        else:
+            out.setdefault(key, "pass" if line["check_passed"] else "fail")
+    return out
+
+
+def markdown_table(lines: list[dict]) -> list[str]:
+    """One row per member, one column per model; a cell is "pass" when both modes pass, else each
+    mode's verdict (the docs' full-scale table)."""
+    verdicts = _verdicts(lines)
+    members = list(dict.fromkeys(m for m, _, _ in verdicts))
+    models = list(dict.fromkeys(m for _, m, _ in verdicts))
+    out = ["| member | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for member in members:
+        cells = []
+        for model in models:
+            modes = {mode: verdicts.get((member, model, mode), "-") for mode in ("cumulative", "isolated")}
+            if all(v == "pass" for v in modes.values()):
+                cells.append("pass")
+            else:
+                cells.append("<br>".join(f"{mode[:3]}. {v}" for mode, v in modes.items()))
+        out.append(f"| {member} | " + " | ".join(cells) + " |")
+    return out
+
+
 def _seeds(text: str) -> list[int]:
     lo, sep, hi = text.partition("-")
     return list(range(int(lo), int(hi) + 1)) if sep else [int(s) for s in text.split(",")]
@@ -221,10 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="reports/validation_sweep.jsonl", help="JSON lines output file.")
     p.add_argument("--golden-dir", default=None, help="Golden store. Default: the project's golden/.")
     p.add_argument("--from-jsonl", nargs="+", metavar="FILE", help="Print the table of earlier runs' lines; run nothing.")
+    p.add_argument("--markdown", action="store_true",
+                   help="With --from-jsonl: the member x model verdict table in Markdown (docs/validation.md).")
     args = p.parse_args(argv)
     if args.from_jsonl:
         lines = [json.loads(row) for name in args.from_jsonl for row in Path(name).read_text().splitlines() if row]
-        for row in false_alarm_table(lines):
+        for row in (markdown_table if args.markdown else false_alarm_table)(lines):
             print(row)
         return 0
     try:

@@ -253,6 +253,9 @@ def test_sweep_lines_carry_the_policy_statistics_and_the_lean(golden_root):
     assert {"R", "r_tail", "r_bias", "bias_t", "baseline_bias_t", "ulp_bias", "rel_fro", "baseline_rel_fro",
             "ulp_p99", "baseline_ulp_p99", "passed"} <= set(first)
     assert sweep.classify(first) == "r_bias"
+    assert first["worst_stat"] == "r_bias" and first["worst_ratio"] > 1  # failed: over its limit
+    assert all(x["worst_ratio"] <= 1 for x in lines if x["passed"] and x["worst_ratio"] is not None)
+    assert any(x["over"] and x["over"][0].startswith("r_bias") for x in lines)
     table = sweep.false_alarm_table(lines)
     assert "numpy-bf16-rmsnorm-stats" in table[1] and "1 (100.0%)" in table[1]
 
@@ -264,6 +267,8 @@ def test_row_lean_measures_a_scaling_in_ulps():
     assert abs(sweep.row_lean_ulp(g + 2.0 ** -9, g) - 0.25) < 1e-9
     assert sweep.classify({"failed_on": ["r_bias"], "row_lean_ulp": 1e-5}) == "r_bias tiny lean"
     assert sweep.classify({"failed_on": ["R", "r_bias"], "row_lean_ulp": 1e-5}) == "R/r_tail"
+    assert sweep.classify({"failed_on": ["r_bias", "row_r"], "row_lean_ulp": 0.9}) == "r_bias"
+    assert sweep.classify({"failed_on": ["head_r"]}) == "per-kind"
 
 
 def test_bf16_weights_are_rounded_once_and_only_when_needed():
@@ -283,6 +288,34 @@ def test_factories_pickle_by_reference(name):
     factory = ALL[name].factory
     again = pickle.loads(pickle.dumps(factory))
     assert again == factory and again.name == name
+
+
+def test_fused_member_holds_no_concatenated_weights():
+    """numpy-fused concatenates q/k/v and gate/up per GEMM and drops the copy: holding it for every
+    layer would add half the model's weights (3.7 GB at 1.7B). Its layers keep only the caller's
+    (bf16-representable) arrays, and the fused product equals the separate ones'."""
+    spec, weights = _read_only_weights("qwen2.5-0.5b")
+    rounded = {k: round_bf16(v) for k, v in weights.items()}  # bf16 values: held as is, not copied
+    dep = MEMBERS["numpy-fused"].factory(spec, rounded)
+    matrices = [v for layer in dep.layers for v in vars(layer).values() if isinstance(v, np.ndarray) and v.ndim == 2]
+    assert len(matrices) == 7 * spec.num_layers  # q, k, v, o, gate, up, down
+    assert all(any(v is w for w in rounded.values()) for v in matrices)
+    layer, x = dep.layers[0], np.ones((3, spec.hidden_size), np.float32)
+    fused = np.split(x @ layer.qkv().T, layer.qkv_split, axis=1)
+    assert all(np.allclose(f, x @ w.T, rtol=1e-6) for f, w in zip(fused, (layer.q, layer.k, layer.v)))
+
+
+def test_sweep_markdown_table_states_each_modes_first_failure():
+    sweep = _sweep_module()
+    base = {"member": "m", "model": "a", "seed": 0, "check_passed": True, "first_failure": None,
+            "phase": "prefill", "tap": "logits"}
+    lines = [{**base, "mode": "cumulative"}, {**base, "mode": "isolated"},
+             {**base, "model": "b", "mode": "cumulative", "check_passed": False, "passed": False,
+              "first_failure": "prefill/logits", "over": ["r_bias 4.84 > max 4.5"]},
+             {**base, "model": "b", "mode": "isolated"}]
+    table = sweep.markdown_table(lines)
+    assert table[0] == "| member | a | b |"
+    assert table[2] == "| m | pass | cum. fail: prefill `logits` r_bias 4.84 > max 4.5<br>iso. pass |"
 
 
 def test_classify_names_per_kind_failures():
