@@ -1,10 +1,27 @@
 """Shared fixtures of the harness's own tests: one golden store per test session, a module of broken deployments."""
 from __future__ import annotations
 
+import importlib.util
 import textwrap
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def load_file():
+    """Import a Python file as a module by its path from the repository root (a benchmarks/ script, or
+    another test file's helpers): --import-mode=importlib leaves tests no sibling imports."""
+    def load(relative: str):
+        path = REPO / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -1,23 +1,15 @@
 """benchmarks/bench_scale.py plumbing: the process tree's peak memory, the commands it runs, the table."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
+
+SCRIPT = "benchmarks/bench_scale.py"
 
 
-def _bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
-    spec = importlib.util.spec_from_file_location("bench_scale", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_peak_memory_counts_the_child_processes() -> None:
+def test_peak_memory_counts_the_child_processes(load_file) -> None:
     """A parent holding ~100 MB that starts a child holding ~100 MB peaks at their sum, not at either."""
-    bench = _bench()
+    bench = load_file(SCRIPT)
     hold = "import numpy, time; a = numpy.ones(13_000_000); time.sleep({})"
     code = (f"import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', {hold.format(1.0)!r}]); "
             f"exec({hold.format(0)!r}); c.wait()")
@@ -25,8 +17,8 @@ def test_peak_memory_counts_the_child_processes() -> None:
     assert out["exit"] == 0 and out["peak_gb"] >= 0.19, out
 
 
-def test_commands_options_and_table(tmp_path, monkeypatch, capsys) -> None:
-    bench = _bench()
+def test_commands_options_and_table(load_file, tmp_path, monkeypatch, capsys) -> None:
+    bench = load_file(SCRIPT)
     calls: list[list[str]] = []
 
     def fake_run(cmd, timeout, log=None):
@@ -52,8 +44,8 @@ def test_commands_options_and_table(tmp_path, monkeypatch, capsys) -> None:
     assert "model | tokens | build GB" in printed and "llama-3.2-1b | 2048 | 3.25 | 12.5 | 1.25 | 3.25 | 12.5 | 0" in printed
 
 
-def test_plain_forwards_skipped_when_they_would_not_fit(tmp_path, monkeypatch) -> None:
-    bench = _bench()
+def test_plain_forwards_skipped_when_they_would_not_fit(load_file, tmp_path, monkeypatch) -> None:
+    bench = load_file(SCRIPT)
     monkeypatch.setattr(bench, "run_measured", lambda cmd, timeout, log=None: {"seconds": 1.0, "peak_gb": 1.0, "exit": 0})
     monkeypatch.setattr(bench, "plain_seconds", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     rows = bench.main(["--models", "qwen3-4b", "--prompt-lens", "128", "--plain-max-gb", "12",

@@ -202,19 +202,8 @@ def test_inject_passes_the_other_taps_through_unchanged():
     assert dep.applied == 1
 
 
-def _sweep_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bug_shape_sweep.py"
-    spec = importlib.util.spec_from_file_location("bug_shape_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_sweep_detects_gross_shapes_on_every_tap_and_rerenders(golden_root, tmp_path, capsys):
-    sweep = _sweep_module()
+def test_sweep_detects_gross_shapes_on_every_tap_and_rerenders(load_file, golden_root, tmp_path, capsys):
+    sweep = load_file("benchmarks/bug_shape_sweep.py")
     out = tmp_path / "out"
     rc = sweep.main(["--models", "qwen3-0.6b", "--seeds", "0", "--host", "replay-fp32", "--modes", "isolated",
                      "--shapes", "sign,stale,sparse", "--decode-steps", "2", "--jobs", "1",

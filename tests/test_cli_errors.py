@@ -159,12 +159,8 @@ def test_gate_report_path_checked_before_the_run(a_file: Path, tmp_path: Path, o
     _refused(["gate", "-m", MODEL, "--golden-dir", str(root), option, str(tmp_path)], option, "is a directory")
 
 
-def test_perf_compare_json_path_checked_first(a_file: Path, tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("perf_cli_helpers", Path(__file__).with_name("test_perf_cli.py"))
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
+def test_perf_compare_json_path_checked_first(load_file, a_file: Path, tmp_path: Path) -> None:
+    helpers = load_file("tests/test_perf_cli.py")
     base, cand = helpers.bench_json(tmp_path / "b.json", 1.0, 0), helpers.bench_json(tmp_path / "c.json", 1.15, 1)
     _refused(["perf", "compare", base, cand, "--json", str(a_file / "out.json")], "--json", "cannot write")
 
@@ -195,13 +191,9 @@ def test_uncaught_exception_is_one_line_exit_3(monkeypatch: pytest.MonkeyPatch) 
     _refused(["list"], "out of memory")
 
 
-def test_only_a_measured_regression_exits_2(tmp_path: Path) -> None:
+def test_only_a_measured_regression_exits_2(load_file, tmp_path: Path) -> None:
     """Exit 2 is reserved: the probes above never give it; a measured slowdown does."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("perf_cli_helpers", Path(__file__).with_name("test_perf_cli.py"))
-    helpers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(helpers)
+    helpers = load_file("tests/test_perf_cli.py")
     base = helpers.bench_json(tmp_path / "b.json", 1.0, 0)
     slow = helpers.bench_json(tmp_path / "c.json", 1.15, 1)
     same = helpers.bench_json(tmp_path / "d.json", 1.0, 2)

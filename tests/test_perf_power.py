@@ -1,23 +1,13 @@
 """Smoke test of benchmarks/perf_gate_power.py: it runs, and its rows mean what the table says."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "perf_gate_power.py"
+SCRIPT = "benchmarks/perf_gate_power.py"
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("perf_gate_power", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_power_table_runs_and_our_rule_is_quieter_than_the_mean_rule():
-    bench = load()
+def test_power_table_runs_and_our_rule_is_quieter_than_the_mean_rule(load_file):
+    bench = load_file(SCRIPT)
     rows = bench.table(trials=40, seed=3)
     assert {r[0] for r in rows} == set(bench.RULES) and len(rows) == len(bench.RULES) * len(bench.CVS)
     assert all(0.0 <= p <= 1.0 and 0.0 <= a <= 1.0 for _, _, p, a in rows)
@@ -28,8 +18,8 @@ def test_power_table_runs_and_our_rule_is_quieter_than_the_mean_rule():
     assert alarms_ours < alarms_mean
 
 
-def test_synthetic_series_have_the_requested_noise():
-    bench = load()
+def test_synthetic_series_have_the_requested_noise(load_file):
+    bench = load_file(SCRIPT)
     rng = np.random.default_rng(0)
     x = np.concatenate([bench.draw(rng, 0.05, 1.0) for _ in range(2000)])
     clean = x[x < 1.25]  # drop the injected outliers

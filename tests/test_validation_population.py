@@ -229,20 +229,13 @@ def test_members_run_by_short_name_and_harness_list_shows_them(golden_root):
     assert res.exit_code == 0 and all(name in res.output for name in ALL), res.output
 
 
-def _sweep_module():
-    import importlib.util
-
-    path = PACKAGE.parents[2] / "benchmarks" / "validation_sweep.py"
-    spec = importlib.util.spec_from_file_location("validation_sweep", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+SWEEP = "benchmarks/validation_sweep.py"
 
 
-def test_sweep_lines_carry_the_policy_statistics_and_the_lean(golden_root):
+def test_sweep_lines_carry_the_policy_statistics_and_the_lean(load_file, golden_root):
     """One JSON-ready line per tap with R / r_tail / r_bias as the policy computes them; a failing tap
     also carries the worst row's lean in ULPs, which separates a sub-ULP lean from a real one."""
-    sweep = _sweep_module()
+    sweep = load_file(SWEEP)
     spec = harness.models.get("qwen3-0.6b", "tiny")
     lines = sweep._check_lines(IMPRECISE["numpy-bf16-rmsnorm-stats"], "qwen3-0.6b", 0, "isolated", "tiny", STEPS,
                                golden_root)
@@ -260,8 +253,8 @@ def test_sweep_lines_carry_the_policy_statistics_and_the_lean(golden_root):
     assert "numpy-bf16-rmsnorm-stats" in table[1] and "1 (100.0%)" in table[1]
 
 
-def test_row_lean_measures_a_scaling_in_ulps():
-    sweep = _sweep_module()
+def test_row_lean_measures_a_scaling_in_ulps(load_file):
+    sweep = load_file(SWEEP)
     g = np.linspace(1.0, 1.9, 64, dtype=np.float32)[None, :]  # one binade: one ULP is 2^-7
     assert sweep.row_lean_ulp(g, g) == 0.0
     assert abs(sweep.row_lean_ulp(g + 2.0 ** -9, g) - 0.25) < 1e-9
@@ -305,8 +298,8 @@ def test_fused_member_holds_no_concatenated_weights():
     assert all(np.allclose(f, x @ w.T, rtol=1e-6) for f, w in zip(fused, (layer.q, layer.k, layer.v)))
 
 
-def test_sweep_markdown_table_states_each_modes_first_failure():
-    sweep = _sweep_module()
+def test_sweep_markdown_table_states_each_modes_first_failure(load_file):
+    sweep = load_file(SWEEP)
     base = {"member": "m", "model": "a", "seed": 0, "check_passed": True, "first_failure": None,
             "phase": "prefill", "tap": "logits"}
     lines = [{**base, "mode": "cumulative"}, {**base, "mode": "isolated"},
@@ -318,8 +311,8 @@ def test_sweep_markdown_table_states_each_modes_first_failure():
     assert table[2] == "| m | pass | cum. fail: prefill `logits` r_bias 4.84 > max 4.5<br>iso. pass |"
 
 
-def test_classify_names_per_kind_failures():
-    sweep = _sweep_module()
+def test_classify_names_per_kind_failures(load_file):
+    sweep = load_file(SWEEP)
     assert sweep.classify({"failed_on": ["row_r"]}) == "per-kind"
     assert sweep.classify({"failed_on": ["r_bias", "row_r"], "row_lean_ulp": 0.6}) == "r_bias"
     assert sweep.classify({"failed_on": ["R", "head_r"]}) == "R/r_tail"
