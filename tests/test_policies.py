@@ -431,3 +431,62 @@ def test_structure_statistics_are_nan_safe() -> None:
     m = tap_metrics(d, g, b, block=32)
     assert all(np.isnan(m[k]) for k in ("row_r", "gain_free_r", "row_gain_free_r", "head_r", "head_gain_free_r"))
     assert not CalibratedPolicy().judge(d, g, b, m, kind="q", phase="prefill", mode="isolated")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**16), st.sampled_from([(1, 64), (1, 896), (8, 256), (64, 128)]), st.floats(0.0, 1.0))
+def test_median_ratios_never_exceed_one_for_a_dut_more_precise_than_the_baseline(seed: int, shape: tuple[int, int],
+                                                                                 shrink: float) -> None:
+    """Each element at most as far from the golden as the baseline's: every row's and head slice's median
+    error is at most the baseline's, so row_med_r and head_med_r stay <= 1 (the floor only lowers them)."""
+    from harness.compare.metrics import median_metrics
+    rng = np.random.default_rng(seed)
+    _, g, b = _case(seed, shape)
+    frac = rng.uniform(0, shrink, shape)
+    d = (g + (b.astype(np.float64) - g) * frac * rng.choice([-1, 1], shape)).astype(np.float32)
+    d = np.where(np.abs(d.astype(np.float64) - g) <= np.abs(b.astype(np.float64) - g), d, g)   # fp32 rounding
+    m = median_metrics(d, g, b, 32)
+    assert m["row_med_r"] <= 1.0 + 1e-9 and m["head_med_r"] <= 1.0 + 1e-9
+
+
+def test_median_ratios_see_a_whole_slice_and_ignore_a_few_outliers() -> None:
+    """1% random-sign error on one head's slice of one row: that slice's median error is ~4x the
+    baseline's (head_med_r), while the row's median barely moves; a few gross outliers, the kind of
+    error where correct kernels differ (outlier channels), move neither median. Judged in isolated mode
+    only, where the checker computes them (tap_metrics(..., medians=True))."""
+    from harness.compare.metrics import median_metrics
+    rng = np.random.default_rng(7)
+    g = rng.standard_normal((4, 256)).astype(np.float32)
+    b = _bf16(g)
+    d = _bf16(g)
+    d[2, 64:96] = d[2, 64:96] * (1 + 0.01 * rng.choice([-1.0, 1.0], 32)).astype(np.float32)
+    m = median_metrics(d, g, b, 32)
+    assert m["head_med_r"] > 3 and m["row_med_r"] < 1.5
+    outliers = _bf16(g)
+    outliers[1, [3, 77, 200]] *= 1.5
+    calm = median_metrics(outliers, g, b, 32)
+    assert calm["row_med_r"] <= 1.0 + 1e-9 and calm["head_med_r"] < 1.5
+    whole_row = _bf16(g)
+    whole_row[0] = whole_row[0] * (1 + 0.01 * rng.choice([-1.0, 1.0], 256)).astype(np.float32)
+    assert median_metrics(whole_row, g, b, 32)["row_med_r"] > 3
+    assert "row_med_r" in tap_metrics(d, g, b, block=32, medians=True)
+    assert "row_med_r" not in tap_metrics(d, g, b, block=32)
+
+
+def test_median_ratios_are_nan_safe_and_chunked() -> None:
+    """NaN in the dut makes both median ratios NaN; a tap larger than one chunk of rows gives the same
+    values as its rows judged one at a time."""
+    from harness.compare.metrics import median_metrics
+    d, g, b = _case(4, (8, 128))
+    bad = d.copy()
+    bad[2, 70] = np.nan
+    m = median_metrics(bad, g, b, 32)
+    assert np.isnan(m["row_med_r"]) and np.isnan(m["head_med_r"])
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((40, 32768)).astype(np.float32)   # 32 rows per 1M-element chunk: two chunks
+    b = _bf16(g)
+    d = (g * (1 + 0.004 * rng.standard_normal(g.shape))).astype(np.float32)
+    whole = median_metrics(d, g, b, 128)
+    rows = [median_metrics(d[i:i + 1], g[i:i + 1], b[i:i + 1], 128) for i in range(40)]
+    assert whole["row_med_r"] == max(r["row_med_r"] for r in rows)
+    assert whole["head_med_r"] == max(r["head_med_r"] for r in rows)

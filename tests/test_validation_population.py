@@ -246,7 +246,8 @@ def test_sweep_lines_carry_the_policy_statistics_and_the_lean(load_file, golden_
     assert {"R", "r_tail", "r_bias", "bias_t", "baseline_bias_t", "ulp_bias", "rel_fro", "baseline_rel_fro",
             "ulp_p99", "baseline_ulp_p99", "passed"} <= set(first)
     assert sweep.classify(first) == "r_bias"
-    assert first["worst_stat"] == "r_bias" and first["worst_ratio"] > 1  # failed: over its limit
+    # failed: over its limits; a row scaled by the bf16 statistic moves its typical element too (row_med_r)
+    assert first["worst_stat"] in ("r_bias", "row_med_r") and first["worst_ratio"] > 1
     assert all(x["worst_ratio"] <= 1 for x in lines if x["passed"] and x["worst_ratio"] is not None)
     assert any(x["over"] and x["over"][0].startswith("r_bias") for x in lines)
     table = sweep.false_alarm_table(lines)

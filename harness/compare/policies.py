@@ -220,7 +220,7 @@ class CalibratedPolicy(Policy):
     def structure(self, metrics: dict[str, Any], phase: str, mode: str, kind: str = "") -> dict[str, tuple[float, float]]:
         """{statistic: (value, limit)} of the per-kind limits a tap has in isolated mode (``KIND_LIMITS``,
         times ``kind_scale``), for the statistics its metrics hold: kind_r (R against the kind's own
-        limit), row_r, row_gain_free_r, head_r, head_gain_free_r, lean (|ulp_bias| - |baseline_ulp_bias|:
+        limit), row_r, row_gain_free_r, head_r, head_gain_free_r, row_med_r, head_med_r, lean (|ulp_bias| - |baseline_ulp_bias|:
         how much more the whole tap leans along the golden than the baseline, ULP; never positive for a
         dut that leans less than the baseline)."""
         if mode != "isolated":
@@ -279,6 +279,8 @@ KIND_LIMITS: dict[str, dict[str, dict[str, float]]] = {
         "row_gain_free_r": {"act": 3.25, "attn_norm": 2, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 2, "gate": 1.75, "k": 2, "k_norm": 2.5, "k_rope": 2.75, "logits": 1.75, "o": 1.75, "out": 2.25, "q": 1.75, "q_norm": 1.75, "q_rope": 2, "up": 1.75, "v": 1.75},
         "head_r": {"act": 2.75, "attn_norm": 1.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.5, "final_norm": 1.5, "gate": 1.75, "k": 1.75, "k_norm": 1.5, "k_rope": 1.75, "logits": 1.75, "o": 1.75, "out": 1.75, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
         "head_gain_free_r": {"act": 2.5, "attn_norm": 1.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.5, "final_norm": 1.5, "gate": 1.75, "k": 1.75, "k_norm": 1.5, "k_rope": 1.75, "logits": 1.75, "o": 1.75, "out": 1.75, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "row_med_r": {"act": 2.75, "attn_norm": 2, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.75, "final_norm": 1.75, "gate": 1.75, "k": 1.75, "k_norm": 2, "k_rope": 2.25, "logits": 1.75, "o": 1.75, "out": 2, "q": 1.75, "q_norm": 1.75, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "head_med_r": {"act": 7, "attn_norm": 4.5, "attn_residual": 1.5, "down": 2.25, "ffn_norm": 4, "final_norm": 3.5, "gate": 2.5, "k": 2, "k_norm": 2.5, "k_rope": 2.75, "logits": 3, "o": 2, "out": 4.5, "q": 2.25, "q_norm": 2.75, "q_rope": 3.25, "up": 2.75, "v": 1.75},
         "lean": {"act": 0.25, "attn": 0.25, "attn_norm": 0.25, "attn_residual": 0.25, "down": 0.25, "ffn_norm": 0.25, "final_norm": 0.25, "gate": 0.25, "k": 0.25, "k_norm": 0.25, "k_rope": 0.25, "logits": 0.25, "o": 0.25, "out": 0.25, "q": 0.25, "q_norm": 0.25, "q_rope": 0.25, "up": 0.25, "v": 0.25},
     },
     "isolated_decode_kind": {
@@ -286,6 +288,8 @@ KIND_LIMITS: dict[str, dict[str, dict[str, float]]] = {
         "row_gain_free_r": {"act": 2.25, "attn_norm": 1.75, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 2, "final_norm": 1.75, "gate": 1.75, "k": 1.75, "k_norm": 2, "k_rope": 2.5, "logits": 1.75, "o": 1.75, "out": 2, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
         "head_r": {"act": 17, "attn_norm": 5.5, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 5.25, "final_norm": 4.25, "gate": 1.75, "k": 1.75, "k_norm": 2.25, "k_rope": 6, "logits": 1.75, "o": 1.75, "out": 7, "q": 1.75, "q_norm": 3, "q_rope": 3.75, "up": 1.75, "v": 1.75},
         "head_gain_free_r": {"act": 13.75, "attn_norm": 3.75, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 4.5, "final_norm": 4.75, "gate": 1.75, "k": 1.75, "k_norm": 2.25, "k_rope": 3.5, "logits": 1.75, "o": 1.75, "out": 4.25, "q": 1.75, "q_norm": 3, "q_rope": 3.25, "up": 1.75, "v": 1.75},
+        "row_med_r": {"act": 2.5, "attn_norm": 1.75, "attn_residual": 1.5, "down": 1.75, "ffn_norm": 1.75, "final_norm": 1.75, "gate": 1.75, "k": 1.5, "k_norm": 1.75, "k_rope": 1.75, "logits": 1.75, "o": 1.75, "out": 1.75, "q": 1.75, "q_norm": 1.5, "q_rope": 1.75, "up": 1.75, "v": 1.75},
+        "head_med_r": {"act": 6.25, "attn_norm": 3, "attn_residual": 1.5, "down": 2.25, "ffn_norm": 4, "final_norm": 3, "gate": 2.25, "k": 1.75, "k_norm": 2, "k_rope": 2.25, "logits": 1.75, "o": 1.5, "out": 3.75, "q": 1.75, "q_norm": 2.25, "q_rope": 3, "up": 1.75, "v": 1.75},
     },
 }
 
@@ -297,6 +301,10 @@ STRUCTURE_REASONS = {
     "gain_free_r": ": element-wise error beyond the baseline's once each row's (head's) gain is removed",
     "row_gain_free_r": ": one row errs element-wise beyond the baseline's once each head's gain is removed",
     "head_gain_free_r": ": one head errs element-wise beyond the baseline's once each row's gain is removed",
+    "row_med_r": ": one row's typical (median) element errs beyond the bf16 baseline's there: the whole row "
+                 "is off, not a few outliers",
+    "head_med_r": ": one head's slice of a row has its typical (median) element err beyond the bf16 baseline's "
+                  "there: the whole slice is off, not a few outliers",
     "lean": " ULP: the whole tap leans along the golden (mean signed ULP error) more than the bf16 baseline "
             "does: a rounding mode or a scale",
 }

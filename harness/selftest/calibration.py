@@ -156,7 +156,8 @@ def rejudge(results: list[CaseResult], thresholds: dict[str, float]) -> list[Cas
 # the step its limit is rounded up to; a lean limit is never below the lean floor (no sub-quarter-ULP
 # lean may fail a tap, however consistent).
 KIND_STATS = {"kind_r": None, "row_r": "row_r", "row_gain_free_r": "row_gain_free_r", "head_r": "head_r",
-              "head_gain_free_r": "head_gain_free_r", "lean": "ulp_bias"}
+              "head_gain_free_r": "head_gain_free_r", "row_med_r": "row_med_r", "head_med_r": "head_med_r",
+              "lean": "ulp_bias"}
 # (gain_free_r, the tap-wide gain-free R, is reported by the metrics but not judged: on the shapes it
 # caught nothing the others miss, and every judged statistic is one more way to a false alarm.)
 # Judged in prefill only: a decode row's row_r is its R; a decode row's mean ULP error is noisy (HF

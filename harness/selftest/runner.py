@@ -65,7 +65,8 @@ class Case:
 CALIBRATION_KEYS = ("rel_fro", "baseline_rel_fro", "ulp_p99", "baseline_ulp_p99", "r_bias", "bias_t",
                     "baseline_bias_t", "bias_lean_ulp", "r_ulp", "ulp_rms", "baseline_ulp_rms", "r_bias_drift",
                     "drift_bias_t", "drift_baseline_bias_t", "drift_bias_lean_ulp", "drift_lean_floor_ulp",
-                    "row_r", "gain_free_r", "head_r", "head_gain_free_r", "row_gain_free_r", "ulp_bias", "baseline_ulp_bias")
+                    "row_r", "gain_free_r", "head_r", "head_gain_free_r", "row_gain_free_r", "row_med_r", "head_med_r",
+                    "ulp_bias", "baseline_ulp_bias")
 
 
 @dataclass
