@@ -397,7 +397,7 @@ class GoldenStore:
         weights = None
         try:
             step("weights", 0, 4)
-            # The source's own weights, read afresh into this build's private file: never the file or
+            # The source's own weights, read afresh into this build's private copy: never the file or
             # arrays a deployment is handed (harness.weights.build_source).
             weights = build_source(spec, request.weights, request.seed, tmp)
             files = PhaseFiles(tmp, spec, phases, request.tokens, VARIANTS, rows)
