@@ -8,12 +8,18 @@ For each model (full scale, synthetic weights, ``--prompt-len`` tokens, ``--deco
 - build: ``GoldenStore.get`` streaming (weights generated into the build's private file, both runs layer
   by layer, every tap written with its sha256 as captured), from nothing to a verified entry.
 
-Each measurement runs in its own child process, so ``peak`` is that process's own maximum RSS.
+Each measurement runs in its own child process, so ``peak`` is that process's own maximum RSS and
+``cpu`` its user + system seconds (the build runs its weights generator and its tap writer on threads
+beside the reference: on a free second core they cost no wall time, and ``cpu`` shows what they cost).
 Printed: seconds, peak GB, and build / plain (fwd) and build / plain (everything) ratios; the target is
 build <= 1.3 x the two plain forwards. Models whose plain run would not fit can be skipped
-(``--skip-plain``). Example:
+(``--skip-plain``). ``--baseline DIR`` also times the build of another checkout of the harness (for
+example the commit before a change: ``git archive COMMIT | tar -x -C DIR``), interleaved with the
+others in the same run, and prints the ratio; ``--repeat N`` runs every measurement N times, interleaved,
+and reports the medians (the machine is shared: absolute times drift). Examples:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_build.py --model qwen2.5-0.5b --model qwen3-0.6b
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_build.py --baseline /tmp/base --repeat 3
 """
 from __future__ import annotations
 
@@ -32,6 +38,13 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
 
 
+def _cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def plain(model: str, scale: str, tokens: int, steps: int) -> dict:
     import torch
     from transformers import DynamicCache
@@ -46,13 +59,13 @@ def plain(model: str, scale: str, tokens: int, steps: int) -> dict:
     weights = synthetic_weights(spec, 0)
     gen = time.perf_counter() - t0
     ids = prompt_ids(spec, 0, tokens)
-    fwd = construct = 0.0
+    fwd = fwd_cpu = construct = 0.0
     chosen: list[int] | None = None
     for dtype in (torch.float32, torch.bfloat16):
         t0 = time.perf_counter()
         m = build_hf_model(spec, weights, dtype)
         construct += time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         with torch.inference_mode():
             cache = DynamicCache(config=m.config)
             out = m(input_ids=torch.as_tensor(ids)[None], cache=cache, use_cache=True)
@@ -62,9 +75,10 @@ def plain(model: str, scale: str, tokens: int, steps: int) -> dict:
                 picked.append(nxt)
                 out = m(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True)
         fwd += time.perf_counter() - t0
+        fwd_cpu += _cpu_s() - c0
         chosen = chosen or picked
         del m, out, cache
-    return {"gen": gen, "construct": construct, "fwd": fwd, "peak_gb": _peak_gb()}
+    return {"gen": gen, "construct": construct, "fwd": fwd, "peak_gb": _peak_gb(), "fwd_cpu": fwd_cpu}
 
 
 def build(model: str, scale: str, tokens: int, steps: int, rows: str) -> dict:
@@ -76,19 +90,28 @@ def build(model: str, scale: str, tokens: int, steps: int, rows: str) -> dict:
 
     root = tempfile.mkdtemp(prefix="bench-build-")
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         g = GoldenStore(root).get(GoldenRequest(model, scale, 0, steps, tokens, rows=rows))
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, _cpu_s() - c0
         size = sum(f.stat().st_size for f in g.path.iterdir()) / 1e9
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return {"build": total, "disk_gb": size, "peak_gb": _peak_gb()}
+    return {"build": total, "cpu": cpu, "disk_gb": size, "peak_gb": _peak_gb()}
 
 
-def _child(args: list[str]) -> dict:
+def _child(args: list[str], pythonpath: str | None = None) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath  # the harness package of another checkout
     out = subprocess.run([sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(runs: list[dict]) -> dict:
+    import statistics
+
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def main() -> None:
@@ -99,6 +122,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=4)
     ap.add_argument("--rows", default="full", help="Golden storage of the build: full or sampled.")
     ap.add_argument("--skip-plain", action="store_true", help="Only the build (the plain run would not fit).")
+    ap.add_argument("--baseline", help="Another checkout of the harness whose build is timed alongside.")
+    ap.add_argument("--repeat", type=int, default=1, help="Interleaved repetitions (medians are printed).")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -107,23 +132,39 @@ def main() -> None:
             build(model, scale, int(tokens), int(steps), rows)
         print(json.dumps(res))
         return
-    head = (f"{'model':<15}{'tokens':>7}{'gen s':>8}{'fwd s':>8}{'plain GB':>9}{'build s':>9}{'build GB':>9}"
-            f"{'disk GB':>8}{'build/fwd':>10}{'build/plain':>12}")
     print(f"scale {args.scale}, {args.decode_steps} decode steps, --rows {args.rows}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, median of {args.repeat}")
+    head = (f"{'model':<15}{'build':<9}{'tokens':>7}{'gen s':>7}{'fwd s':>7}{'fwd cpu':>8}{'plain GB':>9}"
+            f"{'build s':>8}{'cpu s':>7}{'build GB':>9}{'disk GB':>8}{'build/fwd':>10}{'cpu/fwd cpu':>12}"
+            f"{'build/plain':>12}")
     print(head)
     for model in args.model or ["qwen2.5-0.5b"]:
         common = [model, args.scale, str(args.prompt_len), str(args.decode_steps), args.rows]
-        p = None if args.skip_plain else _child(["plain", *common])
-        b = _child(["build", *common])
-        if p:
-            everything = p["gen"] + p["construct"] + p["fwd"]
-            print(f"{model:<15}{args.prompt_len:>7}{p['gen']:>8.1f}{p['fwd']:>8.1f}{p['peak_gb']:>9.2f}"
-                  f"{b['build']:>9.1f}{b['peak_gb']:>9.2f}{b['disk_gb']:>8.2f}{b['build'] / p['fwd']:>10.2f}"
-                  f"{b['build'] / everything:>12.2f}")
-        else:
-            print(f"{model:<15}{args.prompt_len:>7}{'-':>8}{'-':>8}{'-':>9}{b['build']:>9.1f}{b['peak_gb']:>9.2f}"
-                  f"{b['disk_gb']:>8.2f}{'-':>10}{'-':>12}")
+        runs: dict[str, list[dict]] = {"plain": [], "this": [], "baseline": []}
+        for _ in range(args.repeat):
+            if not args.skip_plain:
+                runs["plain"].append(_child(["plain", *common]))
+            if args.baseline:
+                runs["baseline"].append(_child(["build", *common], args.baseline))
+            runs["this"].append(_child(["build", *common]))
+        p = _median(runs["plain"]) if runs["plain"] else None
+        builds = {k: _median(v) for k, v in runs.items() if k != "plain" and v}
+        for which, b in builds.items():
+            row = f"{model:<15}{which:<9}{args.prompt_len:>7}"
+            if p:
+                fwd_cpu = p["fwd_cpu"]
+                everything = p["gen"] + p["construct"] + p["fwd"]
+                row += (f"{p['gen']:>7.1f}{p['fwd']:>7.1f}{fwd_cpu:>8.1f}{p['peak_gb']:>9.2f}{b['build']:>8.1f}"
+                        f"{b['cpu']:>7.1f}{b['peak_gb']:>9.2f}{b['disk_gb']:>8.2f}{b['build'] / p['fwd']:>10.2f}"
+                        f"{b['cpu'] / fwd_cpu:>12.2f}{b['build'] / everything:>12.2f}")
+            else:
+                row += (f"{'-':>7}{'-':>7}{'-':>8}{'-':>9}{b['build']:>8.1f}{b['cpu']:>7.1f}{b['peak_gb']:>9.2f}"
+                        f"{b['disk_gb']:>8.2f}{'-':>10}{'-':>12}{'-':>12}")
+            print(row)
+        if "baseline" in builds:
+            t, o = builds["this"], builds["baseline"]
+            print(f"{model:<15}this / baseline: build {t['build'] / o['build']:.2f}, cpu {t['cpu'] / o['cpu']:.2f}, "
+                  f"peak {t['peak_gb'] / o['peak_gb']:.2f}")
 
 
 if __name__ == "__main__":

@@ -167,10 +167,12 @@ class SafetensorsWriter:
     """Write one safetensors file whose tensor list is known up front; arrays arrive in that order.
 
     ``layout``: [(name, dtype, shape), ...]. ``write(name, array)`` streams the array to the file and
-    into the running block hashes; ``close()`` returns the file's record (BlockHasher.result).
+    into the running block hashes; ``close()`` returns the file's record (BlockHasher.result), or None
+    with ``hashed=False`` (a file no manifest records: weights).
     """
 
-    def __init__(self, path: Path, layout: list[tuple[str, object, tuple[int, ...]]], align: int = 8):
+    def __init__(self, path: Path, layout: list[tuple[str, object, tuple[int, ...]]], align: int = 8,
+                 hashed: bool = True):
         import json
         import struct
 
@@ -187,13 +189,14 @@ class SafetensorsWriter:
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % align)  # tensor data starts ``align``-byte aligned (8 | align)
-        self._hash = BlockHasher()
-        self._fh = open(path, "wb")
+        self._hash = BlockHasher() if hashed else None  # unhashed: close() returns None
+        self._fh = open(path, "wb", buffering=1 << 20)  # decode steps write thousands of one-row tensors
         self._emit(struct.pack("<Q", len(text)) + text)
 
     def _emit(self, buf) -> None:
         self._fh.write(buf)
-        self._hash.update(buf)
+        if self._hash is not None:
+            self._hash.update(buf)
 
     def write(self, name: str, array) -> None:
         import numpy as np
@@ -212,12 +215,12 @@ class SafetensorsWriter:
         """Close without checks (the caller removes the half-written file)."""
         self._fh.close()
 
-    def close(self) -> str:
+    def close(self) -> dict | None:
         if self._next != len(self._order):
             self._fh.close()
             raise ValueError(f"safetensors writer: {len(self._order) - self._next} tensors never written")
         self._fh.close()
-        return self._hash.result()
+        return self._hash.result() if self._hash is not None else None
 
 
 def write_safetensors(path: Path, tensors: dict) -> dict:

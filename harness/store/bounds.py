@@ -7,9 +7,10 @@ phase is ``rows x features`` elements, stored once as fp32 (the golden) and once
 plus bf16 again for isolated mode's local baseline (full storage only); a sampled golden keeps
 ``sampled_rows`` of the prefill. The build streams (harness.reference.streaming, store.streamwrite), so
 its memory is one block's weights (fp32 conversion buffers of one decoder layer and of the embedding /
-LM head, beside the mapped bf16 source of the block running), one layer's activations and taps, the KV cache, one attention score
-matrix and the logits, over the interpreter's own baseline; its disk adds the private bf16 copy of
-synthetic weights the build reads (deleted at the end). The figures are upper bounds, so a request is
+LM head, beside the mapped bf16 source of the block running), one layer's activations and taps, the
+writer thread's queue, the KV cache, one attention score matrix and the logits, over the interpreter's
+own baseline; its disk adds the private bf16 copy of synthetic weights the build reads (deleted at the
+end; a small model's are kept in memory instead). The figures are upper bounds, so a request is
 refused only when it exceeds what is available outright.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from harness.errors import HarnessError
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec
+from harness.store.streamwrite import WRITE_BEHIND_BYTES
 from harness.weights import KEEP_MAPPED_BYTES
 
 MAX_SEED = 2**32 - 1  # NumPy's and torch's seeding both take it; a negative seed is rejected by NumPy
@@ -84,18 +86,23 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
     positions = tokens + decode_steps
     block = max(_layer_params(spec), spec.vocab_size * spec.hidden_size)
     kv_width = 2 * spec.num_kv_heads * spec.head_dim
+    small = 2 * _params(spec) <= KEEP_MAPPED_BYTES
     ram = (BASE_RAM
-           + (_layer_params(spec) + spec.vocab_size * spec.hidden_size) * 4  # fp32 conversion buffers
-           # mapped bf16 pages: a small model's file stays mapped whole (harness.weights.build_source) and
-           # its fp32 run keeps every converted tensor; else one block's
-           + (6 * _params(spec) if 2 * _params(spec) <= KEEP_MAPPED_BYTES else block * 2)
+           # fp32 conversion buffers (a small model: the generator's float32 draw buffer, which runs
+           # beside its fp32 reference and is at most the embedding's size)
+           + (_layer_params(spec) + spec.vocab_size * spec.hidden_size) * 4
+           # bf16 weights: a small model's are generated whole in memory (harness.weights.build_source)
+           # and its fp32 run keeps every converted tensor; else one block's mapped pages
+           + (6 * _params(spec) if small else block * 2)
+           + WRITE_BEHIND_BYTES  # tap copies queued for the writer thread
            + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
            + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)
            + spec.num_heads * tokens * positions * 4  # one attention score matrix
            + tokens * spec.vocab_size * 4  # the prefill logits (written as they are: no copy)
            + (kept * spec.vocab_size * 4 if rows == "sampled" else 0))  # the sampled rows of them
     disk_per_element = SAMPLED_DISK_BYTES_PER_ELEMENT if rows == "sampled" else DISK_BYTES_PER_ELEMENT
-    return Footprint(elements, elements * disk_per_element + 2 * _params(spec), int(ram))
+    private = 0 if small else 2 * _params(spec)  # the build's private bf16 weights file (synthetic weights)
+    return Footprint(elements, elements * disk_per_element + private, int(ram))
 
 
 def available_ram() -> int | None:

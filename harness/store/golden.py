@@ -40,7 +40,7 @@ from harness.store import signing  # optional keyed signatures over manifests
 from harness.fileio import MappedSafetensors, block_digest_tasks, block_matches
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
-from harness.weights import KEEP_MAPPED_BYTES, WeightsSource, build_source, weights_digest
+from harness.weights import KEEP_MAPPED_BYTES, WeightsSource, build_source, close_source, weights_digest
 
 CAPTURE_VERSION = 2  # 2: block-wise sha256 in the manifest
 MANIFEST = "manifest.json"
@@ -394,9 +394,10 @@ class GoldenStore:
         rows = sampled_rows(request.tokens, request.key()) if request.rows == "sampled" else None
         tmp = self._tmpdir(path)
         files: PhaseFiles | None = None
+        weights = None
         try:
             step("weights", 0, 4)
-            # The source's own weights, read afresh into this build's private file: never the file or
+            # The source's own weights, read afresh into this build's private copy: never the file or
             # arrays a deployment is handed (harness.weights.build_source).
             weights = build_source(spec, request.weights, request.seed, tmp)
             files = PhaseFiles(tmp, spec, phases, request.tokens, VARIANTS, rows)
@@ -410,7 +411,8 @@ class GoldenStore:
                           sink=lambda phase, name, t: files.put("bf16", phase, name, t))
             step("writing", 3, 4)
             records = files.close()
-            del weights
+            close_source(weights)
+            weights = None
             (tmp / ".weights.safetensors").unlink(missing_ok=True)
             identity = request.identity()
             manifest = {
@@ -437,6 +439,8 @@ class GoldenStore:
                 signing.sign(tmp, key)
             os.rename(tmp, path)
         except BaseException:
+            if weights is not None:
+                close_source(weights)
             if files is not None:
                 files.abort()
             shutil.rmtree(tmp, ignore_errors=True)
@@ -465,6 +469,7 @@ class GoldenStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         files: PhaseFiles | None = None
+        weights = None
         try:
             weights = build_source(spec, source, golden.manifest["seed"], tmp)
             step("local bf16 baseline", 0, 2)
@@ -474,7 +479,8 @@ class GoldenStore:
                           force=lambda phase, name: golden.tensor(phase, name),
                           sink=lambda phase, name, t: files.put("bf16", phase, name, t))
             records = files.close()
-            del weights
+            close_source(weights)
+            weights = None
             (tmp / ".weights.safetensors").unlink(missing_ok=True)
             _write_manifest(tmp, {"schema": 1, "kind": "teacher-forced bf16 baseline", "key": golden.manifest["key"],
                                   "files": records})
@@ -482,6 +488,8 @@ class GoldenStore:
                 signing.sign(tmp, key)
             os.rename(tmp, final)
         except BaseException:
+            if weights is not None:
+                close_source(weights)
             if files is not None:
                 files.abort()
             shutil.rmtree(tmp, ignore_errors=True)

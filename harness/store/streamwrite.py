@@ -7,10 +7,18 @@ differs slightly (Qwen3 fires ``q_norm`` before ``k``), so a tap that arrives ea
 its turn: at most a few of one layer's taps are held at once.
 
 Sampled storage keeps only ``rows`` of the prefill phase (``sampled_rows``); decode phases have one row.
+
+Writing and hashing run behind the reference, on a writer thread (file writes and sha256 release the
+GIL: on a second core they cost the run nothing): a tap is copied into a queue of at most
+``WRITE_BEHIND_BYTES`` (the run reuses its memory), a larger one (the prefill logits) is written inline
+once the queue has drained, so the bytes and their order are those of writing inline. Small taps (a
+decode step's rows) are written inline while the queue is empty: a hand-over costs more than the write.
 """
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import deque
 from pathlib import Path
 
 import ml_dtypes
@@ -20,6 +28,9 @@ from harness.fileio import SafetensorsWriter
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec
 
+WRITE_BEHIND_BYTES = 64 << 20  # copies of taps queued for the writer thread (larger taps are written inline)
+WRITE_BEHIND_MIN = 256 << 10  # smaller taps (decode steps' single rows) are written inline when the queue is
+# empty: handing one to the thread costs more than writing it
 TILE = 128  # rows of a prefill tile on the NPU: first and last tile are kept whole
 SAMPLED_MIDDLE = 256  # seeded sample of the rows between them
 STORAGE_MODES = ("full", "sampled")
@@ -47,6 +58,75 @@ def sampled_rows(tokens: int, key: str) -> np.ndarray:
     return np.concatenate([first, middle, last]).astype(np.int64)
 
 
+class _WriteBehind:
+    """One writer thread running (writer, key, array) writes in submission order, ``limit`` bytes queued."""
+
+    def __init__(self, limit: int = WRITE_BEHIND_BYTES):
+        self.limit, self.queued = limit, 0
+        self._items: deque = deque()
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._closing = self._busy = False
+        self._thread = threading.Thread(target=self._run, name="golden-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._closing:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                writer, key, arr = self._items.popleft()
+                self._busy = True
+            try:
+                if self._error is None:
+                    writer.write(key, arr)
+            except BaseException as exc:  # raised to the caller at its next write, flush or close
+                self._error = exc
+            with self._cond:
+                self.queued -= arr.nbytes
+                self._busy = False
+                self._cond.notify_all()
+            del writer, key, arr
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, writer, key: str, arr: np.ndarray) -> None:
+        """Queue a write of ``arr`` (copied unless this array owns its memory); inline when it is large."""
+        self._raise()
+        if arr.nbytes > self.limit or (arr.nbytes < WRITE_BEHIND_MIN and not self._items and not self._busy):
+            self.flush()
+            writer.write(key, arr)
+            return
+        if not arr.flags.owndata:
+            arr = np.array(arr)  # the run may reuse the tensor's memory once the hook returns
+        with self._cond:
+            while self.queued and self.queued + arr.nbytes > self.limit:
+                self._cond.wait()
+            self._items.append((writer, key, arr))
+            self.queued += arr.nbytes
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        with self._cond:
+            while self._items or self._busy:
+                self._cond.wait()
+        self._raise()
+
+    def stop(self, drop: bool = False) -> None:
+        """End the thread after the queued writes (``flush`` first to see their errors); ``drop``: without them."""
+        with self._cond:
+            if drop:
+                self.queued -= sum(arr.nbytes for _, _, arr in self._items)
+                self._items.clear()
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+
 class PhaseFiles:
     """The phase files of one entry (or local baseline) in ``directory``, filled tap by tap."""
 
@@ -59,6 +139,7 @@ class PhaseFiles:
         self._next: dict[str, int] = {}
         self._pending: dict[str, dict[str, np.ndarray]] = {}
         self.keys = [f"{v}/{name}" for v in variants for name in self.order]
+        self._behind: _WriteBehind | None = None
         try:
             for phase in phases:
                 n = (len(rows) if rows is not None else tokens) if phase == "prefill" else 1
@@ -66,6 +147,7 @@ class PhaseFiles:
                           for v in variants for name in self.order]
                 self.writers[phase] = SafetensorsWriter(directory / f"{phase}.safetensors", layout)
                 self._next[phase], self._pending[phase] = 0, {}
+            self._behind = _WriteBehind()
         except BaseException:
             self.abort()
             raise
@@ -89,16 +171,20 @@ class PhaseFiles:
         if self.keys[self._next[phase]] != key:
             pending[key] = np.array(arr)  # early: keep a copy (the run may reuse the tensor's memory)
             return
-        writer.write(key, arr)
+        self._behind.write(writer, key, arr)
         self._next[phase] += 1
         while self._next[phase] < len(self.keys) and self.keys[self._next[phase]] in pending:
-            writer.write(self.keys[self._next[phase]], pending.pop(self.keys[self._next[phase]]))
+            self._behind.write(writer, self.keys[self._next[phase]], pending.pop(self.keys[self._next[phase]]))
             self._next[phase] += 1
 
     def close(self) -> dict[str, dict]:
         """Each file's record (size and block sha256s), by file name; raises if a tap never came."""
+        self._behind.flush()
+        self._behind.stop()
         return {f"{phase}.safetensors": w.close() for phase, w in self.writers.items()}
 
     def abort(self) -> None:
+        if self._behind is not None:
+            self._behind.stop(drop=True)  # the files are being thrown away
         for w in self.writers.values():
             w.abort()

@@ -132,23 +132,38 @@ def _checkpoint_mapping(spec: ModelSpec, path: Path, convert) -> Mapping[str, np
     return MappedWeights(shard_files(path), convert=convert, drop=drop, what="--weights shard")
 
 
-KEEP_MAPPED_BYTES = 2 << 30  # a build keeps a weights file this small mapped whole (<= 1B parameters in bf16)
+KEEP_MAPPED_BYTES = 2 << 30  # a build keeps bf16 weights this small whole in memory (<= 1B parameters)
 
 
 def build_source(spec: ModelSpec, source: WeightsSource, seed: int, workdir: Path) -> Mapping[str, np.ndarray]:
     """The weights a golden build reads, a fresh read of the source no deployment has seen: synthetic
     weights regenerated into ``workdir`` (a bfloat16 file, exact: every value is bf16-rounded; the caller
-    deletes it), or the checkpoint's own shards. Values are bfloat16 or float32 arrays, bf16-exact."""
-    from harness.weights.lazy import MappedWeights, write_weights_file
+    deletes it; a model whose bf16 weights take at most ``KEEP_MAPPED_BYTES`` is generated in memory
+    instead, ``GeneratedWeights``), or the checkpoint's own shards. Values are bfloat16 or float32
+    arrays, bf16-exact. Release it with ``close_source``."""
+    from harness.weights.lazy import GeneratedWeights, MappedWeights, write_weights_file
     from harness.weights.synthetic import synthetic_plan
 
     import ml_dtypes
 
     if source.path:
         return _checkpoint_mapping(spec, Path(source.path), _bf16_view)
+    plan = synthetic_plan(spec, seed)
+    if sum(int(np.prod(shape)) for _, shape, _ in plan) * 2 <= KEEP_MAPPED_BYTES:
+        # Small: a file this size would stay mapped whole anyway; keep the values in memory instead of
+        # writing and re-reading a file (fresh page-cache pages cost about 2 s per GB on a VM), made by
+        # a background thread while the fp32 reference starts (the caller closes it).
+        return GeneratedWeights(plan, ml_dtypes.bfloat16)
     path = workdir / ".weights.safetensors"
-    write_weights_file(path, synthetic_plan(spec, seed), ml_dtypes.bfloat16)
-    return MappedWeights([path], what="build weights file", keep_mapped_below=KEEP_MAPPED_BYTES)
+    write_weights_file(path, plan, ml_dtypes.bfloat16)
+    return MappedWeights([path], what="build weights file")
+
+
+def close_source(weights: Mapping[str, np.ndarray]) -> None:
+    """Release what ``build_source`` returned (stop a generator thread still running)."""
+    close = getattr(weights, "close", None)
+    if close is not None:
+        close()
 
 
 def _bf16_view(view: np.ndarray) -> np.ndarray:

@@ -73,7 +73,7 @@ def write_weights_file(path: Path, plan: list[tuple[str, tuple[int, ...], Callab
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # Data 64-byte aligned: BLAS kernels pick their code path (and so their rounding) by alignment, so
     # zero-copy tensors must sit where torch's own allocations would (see streaming._as_torch).
-    writer = SafetensorsWriter(tmp, [(name, dtype, shape) for name, shape, _ in plan], align=ALIGN)
+    writer = SafetensorsWriter(tmp, [(name, dtype, shape) for name, shape, _ in plan], align=ALIGN, hashed=False)
     try:
         for name, _, make in plan:
             value = make()
@@ -86,3 +86,79 @@ def write_weights_file(path: Path, plan: list[tuple[str, tuple[int, ...], Callab
         writer.abort()
         tmp.unlink(missing_ok=True)
         raise
+
+
+class GeneratedWeights(Mapping):
+    """name -> tensor of a generation ``plan`` ((name, shape, make) per tensor, made in order), held in
+    memory and made by a background thread while the caller already reads the first tensors.
+
+    A lookup waits until its tensor is made (a generator error is raised there). Values are read-only
+    bfloat16 arrays in torch's own 64-byte aligned memory (zero-copy for a bf16 run, see
+    streaming._as_torch). For a build's private weights of a small model: the same values as the file
+    ``write_weights_file`` would write, without writing (and re-reading) it, and the generation runs
+    beside the fp32 reference on a second core instead of before it.
+    """
+
+    def __init__(self, plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], dtype):
+        import threading
+
+        self._shapes = {name: tuple(shape) for name, shape, _ in plan}
+        self._values: dict[str, np.ndarray] = {}
+        self._error: BaseException | None = None
+        self._stop = False
+        self._ready = threading.Condition()
+        self._dtype = np.dtype(dtype)
+        # Not a daemon: an interpreter exiting mid-generation waits for the tensor being made (a daemon
+        # thread inside torch at shutdown aborts the process).
+        self._thread = threading.Thread(target=self._run, args=(plan,), name="weights-generator")
+        self._thread.start()
+
+    def _run(self, plan) -> None:
+        try:
+            for name, _, make in plan:
+                if self._stop:
+                    return
+                value = make()
+                if value.dtype != self._dtype:
+                    value = value.astype(self._dtype)
+                value.flags.writeable = False
+                with self._ready:
+                    self._values[name] = value
+                    self._ready.notify_all()
+        except BaseException as exc:  # handed to the reader, who raises it
+            with self._ready:
+                self._error = exc
+                self._ready.notify_all()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._shapes:
+            raise KeyError(name)
+        value = self._values.get(name)
+        if value is not None:
+            return value
+        with self._ready:
+            while name not in self._values and self._error is None:
+                self._ready.wait()
+            if name not in self._values:
+                raise self._error  # type: ignore[misc]
+            return self._values[name]
+
+    def close(self) -> None:
+        """Stop generating (after the tensor being made) and wait for the thread."""
+        self._stop = True
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {len(self)} tensors, generated in memory>"

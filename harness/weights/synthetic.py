@@ -78,10 +78,22 @@ def synthetic_plan(spec: ModelSpec, seed: int = 0) -> list[tuple[str, tuple[int,
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     outliers = outlier_channels(spec, seed)
     plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
+    layer_draw = max(I * H, nh * hd * H)
+
+    scratch: list[torch.Tensor] = []  # one float32 buffer, reused by every draw
 
     def normal(shape, std):
-        # In place: the same float32 product as ``randn * std``, without a second tensor of the shape.
-        return torch.randn(shape, generator=gen).mul_(float(std)).numpy()
+        # In place: the same float32 product as ``randn * std``, without a second tensor of the shape;
+        # drawn into one reused buffer (``randn(out=)`` gives the same values): fresh memory costs a page
+        # fault per 4 KiB, about a second per GB on a VM. The result is consumed (copied by ``to_bf16``
+        # or by the arithmetic of its caller) before the next draw.
+        n = int(np.prod(shape))
+        if not scratch or scratch[0].numel() < n or (n <= layer_draw < scratch[0].numel()):
+            # sized for this draw and at least a layer's largest: the embedding-sized buffer of the
+            # first draw is not kept through the layers (a small model's reference runs beside them)
+            scratch[:] = [torch.empty(max(n, layer_draw))]
+        out = scratch[0][:n].view(shape)
+        return torch.randn(shape, generator=gen, out=out).mul_(float(std)).numpy()
 
     def norm_weight(n, damp=None, center=1.0, spread=0.15):
         g = np.abs(center + normal(n, spread * center)).astype(np.float32)
