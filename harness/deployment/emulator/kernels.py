@@ -21,6 +21,7 @@ Sources (mlir-aie ``aie_kernels/`` and ``aie_runtime_lib/AIE2/``, amd/IRON ``aie
 from __future__ import annotations
 
 import math
+import warnings
 
 import numba
 import numpy as np
@@ -67,6 +68,37 @@ class Tiled:
         wt[:k] = w.T
         self.n, self.k, self.k_tile = n, k, k_tile
         self.tiles = wt.reshape(nk, k_tile, n)
+
+    @classmethod
+    def from_weight(cls, w, k_tile: int, *, transposed: bool = False) -> "Tiled":
+        """A weight as the NPU holds it: ``w`` [N, K] (``transposed``: [K, N]; any float array, read-only
+        views of memory-mapped weights too) laid K-tile-major and rounded to bf16 in place: the values of
+        ``Tiled(bf16(tensor(w)), k_tile)`` without its float32 copy, rounded copy and zeroed layout (a
+        streamed layer is prepared on every call, so its passes over memory are the cost)."""
+        src = np.ascontiguousarray(w, dtype=np.float32)
+        k, n = src.shape if transposed else src.shape[::-1]
+        nk = -(-k // k_tile)
+        wt = torch.empty(nk * k_tile, n)
+        wt[k:] = 0.0  # K padding: exact zeros
+        with warnings.catch_warnings():  # a read-only source is only read here (the copy's source)
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.from_numpy(src)
+        wt[:k] = view if transposed else view.T
+        _round_bf16_inplace(wt.numpy().reshape(-1).view(np.uint32))
+        tiled = cls.__new__(cls)
+        tiled.n, tiled.k, tiled.k_tile = n, k, k_tile
+        tiled.tiles = wt.reshape(nk, k_tile, n)
+        return tiled
+
+
+@numba.njit(nogil=True, cache=True)
+def _round_bf16_inplace(bits: np.ndarray) -> None:
+    """float32 bits rounded to the nearest bf16 (ties to even) in place, as torch's float32 -> bfloat16
+    -> float32 casts do, NaN included (torch gives 0xFFFF for every NaN; tests/test_emulator_kernels.py)."""
+    for i in range(bits.size):
+        u = bits[i]
+        r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+        bits[i] = np.uint32(0xFFFF0000) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
 
 
 @numba.njit(fastmath=False, nogil=True, cache=True, error_model="numpy")
