@@ -64,8 +64,9 @@ class Tiled:
     def __init__(self, w: torch.Tensor, k_tile: int):
         n, k = w.shape
         nk = -(-k // k_tile)
-        wt = torch.zeros(nk * k_tile, n)
-        wt[:k] = w.T
+        wt = torch.empty(nk * k_tile, n)
+        wt[k:] = 0.0  # K padding: exact zeros
+        _transpose_into(wt, w)
         self.n, self.k, self.k_tile = n, k, k_tile
         self.tiles = wt.reshape(nk, k_tile, n)
 
@@ -83,12 +84,25 @@ class Tiled:
         with warnings.catch_warnings():  # a read-only source is only read here (the copy's source)
             warnings.simplefilter("ignore", UserWarning)
             view = torch.from_numpy(src)
-        wt[:k] = view if transposed else view.T
+        if transposed:
+            wt[:k] = view
+        else:
+            _transpose_into(wt, view)
         _round_bf16_inplace(wt.numpy().reshape(-1).view(np.uint32))
         tiled = cls.__new__(cls)
         tiled.n, tiled.k, tiled.k_tile = n, k, k_tile
         tiled.tiles = wt.reshape(nk, k_tile, n)
         return tiled
+
+
+_TRANSPOSE_ROWS = 128  # weight rows transposed per copy: a wide weight (the LM head) at once is 2x slower
+
+
+def _transpose_into(wt: torch.Tensor, w: torch.Tensor) -> None:
+    """``wt[:K] = w.T`` for w [N, K] (any float dtype, widened exactly), a band of rows at a time."""
+    n, k = w.shape
+    for r0 in range(0, n, _TRANSPOSE_ROWS):
+        wt[:k, r0:r0 + _TRANSPOSE_ROWS] = w[r0:r0 + _TRANSPOSE_ROWS].T
 
 
 @numba.njit(nogil=True, cache=True)
