@@ -171,7 +171,8 @@ class Emulator:
         head_bytes = self._head.numel() * 4
         self.lm_head: K.Tiled | None = None
         if head_bytes <= self._budget // 2:
-            self.lm_head = self._tile("logits", self._head)  # bf16 widened exactly by the layout copy
+            with _torch_threads(self._threads):  # ~1200 band copies: spinning threads cost more than they do
+                self.lm_head = self._tile("logits", self._head)  # bf16 widened exactly by the layout copy
             self._budget -= head_bytes
         # Decoder layers: the first ones that fit the remaining budget stay resident (prepared once);
         # the rest are fetched, converted and tiled when they run and released after (streaming). A fixed
