@@ -142,3 +142,21 @@ def test_fp32_accumulation_adds_the_k_tiles_in_order(m, kb, n, bias, seed) -> No
     for tile in partial:
         total += tile
     np.testing.assert_array_equal(K.gemm(a, tiled, CFG, bias=b), K.bf16(total))
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 90), k=st.integers(1, 100), transposed=st.booleans(), seed=st.integers(0, 99))
+def test_prepared_weight_equals_rounding_then_tiling(n, k, transposed, seed) -> None:
+    """``Tiled.from_weight`` (one layout copy, rounding in place) gives the very bits of rounding a float32
+    copy to bf16 and tiling it, NaN / inf / subnormals / ties included, from a read-only source."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 10.0 ** torch.randint(-40, 39, (n, k), generator=g)).numpy()
+    special = np.array([np.nan, -np.nan, np.inf, -np.inf, 1e-40, -1e-45, 3.4e38, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8],
+                       dtype=np.float32)
+    w.reshape(-1)[: min(w.size, special.size)] = special[: w.size]
+    w.setflags(write=False)
+    rounded = K.bf16(torch.from_numpy(w.copy()))
+    want = K.Tiled(rounded.T if transposed else rounded, CFG.k_tile)
+    got = K.Tiled.from_weight(w, CFG.k_tile, transposed=transposed)
+    assert (got.n, got.k, got.k_tile) == (want.n, want.k, want.k_tile)
+    np.testing.assert_array_equal(got.tiles.numpy().view(np.uint32), want.tiles.numpy().view(np.uint32))

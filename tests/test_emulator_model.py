@@ -214,3 +214,32 @@ def test_resident_budget_parses_units(monkeypatch) -> None:
     monkeypatch.setenv(emu_model.BUDGET_ENV, "lots")
     with pytest.raises(HarnessError, match="NPU_HARNESS_EMULATOR_BUDGET"):
         emu_model.resident_budget()
+
+
+def test_outputs_do_not_depend_on_the_thread_count(tiny, monkeypatch) -> None:
+    """The emulator computes on $NPU_HARNESS_EMULATOR_THREADS torch threads (default 1) and restores the
+    process's count; 1 and 2 threads give the same bits (no product is split inside a K tile)."""
+    import torch
+
+    from harness.deployment.emulator import model as emu_model
+
+    spec, weights = tiny
+    ids = np.arange(3, 40)
+    before = torch.get_num_threads()
+    runs = []
+    for threads in ("1", "2"):
+        monkeypatch.setenv(emu_model.THREADS_ENV, threads)
+        emu = factory(spec, weights)
+        seen: list[int] = []
+        out = [emu.prefill(ids, lambda n, v: seen.append(torch.get_num_threads()) or v)]
+        out += [emu.decode(7, None) for _ in range(2)]
+        assert set(seen) == {int(threads)} and torch.get_num_threads() == before
+        runs.append(out)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    for raw, want in (("", 1), ("0", 0), ("3", 3)):
+        monkeypatch.setenv(emu_model.THREADS_ENV, raw)
+        assert emu_model.compute_threads() == want
+    monkeypatch.setenv(emu_model.THREADS_ENV, "many")
+    with pytest.raises(HarnessError, match="NPU_HARNESS_EMULATOR_THREADS"):
+        emu_model.compute_threads()

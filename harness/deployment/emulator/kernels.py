@@ -21,6 +21,7 @@ Sources (mlir-aie ``aie_kernels/`` and ``aie_runtime_lib/AIE2/``, amd/IRON ``aie
 from __future__ import annotations
 
 import math
+import warnings
 
 import numba
 import numpy as np
@@ -63,25 +64,83 @@ class Tiled:
     def __init__(self, w: torch.Tensor, k_tile: int):
         n, k = w.shape
         nk = -(-k // k_tile)
-        wt = torch.zeros(nk * k_tile, n)
-        wt[:k] = w.T
+        wt = torch.empty(nk * k_tile, n)
+        wt[k:] = 0.0  # K padding: exact zeros
+        _transpose_into(wt, w)
         self.n, self.k, self.k_tile = n, k, k_tile
         self.tiles = wt.reshape(nk, k_tile, n)
 
+    @classmethod
+    def from_weight(cls, w, k_tile: int, *, transposed: bool = False) -> "Tiled":
+        """A weight as the NPU holds it: ``w`` [N, K] (``transposed``: [K, N]; any float array, read-only
+        views of memory-mapped weights too) laid K-tile-major and rounded to bf16 in place: the values of
+        ``Tiled(bf16(tensor(w)), k_tile)`` without its float32 copy, rounded copy and zeroed layout (a
+        streamed layer is prepared on every call, so its passes over memory are the cost)."""
+        src = np.ascontiguousarray(w, dtype=np.float32)
+        k, n = src.shape if transposed else src.shape[::-1]
+        nk = -(-k // k_tile)
+        wt = torch.empty(nk * k_tile, n)
+        wt[k:] = 0.0  # K padding: exact zeros
+        with warnings.catch_warnings():  # a read-only source is only read here (the copy's source)
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.from_numpy(src)
+        if transposed:
+            wt[:k] = view
+        else:
+            _transpose_into(wt, view)
+        _round_bf16_inplace(wt.numpy().reshape(-1).view(np.uint32))
+        tiled = cls.__new__(cls)
+        tiled.n, tiled.k, tiled.k_tile = n, k, k_tile
+        tiled.tiles = wt.reshape(nk, k_tile, n)
+        return tiled
+
+
+_TRANSPOSE_ROWS = 128  # weight rows transposed per copy: a wide weight (the LM head) at once is 2x slower
+
+
+def _transpose_into(wt: torch.Tensor, w: torch.Tensor) -> None:
+    """``wt[:K] = w.T`` for w [N, K] (any float dtype, widened exactly), a band of rows at a time."""
+    n, k = w.shape
+    for r0 in range(0, n, _TRANSPOSE_ROWS):
+        wt[:k, r0:r0 + _TRANSPOSE_ROWS] = w[r0:r0 + _TRANSPOSE_ROWS].T
+
+
+@numba.njit(inline="always")
+def _bf16_bits(u):
+    """float32 bits rounded to the nearest bf16 (ties to even), as torch's float32 -> bfloat16 -> float32
+    casts do, NaN included (torch gives 0xFFFF for every NaN; tests/test_emulator_kernels.py)."""
+    r = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return np.uint32(0xFFFF0000) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else r
+
+
+@numba.njit(nogil=True, cache=True)
+def _round_bf16_inplace(bits: np.ndarray) -> None:
+    """float32 bits rounded to bf16 in place (``_bf16_bits``)."""
+    for i in range(bits.size):
+        bits[i] = _bf16_bits(bits[i])
+
 
 @numba.njit(fastmath=False, nogil=True, cache=True, error_model="numpy")
-def _sum_tiles_in_order(partial: np.ndarray, out: np.ndarray) -> None:
-    """``out += partial[0]; out += partial[1]; ...`` in float32, element by element in K-tile order:
-    the very additions of the fp32 accumulator loop, in one pass over the partials (each output row stays
-    in cache across the tiles; no reassociation, so the sums are bit-identical). Serial: on a loaded
-    machine a parallel loop's thread wake-up cost more than the loop (25 ms against 13 ms measured)."""
+def _sum_tiles_round_into(partial: np.ndarray, init: np.ndarray, out_bits: np.ndarray, c0: int) -> None:
+    """``out[i, c0 + x] = bf16(init[x] + partial[0, i, x] + partial[1, i, x] + ...)``: the float32 adds
+    of the fp32 accumulator in K-tile order (no reassociation: the very sums of ``total += tile_j``),
+    then one rounding to bf16 as torch casts (``_bf16_bits``), written into the output's bits. One pass
+    per output row, which stays in cache across the tiles (as ``nk`` torch additions the sum cost 3x the
+    products; a zeroed accumulator, a copy into the output and two rounding casts were three more passes).
+    Serial: on a loaded machine a parallel loop's thread wake-up cost more than the loop."""
     nk, m, c = partial.shape
+    acc = np.empty(c, dtype=np.float32)
+    bits = acc.view(np.uint32)
     for i in range(m):
-        row = out[i]
+        for x in range(c):
+            acc[x] = init[x]
         for j in range(nk):
             tile = partial[j, i]
             for x in range(c):
-                row[x] += tile[x]
+                acc[x] += tile[x]
+        row = out_bits[i]
+        for x in range(c):
+            row[c0 + x] = _bf16_bits(bits[x])
 
 
 # Partial products held at once: nk x M x N-chunk float32 elements (64 MB), so the LM head's
@@ -122,20 +181,23 @@ def gemm(
     a_pad = a if k == nk * kt else torch.nn.functional.pad(a, (0, nk * kt - k))
     a_tiles = a_pad.reshape(m, nk, kt).transpose(0, 1)  # [nk, M, kt]
     out = torch.empty(m, n)
+    out_bits = out.numpy().view(np.uint32)
     chunk = max(1, _PARTIAL_ELEMENTS // (nk * m))
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         partial = torch.bmm(a_tiles, tiled.tiles[:, :, c0:c1])  # [nk, M, chunk]
-        total = torch.zeros(m, c1 - c0) if bias is None else bias[c0:c1].expand(m, c1 - c0).clone()
         if acc == "bf16":
-            for j in range(nk):  # the NPU's K-tile order, rounded after every tile
+            total = torch.zeros(m, c1 - c0) if bias is None else bias[c0:c1].expand(m, c1 - c0).clone()
+            for j in range(nk):  # the NPU's K-tile order, rounded after every tile (so already bf16)
                 total = bf16(total + partial[j])
-        else:
-            _sum_tiles_in_order(partial.numpy(), total.numpy())  # the NPU's K-tile order
-        out[:, c0:c1] = total
+            out[:, c0:c1] = total
+        else:  # the NPU's K-tile order into the fp32 accumulator, then the output's one rounding
+            init = np.zeros(c1 - c0, dtype=np.float32) if bias is None else \
+                np.ascontiguousarray(bias[c0:c1].numpy(), dtype=np.float32)
+            _sum_tiles_round_into(partial.numpy(), init, out_bits, c0)
     if remainder == "ignore" and n % cfg.n_block:
         out[:, n - n % cfg.n_block:] = 0.0
-    return bf16(out)
+    return out
 
 
 # -- norms, RoPE -------------------------------------------------------------------------------------

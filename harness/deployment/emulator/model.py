@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Callable
 
@@ -28,6 +29,12 @@ _CACHE_MARGIN = 64  # decode steps the KV cache holds before it grows
 # every tiny / small model and a 0.5B model whole, and bounds a 4B model's emulator to about 3 GB.
 BUDGET_ENV = "NPU_HARNESS_EMULATOR_BUDGET"
 _DEFAULT_BUDGET = 2 << 30
+# Torch threads the emulator computes on ($NPU_HARNESS_EMULATOR_THREADS; 0 = the process's own setting).
+# One by default: most of its kernels are small (a decode step is ~600 of them), and on a 2-core machine
+# shared with other processes two OpenMP threads spinning between them made a full-scale qwen3-0.6b
+# decode step 3-10x slower and prefill 3x slower than one thread (docs/emulator.md, "Speed"). Outputs do
+# not depend on it: each product sums one K tile, which no thread splits (tests/test_emulator_model.py).
+THREADS_ENV = "NPU_HARNESS_EMULATOR_THREADS"
 _HEAD_CHUNK_ROWS = 8192  # LM head rows tiled at once when the head streams (8192 x 2560 fp32 = 84 MB)
 
 
@@ -45,6 +52,37 @@ def resident_budget() -> int:
         return int(float(raw[:-1] if raw[-1].lower() in units else raw) * scale)
     except ValueError:
         raise HarnessError(f"{BUDGET_ENV}={raw!r}: expected bytes, e.g. 512M or 4G") from None
+
+
+def compute_threads() -> int:
+    """Torch threads for the emulator's calls (``$NPU_HARNESS_EMULATOR_THREADS``, default 1; 0 leaves
+    the process's setting alone)."""
+    import os
+
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return 1
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise HarnessError(f"{THREADS_ENV}={raw!r}: expected a thread count >= 1, or 0 for torch's own setting")
+    return value
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """Run the block on ``n`` torch threads (0: as set), restoring the process's count after."""
+    before = torch.get_num_threads()
+    if n == 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _required(spec: ModelSpec, dev: Deviations) -> list[str]:
@@ -79,20 +117,19 @@ class _Layer:
     """One decoder layer's weights: bf16 values in float32 tensors, GEMM weights K-tile-major."""
 
     def __init__(self, get: Callable[[str], torch.Tensor], i: int, spec: ModelSpec,
-                 tile: Callable[[str, torch.Tensor], K.Tiled], o_transposed: bool):
+                 tile: Callable[..., K.Tiled], o_transposed: bool):
         p = f"model.layers.{i}."
         self.attn_norm = get(p + "input_layernorm.weight")
         self.ffn_norm = get(p + "post_attention_layernorm.weight")
-        self.wq, self.wk, self.wv = (tile(x, get(p + f"self_attn.{x}_proj.weight")) for x in "qkv")
-        wo = get(p + "self_attn.o_proj.weight")
-        self.wo = tile("o", wo.T if o_transposed else wo)
+        self.wq, self.wk, self.wv = (tile(x, p + f"self_attn.{x}_proj.weight") for x in "qkv")
+        self.wo = tile("o", p + "self_attn.o_proj.weight", transposed=o_transposed)
         self.bq = self.bk = self.bv = None
         if spec.has_qkv_bias:
             self.bq, self.bk, self.bv = (get(p + f"self_attn.{x}_proj.bias") for x in "qkv")
         self.q_norm = self.k_norm = None
         if spec.has_qk_norm:
             self.q_norm, self.k_norm = get(p + "self_attn.q_norm.weight"), get(p + "self_attn.k_norm.weight")
-        self.gate, self.up, self.down = (tile(x, get(p + f"mlp.{x}_proj.weight")) for x in ("gate", "up", "down"))
+        self.gate, self.up, self.down = (tile(x, p + f"mlp.{x}_proj.weight") for x in ("gate", "up", "down"))
 
     @property
     def nbytes(self) -> int:
@@ -130,10 +167,12 @@ class Emulator:
             self._head = _tensor(self._weights["lm_head.weight"]).to(torch.bfloat16)
         self.final_norm = self._get("model.norm.weight")
         self._budget = resident_budget()
+        self._threads = compute_threads()
         head_bytes = self._head.numel() * 4
         self.lm_head: K.Tiled | None = None
         if head_bytes <= self._budget // 2:
-            self.lm_head = self._tile("logits", self._head.float())
+            with _torch_threads(self._threads):  # ~1200 band copies: spinning threads cost more than they do
+                self.lm_head = self._tile("logits", self._head)  # bf16 widened exactly by the layout copy
             self._budget -= head_bytes
         # Decoder layers: the first ones that fit the remaining budget stay resident (prepared once);
         # the rest are fetched, converted and tiled when they run and released after (streaming). A fixed
@@ -155,14 +194,22 @@ class Emulator:
         return K.bf16(_tensor(self._weights[name]))
 
     def _tile(self, name: str, w: torch.Tensor) -> K.Tiled:
-        return K.Tiled(w, self._acc.get(name, (None, self.cfg.k_tile))[1])
+        return K.Tiled(w, self._k_tile(name))
+
+    def _k_tile(self, name: str) -> int:
+        return self._acc.get(name, (None, self.cfg.k_tile))[1]
+
+    def _prepare(self, name: str, weight: str, transposed: bool = False) -> K.Tiled:
+        """GEMM weight ``weight`` read, rounded to bf16 (the NPU holds bf16 weights; a no-op for
+        bf16-representable ones) and laid K-tile-major in one go."""
+        return K.Tiled.from_weight(self._weights[weight], self._k_tile(name), transposed=transposed)
 
     def _layer_weights(self, i: int) -> _Layer:
         """Layer ``i``'s prepared weights: resident, or fetched now (dropped by the caller after use)."""
         layer = self._resident.get(i)
         if layer is not None:
             return layer
-        layer = _Layer(self._get, i, self.spec, self._tile, self.dev.o_proj_transposed)
+        layer = _Layer(self._get, i, self.spec, self._prepare, self.dev.o_proj_transposed)
         if self._resident_limit is None:
             self._resident_limit = min(self.spec.num_layers, self._budget // max(1, layer.nbytes))
         if i < self._resident_limit:
@@ -177,7 +224,8 @@ class Emulator:
         if ids.numel() == 0:
             raise HarnessError("emulator prefill: input_ids is empty")
         self._reset(ids.numel())
-        logits = self._forward(ids, np.arange(ids.numel()), tap or _identity_tap, decode=False)
+        with _torch_threads(self._threads):
+            logits = self._forward(ids, np.arange(ids.numel()), tap or _identity_tap, decode=False)
         self._slow(start)
         return logits
 
@@ -187,7 +235,8 @@ class Emulator:
         if not self._cache:
             raise HarnessError("emulator decode called before prefill")
         ids = self._ids(np.asarray([int(token_id)]), "decode token_id")
-        logits = self._forward(ids, np.array([self.pos]), tap or _identity_tap, decode=True)
+        with _torch_threads(self._threads):
+            logits = self._forward(ids, np.array([self.pos]), tap or _identity_tap, decode=True)
         self._slow(start)
         return logits
 
@@ -279,7 +328,7 @@ class Emulator:
         step = _HEAD_CHUNK_ROWS
         for r0 in range(0, vocab, step):
             r1 = min(vocab, r0 + step)
-            chunk = self._tile("logits", self._head[r0:r1].float())
+            chunk = self._tile("logits", self._head[r0:r1])
             out[:, r0:r1] = K.gemm(h, chunk, cfg, acc=acc, remainder="pad", name="logits")
         if remainder == "ignore" and vocab % cfg.n_block:
             out[:, vocab - vocab % cfg.n_block:] = 0.0
