@@ -9,7 +9,7 @@ timing) in a third subprocess, the reference point of the build's "within 1.3x" 
 
 Run (big runs hold the shared memory lock, bounded in time)::
 
-    flock /work/wt/_notes/bigmem.lock timeout 7200 .venv/bin/python benchmarks/bench_scale.py \\
+    flock /tmp/npu-harness-bigmem.lock timeout 7200 .venv/bin/python benchmarks/bench_scale.py \\
         --models qwen3-0.6b --prompt-lens 128 --decode-steps 32
 
 Prints one table row per (model, prompt length) as it completes, and the table again at the end;
