@@ -83,6 +83,28 @@ def tap_names(spec: ModelSpec) -> list[str]:
     return names
 
 
+def inputs(spec: ModelSpec, name: str) -> tuple[str, ...]:
+    """The taps whose values the op behind ``name`` reads in the same phase: its data-flow inputs (the KV
+    cache that ``attn`` also reads comes from earlier phases and is left out). In isolated mode a tap is
+    teacher-forced only when every one of these was handed over with ``tap`` (docs/policies.md, "The
+    median statistics")."""
+    t = validate(spec, name)
+    if t.layer is None:
+        last = f"layers.{spec.num_layers - 1}.out"
+        return {"embed": (), "final_norm": (last,), "logits": ("final_norm",)}[t.kind]
+    i = t.layer
+    p = f"layers.{i}."
+    residual = f"layers.{i - 1}.out" if i else "embed"
+    q_in, k_in = (p + "q_norm", p + "k_norm") if spec.has_qk_norm else (p + "q", p + "k")
+    return {
+        "attn_norm": (residual,), "q": (p + "attn_norm",), "k": (p + "attn_norm",), "v": (p + "attn_norm",),
+        "q_norm": (p + "q",), "k_norm": (p + "k",), "q_rope": (q_in,), "k_rope": (k_in,),
+        "attn": (p + "q_rope", p + "k_rope", p + "v"), "o": (p + "attn",), "attn_residual": (p + "o", residual),
+        "ffn_norm": (p + "attn_residual",), "gate": (p + "ffn_norm",), "up": (p + "ffn_norm",),
+        "act": (p + "gate", p + "up"), "down": (p + "act",), "out": (p + "down", p + "attn_residual"),
+    }[t.kind]
+
+
 def required_taps(spec: ModelSpec) -> list[str]:
     """Taps every deployment must expose: embed, every layer's out, final_norm, logits."""
     return ["embed", *(f"layers.{i}.out" for i in range(spec.num_layers)), "final_norm", "logits"]

@@ -91,7 +91,9 @@ def synthetic_plan(spec: ModelSpec, seed: int = 0) -> list[tuple[str, tuple[int,
         if not scratch or scratch[0].numel() < n or (n <= layer_draw < scratch[0].numel()):
             # sized for this draw and at least a layer's largest: the embedding-sized buffer of the
             # first draw is not kept through the layers (a small model's reference runs beside them)
-            scratch[:] = [torch.empty(max(n, layer_draw))]
+            # float32 named: torch's default dtype is process-wide, and a bf16 model built on another
+            # thread (the reference beside a background draw) changes it for the moment
+            scratch[:] = [torch.empty(max(n, layer_draw), dtype=torch.float32)]
         out = scratch[0][:n].view(shape)
         return torch.randn(shape, generator=gen, out=out).mul_(float(std)).numpy()
 
