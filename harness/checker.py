@@ -166,7 +166,9 @@ def judge_tap(policies, phase: str, name: str, kind: str, dut, golden, base, mod
     """
     from harness.compare.metrics import tap_metrics
 
-    metrics = tap_metrics(dut, golden, base, block=head_dim, medians=mode == "isolated" if medians is None else medians)
+    if medians is None:
+        medians = mode == "isolated"
+    metrics = tap_metrics(dut, golden, base, block=head_dim, medians=medians)
     policy = policies.lookup(kind, phase)
     judgement = policy.judge(dut, golden, base, metrics, kind=kind, phase=phase, mode=mode)
     message = None

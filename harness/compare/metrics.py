@@ -251,7 +251,8 @@ def median_metrics(d: np.ndarray, g: np.ndarray, b: np.ndarray, block: int = 0) 
     ``MEDIAN_ULP_FLOOR``. R and r_tail are ruled by a row's largest errors, where correct kernels differ
     most (outlier channels, a multi-step SiLU); a bug that moves every element of a row or a head's slice
     by ~1% moves the median, which a few large legitimate errors leave alone. Rows go in chunks of ~1M
-    elements, ULP errors in float32 (a median needs no more). NaN in the dut makes both NaN (it fails on its NaN count anyway)."""
+    elements, ULP errors in float32 (a median needs no more). NaN in the dut makes both NaN (it fails on
+    its NaN count anyway)."""
     rows, feats = g.shape
     width = block if block and feats % block == 0 and feats > block else 0
     keys = ("row_med_r", "head_med_r") if width else ("row_med_r",)

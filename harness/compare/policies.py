@@ -220,9 +220,9 @@ class CalibratedPolicy(Policy):
     def structure(self, metrics: dict[str, Any], phase: str, mode: str, kind: str = "") -> dict[str, tuple[float, float]]:
         """{statistic: (value, limit)} of the per-kind limits a tap has in isolated mode (``KIND_LIMITS``,
         times ``kind_scale``), for the statistics its metrics hold: kind_r (R against the kind's own
-        limit), row_r, row_gain_free_r, head_r, head_gain_free_r, row_med_r, head_med_r, lean (|ulp_bias| - |baseline_ulp_bias|:
-        how much more the whole tap leans along the golden than the baseline, ULP; never positive for a
-        dut that leans less than the baseline)."""
+        limit), row_r, row_gain_free_r, head_r, head_gain_free_r, row_med_r, head_med_r, lean
+        (|ulp_bias| - |baseline_ulp_bias|: how much more the whole tap leans along the golden than the
+        baseline, ULP; never positive for a dut that leans less than the baseline)."""
         if mode != "isolated":
             return {}
         table = KIND_LIMITS.get(threshold_prefix(phase, mode) + "kind", {})
