@@ -144,9 +144,10 @@ class TapJudge:
             base = self.golden.tensor(self.phase, name, self.baseline)
             # the median statistics only where the op read golden inputs: a tap the deployment kept to
             # itself (not handed over, or observe-only) leaves its rounding in this op's typical element
-            forced = all(t in self.seen and t not in self.observed for t in tapspec.inputs(self.spec, name))
+            medians = self.mode == "isolated" and all(
+                t in self.seen and t not in self.observed for t in tapspec.inputs(self.spec, name))
             result = judge_tap(self.policies, self.phase, name, parsed.kind, dut, golden, base, self.mode,
-                               self.spec.head_dim, medians=self.mode == "isolated" and forced)
+                               self.spec.head_dim, medians=medians)
             self.results.append(result)
             if name == "logits":
                 self._logits = np.array(dut, copy=True)

@@ -111,9 +111,13 @@ def _floor_bits(gg_rows: np.ndarray, features: int) -> np.ndarray:
 def ulp_error(dut: Any, golden: Any) -> np.ndarray:
     """Element-wise |dut - golden| in bf16 ULPs of the golden, with the row-RMS floor (float64)."""
     d, g = _as_2d(dut, "dut"), _as_2d(golden, "golden")
+    return np.abs(d.astype(np.float64) - g.astype(np.float64)) * _inv_ulp(g).astype(np.float64)
+
+
+def _inv_ulp(g: np.ndarray) -> np.ndarray:
+    """1 / ULP of each element of a 2-D float32 golden, with its row's RMS floor (float32)."""
     g64 = g.astype(np.float64)
-    fb = _floor_bits(np.einsum("ij,ij->i", g64, g64), g.shape[1])
-    return np.abs(d.astype(np.float64) - g64) * _inv_ulp_f32(g, fb[:, None]).astype(np.float64)
+    return _inv_ulp_f32(g, _floor_bits(np.einsum("ij,ij->i", g64, g64), g.shape[1])[:, None])
 
 
 def _inv_ulp_f32(gs: np.ndarray, fb: np.ndarray) -> np.ndarray:
@@ -251,8 +255,7 @@ def median_metrics(d: np.ndarray, g: np.ndarray, b: np.ndarray, block: int = 0) 
     ``MEDIAN_ULP_FLOOR``. R and r_tail are ruled by a row's largest errors, where correct kernels differ
     most (outlier channels, a multi-step SiLU); a bug that moves every element of a row or a head's slice
     by ~1% moves the median, which a few large legitimate errors leave alone. Rows go in chunks of ~1M
-    elements, ULP errors in float32 (a median needs no more). NaN in the dut makes both NaN (it fails on
-    its NaN count anyway)."""
+    elements, ULP errors in float32. NaN in the dut makes both NaN (it fails on its NaN count anyway)."""
     rows, feats = g.shape
     width = block if block and feats % block == 0 and feats > block else 0
     keys = ("row_med_r", "head_med_r") if width else ("row_med_r",)
@@ -262,7 +265,7 @@ def median_metrics(d: np.ndarray, g: np.ndarray, b: np.ndarray, block: int = 0) 
     step = max(1, (1 << 20) // feats)
     for lo in range(0, rows, step):
         gs = g[lo:lo + step]
-        inv_ulp = _inv_ulp_f32(gs, _floor_bits(np.einsum("ij,ij->i", gs, gs, dtype=np.float64), feats)[:, None])
+        inv_ulp = _inv_ulp(gs)  # the ULPs of ulp_error, in float32 (a median needs no more)
         ed = np.abs(d[lo:lo + step] - gs)
         ed *= inv_ulp
         eb = np.abs(b[lo:lo + step] - gs)

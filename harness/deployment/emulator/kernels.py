@@ -58,40 +58,34 @@ def check_tiling(name: str, m: int, k: int, n: int, cfg: EmulatorConfig) -> list
 
 
 class Tiled:
-    """A weight [N, K] laid out K-tile-major, ``tiles`` [K / k_tile, k_tile, N] (K zero-padded: exact),
-    as the NPU streams it: prepared once, so each GEMM is one batched product per K tile."""
+    """A weight [N, K] (``transposed``: given as [K, N]) laid out K-tile-major, ``tiles`` [K / k_tile,
+    k_tile, N] (K zero-padded: exact), as the NPU streams it: prepared once, so each GEMM is one batched
+    product per K tile."""
 
-    def __init__(self, w: torch.Tensor, k_tile: int):
-        n, k = w.shape
+    def __init__(self, w: torch.Tensor, k_tile: int, *, transposed: bool = False):
+        k, n = w.shape if transposed else w.shape[::-1]
         nk = -(-k // k_tile)
         wt = torch.empty(nk * k_tile, n)
         wt[k:] = 0.0  # K padding: exact zeros
-        _transpose_into(wt, w)
+        if transposed:
+            wt[:k] = w
+        else:
+            _transpose_into(wt, w)
         self.n, self.k, self.k_tile = n, k, k_tile
         self.tiles = wt.reshape(nk, k_tile, n)
 
     @classmethod
     def from_weight(cls, w, k_tile: int, *, transposed: bool = False) -> "Tiled":
         """A weight as the NPU holds it: ``w`` [N, K] (``transposed``: [K, N]; any float array, read-only
-        views of memory-mapped weights too) laid K-tile-major and rounded to bf16 in place: the values of
-        ``Tiled(bf16(tensor(w)), k_tile)`` without its float32 copy, rounded copy and zeroed layout (a
+        views of memory-mapped weights too) laid out as ``Tiled`` does and rounded to bf16 in place: the
+        values of ``Tiled(bf16(tensor(w)), k_tile)`` without its float32 copy, rounded copy and zeroed layout (a
         streamed layer is prepared on every call, so its passes over memory are the cost)."""
         src = np.ascontiguousarray(w, dtype=np.float32)
-        k, n = src.shape if transposed else src.shape[::-1]
-        nk = -(-k // k_tile)
-        wt = torch.empty(nk * k_tile, n)
-        wt[k:] = 0.0  # K padding: exact zeros
         with warnings.catch_warnings():  # a read-only source is only read here (the copy's source)
             warnings.simplefilter("ignore", UserWarning)
             view = torch.from_numpy(src)
-        if transposed:
-            wt[:k] = view
-        else:
-            _transpose_into(wt, view)
-        _round_bf16_inplace(wt.numpy().reshape(-1).view(np.uint32))
-        tiled = cls.__new__(cls)
-        tiled.n, tiled.k, tiled.k_tile = n, k, k_tile
-        tiled.tiles = wt.reshape(nk, k_tile, n)
+        tiled = cls(view, k_tile, transposed=transposed)
+        _round_bf16_inplace(tiled.tiles.numpy().reshape(-1).view(np.uint32))  # K padding stays 0
         return tiled
 
 
