@@ -1,8 +1,9 @@
 """Full-scale memory and time: ``harness golden build`` and ``harness gate`` per model and prompt length.
 
 Each command runs in its own subprocess; the peak resident memory is that of the whole process tree
-(the gate's deployment child included), the sum of the tree's RSS polled from /proc every 0.1 s (shared
-pages of the tap segments count in both processes: an upper bound). ``plain`` is the time of two plain
+(the gate's deployment child included): the sum of the tree's proportional set sizes (PSS, from
+/proc/PID/smaps_rollup, polled every 0.2 s), so the shared-memory segment a large tap crosses in is counted
+once, not once per process mapping it (the RSS sum used before counted it twice). ``plain`` is the time of two plain
 HF forwards (fp32 and bf16: the prompt plus the decode steps with the KV cache, models built outside the
 timing) in a third subprocess, the reference point of the build's "within 1.3x" target; it is skipped
 (``-``) when the fp32 model would not fit next to the bf16 one (``--plain-max-gb``).
@@ -45,22 +46,23 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _rss_bytes(pid: int) -> int:
+def _pss_bytes(pid: int) -> int:
+    """Proportional set size: private pages plus each shared page divided among the processes mapping it."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
     return 0
 
 
-def tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants."""
+def tree_pss(root: int) -> int:
+    """Resident bytes of ``root`` and all its descendants, shared pages counted once."""
     tree, total, todo = _children(), 0, [root]
     while todo:
         pid = todo.pop()
-        total += _rss_bytes(pid)
+        total += _pss_bytes(pid)
         todo.extend(tree.get(pid, []))
     return total
 
@@ -73,12 +75,12 @@ def run_measured(cmd: list[str], timeout: float, log: Path | None = None) -> dic
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
         peak = 0
         while proc.poll() is None:
-            peak = max(peak, tree_rss(proc.pid))
+            peak = max(peak, tree_pss(proc.pid))
             if time.perf_counter() - start > timeout:
                 proc.kill()
                 proc.wait()
                 break
-            time.sleep(0.1)
+            time.sleep(0.2)
     finally:
         if log:
             out.close()

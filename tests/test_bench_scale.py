@@ -17,6 +17,21 @@ def test_peak_memory_counts_the_child_processes(load_file) -> None:
     assert out["exit"] == 0 and out["peak_gb"] >= 0.19, out
 
 
+def test_peak_memory_counts_a_shared_segment_once(load_file) -> None:
+    """A 200 MB shared-memory segment touched by a parent and its child (how a large tap crosses) is
+    physical memory once: the tree's PSS sum, not the RSS sum that counted it in both."""
+    bench = load_file(SCRIPT)
+    child = ("import sys, time, numpy; from multiprocessing import shared_memory; "
+             "s = shared_memory.SharedMemory(name=sys.argv[1]); numpy.frombuffer(s.buf, numpy.uint8).sum(); "
+             "time.sleep(1.5); s.close()")
+    code = ("import subprocess, sys, numpy; from multiprocessing import shared_memory; "
+            "s = shared_memory.SharedMemory(create=True, size=200_000_000); "
+            "numpy.frombuffer(s.buf, numpy.uint8)[:] = 1; "
+            f"subprocess.run([sys.executable, '-c', {child!r}, s.name]); s.close()")  # the child's tracker unlinks it
+    out = bench.run_measured([sys.executable, "-c", code], timeout=60)
+    assert out["exit"] == 0 and 0.2 <= out["peak_gb"] < 0.36, out
+
+
 def test_commands_options_and_table(load_file, tmp_path, monkeypatch, capsys) -> None:
     bench = load_file(SCRIPT)
     calls: list[list[str]] = []

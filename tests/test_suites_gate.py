@@ -74,6 +74,33 @@ def test_sanity_catches_a_corrupted_golden(golden_root: Path, tmp_path: Path) ->
     assert not check and "decode.1.safetensors" in check.message
 
 
+def test_decode_matches_prefill_scales_with_depth_and_catches_a_stale_step(golden_root: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fp32 reordering noise is judged against the bf16 golden's own difference where it passes the
+    fixed floor (deep layers at full scale); a decode step carrying another step's values still fails."""
+    import harness.suites.sanity as sanity
+    from harness.store import GoldenRequest, GoldenStore
+    from harness.store.golden import GoldenSet
+    from harness.weights import WeightsSource, load_weights
+
+    golden = GoldenStore(golden_root).get(GoldenRequest(MODEL, "tiny", 0, 4))
+    weights = load_weights(golden.spec, WeightsSource(None), 0)
+    clean = sanity.decode_matches_prefill(golden, weights)
+    assert clean and clean.metrics["compared"] > 0 and clean.metrics["worst_rel"] < sanity.DECODE_PREFILL_RTOL
+    # A floor below the noise: every tap is then judged against its bf16 difference, and fp32 noise is a
+    # small share of it.
+    monkeypatch.setattr(sanity, "DECODE_PREFILL_RTOL", clean.metrics["worst_rel"] / 100)
+    deep = sanity.decode_matches_prefill(golden, weights)
+    assert deep and deep.metrics["max_rel"] > sanity.DECODE_PREFILL_RTOL and deep.metrics["score"] < 0.5
+
+    class Stale(GoldenSet):  # decode.2's layers.1.o holds decode.1's value: a stale KV-cache step
+        def tensor(self, phase: str, tap: str, variant: str = "fp32") -> np.ndarray:
+            return super().tensor("decode.1" if (phase, tap) == ("decode.2", "layers.1.o") else phase, tap, variant)
+
+    stale = sanity.decode_matches_prefill(Stale(golden.path, golden.manifest), weights)
+    assert not stale and stale.metrics["where"] == "decode.2 layers.1.o" and stale.metrics["score"] > 10
+
+
 def test_run_gate_refuses_a_reference_replay(golden_root: Path) -> None:
     """A replay hands back the goldens: the gate never runs one (exit 3 before any phase)."""
     for dep in (perturbed_replay("prefill", "layers.1.gate", 0.05), "replay-fp32"):

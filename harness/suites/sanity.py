@@ -7,8 +7,9 @@ Four checks, each a ``Check`` with metrics against its threshold:
   ``attn_residual == (previous out or embed) + o``, every phase. HF adds in fp32, so the identity holds
   to the rounding of one addition: at most ``RESIDUAL_ULPS`` fp32 ULPs of the largest magnitude.
 - ``decode_matches_prefill``: each decode step's taps equal the matching row of one longer fp32 prefill
-  over prompt + decode tokens, within ``DECODE_PREFILL_RTOL`` of the tap's scale (fp32 noise from a
-  different reduction order; a KV-cache or position bug in the reference is O(1)).
+  over prompt + decode tokens, within ``DECODE_PREFILL_RTOL`` of the tap's scale or, deeper in the model,
+  ``DECODE_PREFILL_BF16_SHARE`` of the bf16 golden's own difference there (fp32 noise from a different
+  reduction order; a KV-cache or position bug in the reference is O(1)).
 - ``bf16_top1``: the bf16 reference picks the fp32 reference's top-1 token (or a near tie of it within
   its own rounding noise) on at least ``BF16_TOP1_MIN`` of all logit rows; a broken noise baseline would
   make every policy meaningless.
@@ -24,16 +25,24 @@ from harness.suites.phases import Check
 
 RESIDUAL_ULPS = 4.0
 # fp32 eps is 1.2e-7; a few layers of differently ordered reductions (SDPA over T keys vs one query)
-# stay below 1e-5 relative at tiny and small scale; 1e-4 leaves headroom for full-scale depth.
+# stay below 1e-5 relative at tiny and small scale. The reordering noise grows with depth and prompt
+# length as bf16's rounding does (qwen3-4b at 256 tokens: 1.9e-4 at layer 27 of 36, decode step 22),
+# so the limit follows the bf16 golden's difference from fp32 on that same tap: fp32 reordering is
+# 2^-23 per operation against bf16's 2^-8, and a share of 1/20 leaves a 1000x margin to either. A
+# reference bug (stale cache, wrong position) is O(1) relative, far above both.
 DECODE_PREFILL_RTOL = 1e-4
+DECODE_PREFILL_BF16_SHARE = 0.05
 # Measured at tiny scale with synthetic weights: 0.90-0.99 over the nine models (prompt rows included,
 # where logits of a random prompt are flat and ties common). Below 0.75 the bf16 run is broken.
 BF16_TOP1_MIN = 0.75
 # A disagreement is a near tie when the bf16 pick trails the fp32 top-1 by at most 3 RMS of the bf16
 # run's error on that row plus one bf16 ULP of the top value (a rounding-level difference), and only
-# while that error stays below a quarter of the row's logit spread (a broken bf16 run is never excused).
+# while that error stays below half of the row's logit spread. Synthetic weights amplify bf16 rounding
+# with depth: qwen3-4b at full scale and 2048 tokens measured 0.28-0.38 of the spread (cosine
+# 0.93-0.96 to fp32), where the flat top of 151936 logits swaps with any noise; a broken bf16 run
+# (logits unrelated to fp32) sits at 1.4, so it is never excused.
 TIE_NOISE = 3.0
-TIE_MAX_NOISE = 0.25
+TIE_MAX_NOISE = 0.5
 TOP1_CHUNK_ROWS = 64  # [2048, 151936] full-scale logits would need 2.5 GB per float64 copy
 _EPS32 = float(np.finfo(np.float32).eps)
 
@@ -84,23 +93,32 @@ def decode_matches_prefill(golden: GoldenSet, weights: Mapping[str, np.ndarray])
     steps = len(golden.phases) - 1
     ids = np.concatenate([golden.input_ids, golden.decode_tokens[:steps]])
     t0 = len(golden.input_ids)
-    state = {"worst": 0.0, "where": "", "compared": 0}
+    state = {"score": 0.0, "worst": 0.0, "allowed": DECODE_PREFILL_RTOL, "where": "", "compared": 0}
 
     def compare(_phase: str, name: str, value) -> None:
         rows = value[t0: t0 + steps].float().numpy()
         for j, phase in enumerate(golden.phases[1:]):
             dec, row = golden.tensor(phase, name), rows[j: j + 1]
-            rel = float(np.abs(dec - row).max()) / max(float(np.abs(row).max()), 1e-30)
+            rel = _rel_max(dec, row)
+            # Only read the bf16 tap when the fixed floor is exceeded (rare: deep layers at full scale).
+            allowed = DECODE_PREFILL_RTOL if rel <= DECODE_PREFILL_RTOL else max(
+                DECODE_PREFILL_RTOL, DECODE_PREFILL_BF16_SHARE * _rel_max(golden.tensor(phase, name, "bf16"), dec))
             state["compared"] += 1
-            if rel > state["worst"]:
-                state["worst"], state["where"] = rel, f"{phase} {name}"
+            if rel / allowed > state["score"]:
+                state.update(score=rel / allowed, worst=rel, allowed=allowed, where=f"{phase} {name}")
 
     run_reference(build_streaming_model(spec, weights, torch.float32), spec, ids, sink=compare)
-    worst, where, compared = state["worst"], state["where"], state["compared"]
-    ok = worst <= DECODE_PREFILL_RTOL
-    return Check("decode_matches_prefill", ok,
-                 f"worst relative difference {worst:.3g} at {where or '-'} (max {DECODE_PREFILL_RTOL:g})",
-                 {"worst_rel": worst, "max_rel": DECODE_PREFILL_RTOL, "where": where, "compared": compared})
+    worst, allowed, where = state["worst"], state["allowed"], state["where"]
+    return Check("decode_matches_prefill", state["score"] <= 1.0,
+                 f"worst relative difference {worst:.3g} at {where or '-'} (max {allowed:.3g}: "
+                 f"{DECODE_PREFILL_RTOL:g}, or {DECODE_PREFILL_BF16_SHARE:g} of the bf16 golden's difference there)",
+                 {"worst_rel": worst, "max_rel": allowed, "where": where, "compared": state["compared"],
+                  "score": state["score"]})
+
+
+def _rel_max(value: np.ndarray, ref: np.ndarray) -> float:
+    """Largest absolute difference over the reference's largest magnitude."""
+    return float(np.abs(value - ref).max()) / max(float(np.abs(ref).max()), 1e-30)
 
 
 def top1_agreement(fp32: np.ndarray, bf16: np.ndarray) -> tuple[int, int]:
