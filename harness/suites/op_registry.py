@@ -45,6 +45,11 @@ PROBE_VALUES = 4  # probe entries are integers in [0, 4): K * 9 stays far below 
 EMBED_STD = 0.01
 
 Act = Callable[..., np.ndarray]
+# Elements drawn, rounded or multiplied at once. A full-scale LM head case's weight is [vocab, hidden]
+# (qwen3-4b: 389 M values, 1.6 GB in float32): drawn whole in float64, cast, scaled and rounded through
+# copies, then widened to float64 for the reference, it alone took phase 1 past 8 GB. Row chunks give
+# the same values (the generator's stream does not depend on how it is split).
+_CHUNK_ELEMENTS = 1 << 24
 
 
 def bf16(x: torch.Tensor) -> torch.Tensor:
@@ -338,23 +343,61 @@ class OpCase:
         rng = np.random.default_rng([seed, zlib.crc32(self.id.encode())])
 
         def act(*shape: int, std: float = 1.0, outliers: bool = True) -> np.ndarray:
-            x = rng.standard_normal(shape).astype(np.float32) * std
+            x = np.empty(shape, dtype=np.float32)
+            for rows in _row_chunks(x):  # float64 draws cast to float32, as one draw's astype would
+                rows[...] = rng.standard_normal(rows.shape)
+            x *= std  # the float32 product of ``x * std``, in place
             if outliers and shape[-1] >= 16:
                 x[..., rng.choice(shape[-1], 2, replace=False)] *= 8.0
             return x
 
         out = self.definition.inputs(self.p, act)
-        return {k: bf16(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))).numpy() for k, v in out.items()}
+        return {k: _round_bf16_inplace(np.ascontiguousarray(v, dtype=np.float32)) for k, v in out.items()}
 
     def reference(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The fp32 result (computed in float64)."""
-        x = {k: torch.from_numpy(v).double() for k, v in inputs.items()}
-        return self.definition.reference(self.p, x, self).float().numpy()
+        return self._compute(inputs, torch.float64)
 
     def baseline(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """The same op in torch bf16: the local noise baseline."""
-        x = {k: torch.from_numpy(v).bfloat16() for k, v in inputs.items()}
-        return self.definition.reference(self.p, x, self).float().numpy()
+        return self._compute(inputs, torch.bfloat16)
+
+    def _compute(self, inputs: dict[str, np.ndarray], dtype: torch.dtype) -> np.ndarray:
+        """The op on ``inputs`` cast to ``dtype``; in float64, a GEMM-like op whose weight exceeds
+        ``_CHUNK_ELEMENTS`` a band of the weight's rows (output columns) at a time: each output column
+        reads only its row of ``w`` (and of ``b``), so the LM head never exists whole in float64 (3.1 GB at
+        qwen3-4b). bf16 stays in one piece (half the float32 size): torch's bf16 GEMM rounds its
+        accumulation differently with N, and the baseline must be the whole op's."""
+        w = inputs.get("w")
+        if dtype != torch.float64 or self.gemm_dims() is None or w is None or w.size <= _CHUNK_ELEMENTS:
+            x = {k: torch.from_numpy(v).to(dtype) for k, v in inputs.items()}
+            return self.definition.reference(self.p, x, self).float().numpy()
+        n, step = w.shape[0], max(1, _CHUNK_ELEMENTS // w.shape[1])
+        out: np.ndarray | None = None
+        for c0 in range(0, n, step):
+            x = {k: torch.from_numpy(v[c0:c0 + step] if k in ("w", "b") else v).to(dtype) for k, v in inputs.items()}
+            part = self.definition.reference(self.p, x, self).float().numpy()
+            if out is None:
+                out = np.empty(part.shape[:-1] + (n,), dtype=np.float32)
+            out[..., c0:c0 + step] = part
+        assert out is not None
+        return out
+
+
+def _row_chunks(x: np.ndarray):
+    """Writable views of ``x``'s rows (its last axis whole), ``_CHUNK_ELEMENTS`` at a time, in C order."""
+    flat = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+    step = max(1, _CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    for r0 in range(0, flat.shape[0], step):
+        yield flat[r0:r0 + step]
+
+
+def _round_bf16_inplace(x: np.ndarray) -> np.ndarray:
+    """``x`` (float32, C-contiguous) rounded to bf16 (``bf16``) in place, a band of rows at a time."""
+    for rows in _row_chunks(x):
+        t = torch.from_numpy(rows)
+        t.copy_(t.to(torch.bfloat16))
+    return x
 
 
 def cases_for(spec: ModelSpec, tokens: int | None = None) -> list[OpCase]:
@@ -406,8 +449,11 @@ def _2d(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
 
 
-def _output(case: OpCase, backend: OpBackend, inputs: dict[str, np.ndarray], want: tuple[int, ...]) -> np.ndarray:
-    out = np.asarray(backend.run(case, {k: v.copy() for k, v in inputs.items()}))
+def _output(case: OpCase, backend: OpBackend, inputs: dict[str, np.ndarray], want: tuple[int, ...],
+            owned: bool = False) -> np.ndarray:
+    """The backend's output on ``inputs``: copies of them, or (``owned``: the caller has no further use
+    for them) the arrays themselves, which a full-scale LM head case cannot afford twice."""
+    out = np.asarray(backend.run(case, inputs if owned else {k: v.copy() for k, v in inputs.items()}))
     if out.shape != want:
         raise HarnessError(f"{case.id}: the op backend returned shape {out.shape}, expected {want}")
     return out.astype(np.float32)
@@ -419,7 +465,7 @@ def judge(case: OpCase, backend: OpBackend, seed: int = 0, r_limit: float = R_LI
 
     inputs = case.inputs(seed)
     ref, base = case.reference(inputs), case.baseline(inputs)
-    dut = _output(case, backend, inputs, ref.shape)
+    dut = _output(case, backend, inputs, ref.shape, owned=True)
     metrics = tap_metrics(_2d(dut), _2d(ref), _2d(base))
     finite = bool(np.isfinite(dut).all())  # NaN or inf always fails
     return OpResult(case.id, finite and metrics["r"] <= r_limit, metrics)
@@ -433,11 +479,16 @@ def exact_probe(case: OpCase, backend: OpBackend) -> OpResult:
     m, k, n = case.gemm_dims()
     rng = np.random.default_rng(zlib.crc32(case.id.encode()))
     a = rng.integers(0, PROBE_VALUES, size=(m, k)).astype(np.float32)
-    w = rng.integers(0, PROBE_VALUES, size=(n, k)).astype(np.float32)
-    exact = (a.astype(np.int64) @ w.T.astype(np.int64)).astype(np.float32)
+    w = np.empty((n, k), dtype=np.float32)
+    for rows in _row_chunks(w):  # the same integers as one draw, without a [N, K] int64 array
+        rows[...] = rng.integers(0, PROBE_VALUES, size=rows.shape)
+    exact = np.empty((m, n), dtype=np.float32)
+    step = max(1, _CHUNK_ELEMENTS // k)
+    for c0 in range(0, n, step):  # float64 sums of small integers are exact whatever their order
+        exact[:, c0:c0 + step] = a.astype(np.float64) @ w[c0:c0 + step].T.astype(np.float64)
     want = bf16(torch.from_numpy(exact)).numpy()
     a_shape = (m, k) if "M" in case.p else (k,)  # gemm's a is [M, K], gemv's [K]
-    got = _output(case, backend, {"a": a.reshape(a_shape), "w": w}, a_shape[:-1] + (n,)).reshape(m, n)
+    got = _output(case, backend, {"a": a.reshape(a_shape), "w": w}, a_shape[:-1] + (n,), owned=True).reshape(m, n)
     bad = got != want
     first = np.argwhere(bad)[0].tolist() if bad.any() else None
     return OpResult(case.id, not bad.any(), {"mismatches": int(bad.sum()), "elements": int(bad.size),
