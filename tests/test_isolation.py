@@ -196,6 +196,34 @@ def test_shared_memory_round_trip_unlinks_its_segment():
     assert pack(a[:10], "npuhtest-", itertools.count())[0] == "pipe"
 
 
+def test_a_shared_array_crosses_without_a_copy_and_goes_with_its_last_view(monkeypatch: pytest.MonkeyPatch):
+    """In a child, ``shared_array`` lives in a segment the parent maps as it is ("owned"): the logits of a
+    full-scale prefill (1.2 GB) are not copied on their way out. The segment goes with the array."""
+    import gc
+    import itertools
+
+    from harness.deployment import isolation
+
+    assert type(isolation.shared_array((600, 1000))) is np.ndarray  # not in a child: plain memory
+    monkeypatch.setitem(isolation._CHILD, "prefix", "npuhtest-")
+    monkeypatch.setitem(isolation._CHILD, "counter", itertools.count())
+    a = isolation.shared_array((600, 1000))
+    a[...] = np.arange(600_000, dtype=np.float32).reshape(600, 1000)
+    packed = pack(a, "npuhtest-", itertools.count())
+    assert packed[0] == "owned" and Path("/dev/shm", packed[1]).exists()
+    seen = unpack(packed)
+    np.testing.assert_array_equal(seen, a)
+    assert Path("/dev/shm", packed[1]).exists()  # the child still owns it
+    part = pack(a[1:], "npuhtest-", itertools.count())
+    assert part[0] == "shm"  # a part of it is copied as before
+    np.testing.assert_array_equal(unpack(part), a[1:])  # (and its segment unlinked)
+    assert pack(isolation.shared_array((4, 4)), "npuhtest-", itertools.count())[0] == "pipe"  # small: plain
+    del a
+    gc.collect()
+    assert not Path("/dev/shm", packed[1]).exists()
+    np.testing.assert_array_equal(seen[1], np.arange(1000, 2000, dtype=np.float32))  # the map outlives the name
+
+
 def test_default_deadlines_grow_with_the_work():
     small, full = harness.models.get(MODEL, "tiny"), harness.models.get(MODEL, "full")
     d = Deadlines()

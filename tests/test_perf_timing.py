@@ -154,3 +154,28 @@ def test_noop_tap_returns_its_value():
     v = object()
     assert timing.noop_tap("x", v) is v
     assert list(itertools.islice(iter(timing.OP_PHASES), 3)) == ["npu_run", "write", "read"]
+
+
+class Sleepy(NoOps):
+    """A deployment whose prefill takes 20 ms of wall time."""
+
+    def prefill(self, input_ids, tap):
+        import time
+
+        time.sleep(0.02)
+        return super().prefill(input_ids, tap)
+
+
+def test_measured_only_timing_stops_at_its_budget_never_under_three_rounds() -> None:
+    """Without --perf the gate decides nothing on timings, so it stops adding rounds past a budget
+    (pytest-benchmark's max_time); a comparison (no budget) always gets every round."""
+    from harness.suites import perfgate
+
+    ids = np.arange(4)
+    assert [len(v) for v in perfgate.measure(Sleepy(), ids, 10).values()] == [10, 10, 10]
+    assert len(perfgate.measure(Sleepy(), ids, 10, budget_s=1e-3)["ttft"]) == perfgate.MEASURE_MIN_ROUNDS
+    assert len(perfgate.measure(Sleepy(), ids, 10, budget_s=60.0)["ttft"]) == 10
+    short = perfgate.judge("m", "d", perfgate.measure(Sleepy(), ids, 10, budget_s=1e-3), compare=False)[0]
+    assert "over 3 rounds" in short[4][0].message and "budget" in short[4][0].message
+    full = perfgate.judge("m", "d", perfgate.measure(NoOps(), ids, 10), compare=False)[0]
+    assert "over 10 rounds (measured; no comparison)" in full[4][0].message

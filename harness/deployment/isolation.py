@@ -24,7 +24,6 @@ have no deadline: nothing can interrupt a hung call in the same process.
 from __future__ import annotations
 
 import atexit
-import gc
 import itertools
 import os
 import pickle
@@ -40,6 +39,7 @@ import numpy as np
 from harness.deployment.loader import (DeploymentError, call_deployment, describe, load_factory,
                                        refuse_golden_access, summarise_exception)
 from harness.errors import HarnessError
+from harness.memory import release
 
 ISOLATIONS = ("process", "inline")
 PIPE_MAX = 1 << 20  # bytes: larger tensors go through shared memory
@@ -128,10 +128,53 @@ def _segment_prefix(child_pid: int) -> str:
     return f"npuh{child_pid}-"
 
 
+# -- arrays a deployment allocates in shared memory (no copy on the way to the parent) ----------------
+_SHARED: dict[int, tuple[str, int]] = {}  # in the child: data address -> (segment name, bytes)
+_CHILD: dict[str, Any] = {}  # in the child: the segment prefix and counter (unset in the harness's process)
+
+
+def shared_array(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """An uninitialised array for a large output the deployment will hand over (its logits: 1.2 GB at
+    2048 tokens and a 151936-token vocabulary). In a deployment's child process it lives in a
+    shared-memory segment that reaches the parent without a copy, as a tap or as the returned value;
+    elsewhere (inline, or below the pipe limit) it is ``np.empty``. The segment goes when the array
+    (and every view of it) does."""
+    import mmap
+    import weakref
+
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if not _CHILD or nbytes <= int(os.environ.get(PIPE_MAX_ENV, PIPE_MAX)) or not SHM_DIR.is_dir():
+        return np.empty(shape, dtype)
+    name = f"{_CHILD['prefix']}o{next(_CHILD['counter'])}"
+    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        buf = mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
+    arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    _SHARED[arr.ctypes.data] = (name, nbytes)
+    weakref.finalize(arr, _drop_shared, arr.ctypes.data, name)
+    return arr
+
+
+def _drop_shared(address: int, name: str) -> None:
+    _SHARED.pop(address, None)
+    try:
+        os.unlink(SHM_DIR / name)
+    except OSError:
+        pass
+
+
 def pack(value: Any, prefix: str, counter: Any) -> tuple:
     """``("pipe", value)``, or for a large numeric array ``("shm", name, shape, dtype)`` (the receiver
-    copies it out and unlinks the segment)."""
+    copies it out and unlinks the segment), or for a whole ``shared_array`` ``("owned", name, shape,
+    dtype)`` (the receiver maps it; the sender keeps it until the receiver's next message)."""
     limit = int(os.environ.get(PIPE_MAX_ENV, PIPE_MAX))
+    owned = _SHARED.get(value.ctypes.data) if isinstance(value, np.ndarray) and value.nbytes > limit else None
+    if owned is not None and owned[1] == value.nbytes and value.flags.c_contiguous:
+        return ("owned", owned[0], value.shape, value.dtype.str)
     if isinstance(value, np.ndarray) and value.nbytes > limit and value.dtype.kind in "biufc":
         from multiprocessing import shared_memory
 
@@ -150,8 +193,12 @@ def unpack(packed: tuple) -> Any:
         return packed[1]
     from multiprocessing import shared_memory
 
-    _, name, shape, dtype = packed
+    kind, name, shape, dtype = packed
     mapped = _map_segment(name)  # the segment's pages themselves, without a copy (Linux /dev/shm)
+    if kind == "owned":  # the child's shared_array: its name stays until the child drops the array
+        if mapped is None:
+            raise DeploymentError(f"deployment host: shared array {name} is gone")
+        return np.ndarray(shape, np.dtype(dtype), buffer=mapped)
     shm = shared_memory.SharedMemory(name=name)
     try:
         if mapped is not None:
@@ -207,7 +254,7 @@ def _child_tap(conn: Any, how: str, prefix: str, counter: Any) -> Callable:
         arr, problem = as_float32(name, value)
         packed = pack(arr, prefix, counter) if problem is None else ("pipe", Unjudgeable(problem))
         echo = how == "echo" and not observe
-        wants_reply = echo or packed[0] == "shm"
+        wants_reply = echo or packed[0] in ("shm", "owned")  # the parent maps a segment before we go on
         conn.send(("tap", name, packed, wants_reply, observe))
         if not wants_reply:
             return value
@@ -271,19 +318,22 @@ def child_main(conn: Any) -> None:
     from harness.weights import WeightsSource, load_weights
 
     prefix, counter = _segment_prefix(os.getpid()), itertools.count()
+    _CHILD.update(prefix=prefix, counter=counter)
     deployments: dict[int, Any] = {}
     ids = itertools.count()
+    handed: Any = None  # the last call's returned shared_array: the parent maps it before its next message
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             return
+        handed = None
         kind = msg[0]
         if kind == "close":
             return
         if kind == "drop":
             deployments.pop(msg[1], None)
-            gc.collect()  # a dropped deployment's memory (GBs at full scale) is free before the next is built
+            release()  # a dropped deployment's memory (GBs at full scale) is free before the next is built
             continue
         start = time.perf_counter()
         try:
@@ -315,7 +365,11 @@ def child_main(conn: Any) -> None:
                 arr, problem = as_float32("logits (returned)", out)
                 reply = ("done", pack(arr, prefix, counter) if problem is None else ("pipe", Unjudgeable(problem)),
                          seconds)
+                if reply[1][0] == "owned":
+                    handed = arr
                 del out, arr  # the segment holds the logits now: 1.2 GB at 2048 tokens, not kept into the next call
+                if method == "prefill":  # its activations' freed heap, before the decode steps
+                    release()
             elif kind == "run":
                 _, dep_id, fn, args = msg
                 reply = ("done", ("pipe", fn(deployments[dep_id], *args)), time.perf_counter() - start)

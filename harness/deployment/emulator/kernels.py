@@ -151,6 +151,7 @@ def gemm(
     acc: str | None = None,
     remainder: str | None = None,
     name: str = "gemm",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``bf16(a @ w.T + bias)`` for a [M, K] and w [N, K] (HF layout, or ``Tiled``), tile by tile over K.
 
@@ -158,7 +159,8 @@ def gemm(
     into the accumulator, which ``acc`` (default ``cfg.acc_dtype``) keeps in fp32, or rounds to bf16 after
     every tile. ``remainder`` (default ``cfg.remainder``): ``pad`` computes off-grid shapes as if
     zero-padded (exact, so only K is padded), ``raise`` raises TilingError, ``ignore`` reproduces the
-    real bug of leaving the columns past the last full n_tile*herd_n block unwritten (zeros).
+    real bug of leaving the columns past the last full n_tile*herd_n block unwritten (zeros). ``out``: a
+    float32 [M, N] tensor to write the result into (the logits' shared-memory array).
     """
     acc = acc or cfg.acc_dtype
     remainder = remainder or cfg.remainder
@@ -174,7 +176,7 @@ def gemm(
     nk, kt = tiled.tiles.shape[:2]
     a_pad = a if k == nk * kt else torch.nn.functional.pad(a, (0, nk * kt - k))
     a_tiles = a_pad.reshape(m, nk, kt).transpose(0, 1)  # [nk, M, kt]
-    out = torch.empty(m, n)
+    out = torch.empty(m, n) if out is None else out
     out_bits = out.numpy().view(np.uint32)
     chunk = max(1, _PARTIAL_ELEMENTS // (nk * m))
     for c0 in range(0, n, chunk):

@@ -272,10 +272,11 @@ class Emulator:
             raise TapError(f"tap {name!r} returned shape {arr.shape}, expected {tuple(value.shape)}")
         return K.bf16(_tensor(arr))
 
-    def _gemm(self, name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _gemm(self, name: str, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
         acc, kt = self._acc.get(name, (None, None))
         cfg = self.cfg if kt is None else replace(self.cfg, k_tile=kt)
-        return K.gemm(a, w, cfg, bias=bias, acc=acc, remainder=self.dev.gemm_remainder, name=name)
+        return K.gemm(a, w, cfg, bias=bias, acc=acc, remainder=self.dev.gemm_remainder, name=name, out=out)
 
     def _store_kv(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write new k / v [T, kv_heads, hd] head-major at positions pos .. pos + T - 1."""
@@ -314,9 +315,13 @@ class Emulator:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The LM head GEMM; without a resident tiled head, vocabulary rows are tiled chunk by chunk
         (each output column depends on its own weight row only: the same values as one GEMM)."""
+        from harness.deployment.isolation import shared_array
+
+        vocab = self._head.shape[0] if self.lm_head is None else self.lm_head.n
+        # handed over without a copy when large (a [2048, 151936] prefill's is 1.2 GB)
+        out = torch.from_numpy(shared_array((h.shape[0], vocab)))
         if self.lm_head is not None:
-            return self._gemm("logits", h, self.lm_head)
-        vocab = self._head.shape[0]
+            return self._gemm("logits", h, self.lm_head, out=out)
         acc, kt = self._acc.get("logits", (None, None))
         cfg = self.cfg if kt is None else replace(self.cfg, k_tile=kt)
         remainder = self.dev.gemm_remainder or cfg.remainder
@@ -324,7 +329,6 @@ class Emulator:
         if problems and remainder == "raise":
             raise K.TilingError(f"logits [M={h.shape[0]}, K={h.shape[1]}, N={vocab}]: " + "; ".join(problems)
                                 + " (remainder='raise')")
-        out = torch.empty(h.shape[0], vocab)
         step = _HEAD_CHUNK_ROWS
         for r0 in range(0, vocab, step):
             r1 = min(vocab, r0 + step)
