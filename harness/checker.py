@@ -99,11 +99,12 @@ class TapJudge:
         base = self.golden.tensor(self.phase, "logits", self.baseline)
         self._merge_returned(self._judge_returned(logits, base), logits)
 
-    def _judge_returned(self, logits: np.ndarray, base: np.ndarray, medians: bool | None = None) -> TapResult:
+    def _judge_returned(self, logits: np.ndarray, base: np.ndarray, medians: bool | None = None,
+                        unforced: int = 0) -> TapResult:
         golden = self.golden.tensor(self.phase, "logits", "fp32")
         kind = tapspec.validate(self.spec, "logits").kind
         returned = judge_tap(self.policies, self.phase, "logits (returned)", kind, logits, golden, base, self.mode,
-                             medians=medians)
+                             medians=medians, unforced=unforced)
         return dataclasses.replace(returned, tap="logits")
 
     def _merge_returned(self, returned: TapResult, logits: np.ndarray) -> None:
@@ -207,12 +208,13 @@ class TapJudge:
                 dut = self.values.get(d.slot)
                 base = self.golden.tensor(self.phase, d.name, chain)
                 if d.returned:
-                    result = _annotated(self._judge_returned(dut, base, medians=DEFERRED_MEDIANS), d, chain)
+                    result = _annotated(self._judge_returned(dut, base, medians=DEFERRED_MEDIANS,
+                                                             unforced=len(d.unforced)), d, chain)
                     self._merge_returned(result, dut)
                     continue
                 golden = self.golden.tensor(self.phase, d.name, "fp32")
                 result = judge_tap(self.policies, self.phase, d.name, d.kind, dut, golden, base, self.mode,
-                                   self.spec.head_dim, medians=DEFERRED_MEDIANS)
+                                   self.spec.head_dim, medians=DEFERRED_MEDIANS, unforced=len(d.unforced))
                 self.results[d.index] = result = _annotated(result, d, chain)
                 if not result.passed and self.keep_failed:
                     self._keep_failed(d.name, dut)
@@ -278,7 +280,7 @@ class DeferredValues:
 
 def _annotated(result: TapResult, d: Deferred, chain: str) -> TapResult:
     """``result`` of a deferred tap, saying what judged it and why."""
-    metrics = {**result.metrics, "unforced_inputs": len(d.unforced)}
+    metrics = result.metrics
     judgement = dict(result.judgement or {})
     judgement.update(baseline=chain, unforced=list(d.unforced))
     message = result.message
@@ -289,17 +291,21 @@ def _annotated(result: TapResult, d: Deferred, chain: str) -> TapResult:
 
 
 def judge_tap(policies, phase: str, name: str, kind: str, dut, golden, base, mode: str = "cumulative",
-              head_dim: int = 0, medians: bool | None = None) -> TapResult:
+              head_dim: int = 0, medians: bool | None = None, unforced: int = 0) -> TapResult:
     """Metrics plus the policy's judgement of one tap; ``head_dim`` (the model's) gives the tap its
     per-block statistics: a head's slice on head-structured taps (q, k, v, their norms and RoPE, attn), an aligned block
     of as many columns (a GEMM output tile) on the others. ``medians`` (default: in isolated mode) adds the
-    median statistics, which the policy judges where present.
+    median statistics, which the policy judges where present. ``unforced``: how many taps upstream the
+    op read unforced (isolated mode, ``base`` a chain baseline), recorded as ``metrics["unforced_inputs"]``
+    for the policy (docs/policies.md, "Taps downstream of an unexposed one").
     """
     from harness.compare.metrics import tap_metrics
 
     if medians is None:
         medians = mode == "isolated"
     metrics = tap_metrics(dut, golden, base, block=head_dim, medians=medians)
+    if unforced:
+        metrics["unforced_inputs"] = unforced
     policy = policies.lookup(kind, phase)
     judgement = policy.judge(dut, golden, base, metrics, kind=kind, phase=phase, mode=mode)
     message = None

@@ -1,4 +1,4 @@
-"""A validation member that keeps some taps to itself, for isolated mode's chain baseline
+"""A deployment wrapping a validation member that keeps some taps to itself, for isolated mode's chain baseline
 (docs/policies.md, "Taps downstream of an unexposed one").
 
 ``factory[member=numpy_bf16_pairwise,drop=act]`` wraps a member of the validation population and does
