@@ -1,7 +1,10 @@
 """``harness.check``: run a deployment against the goldens and judge every tap of every phase.
 
 Streaming: each tap is judged the moment the deployment hands it over and only its metrics are kept,
-so memory stays at one golden tensor at a time whatever the model size.
+so memory stays at one golden tensor at a time whatever the model size. In isolated mode a tap whose op
+read values the deployment kept to itself (unexposed or observe-only upstream taps) is deferred: its
+value is kept and it is judged after the run against a chain baseline (docs/policies.md, "Taps
+downstream of an unexposed one").
 """
 from __future__ import annotations
 
@@ -412,7 +415,8 @@ def judge_deployment(model: str, deploy: Callable, name: str, *, scale: str = "t
                      prompt_len: int | None = None, rows: str = "full", policy=None,
                      golden_dir: str | Path | None = None, progress=None, extra_provenance: dict | None = None) -> Verdict:
     """The judging behind ``check``: ``deploy(spec, golden, source, mode)`` returns ``(deployment, host to
-    close or None)``; every tap of every phase is judged as it arrives."""
+    close or None)``; every tap of every phase is judged as it arrives, a deferred one (isolated mode)
+    after the run against its chain baseline."""
     if mode not in MODES:
         raise HarnessError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     if decode_steps < 0:
