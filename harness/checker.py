@@ -516,7 +516,7 @@ def _judge_deferred(store: GoldenStore, golden: GoldenSet, judges: list[TapJudge
     if not unforced:
         return {}
     chain = store.ensure_chain(golden, unforced, progress=progress)
-    deferred = sum(len(j.deferred) for j in judges)
+    deferred = sum(not d.returned for j in judges for d in j.deferred)  # taps (returned logits merge into one)
     for j in judges:
         j.resolve(chain)
     kinds = sorted({tapspec.parse(t).kind for names in unforced.values() for t in names})

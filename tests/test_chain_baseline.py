@@ -62,6 +62,16 @@ def test_observe_only_taps_defer_what_follows_them(golden_root):
     assert all(r.metrics["unforced_inputs"] == 1 for r in v.results if r.tap.endswith(".down"))
 
 
+def test_logits_after_an_observe_only_final_norm_and_the_returned_logits(golden_root):
+    """The member returns what its logits tap got back (the golden): judged too, against the chain."""
+    v = _check(golden_root, member="numpy_bf16_pairwise", drop="final_norm", how="observe")
+    assert v.passed, v.first_failure
+    logits = [r for r in v.results if r.tap == "logits"]
+    assert len(logits) == STEPS + 1 and all(r.metrics["unforced_inputs"] == 1 for r in logits)
+    assert v.provenance["chain_baseline"] == {"name": "local-final_norm", "unforced_kinds": ["final_norm"],
+                                             "taps_judged": STEPS + 1}
+
+
 def test_a_one_percent_bug_after_a_withheld_tap_is_caught_there(golden_root):
     for bug in ("scale", "noise"):
         v = _check(golden_root, member="numpy_bf16_pairwise", drop="act", bug=bug, bug_tap="down")
