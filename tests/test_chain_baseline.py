@@ -53,6 +53,17 @@ def test_taps_after_a_withheld_one_are_judged_against_the_chain_baseline(golden_
     assert verify_dir(golden.path) == []
 
 
+def test_norms_and_adds_after_a_withheld_tap_keep_their_block_statistics(golden_root):
+    v = _check(golden_root, member="numpy_bf16_pairwise", drop="attn_residual")
+    assert v.passed, v.first_failure
+    for r in v.results:
+        if r.tap.endswith((".ffn_norm", ".out")):
+            assert r.metrics["unforced_inputs"] == 1 and r.judgement["baseline"] == "local-attn_residual"
+            assert {"head_r", "kind_r"} <= set(r.judgement["measured"])  # (decode has no row_r)
+    bug = _check(golden_root, member="numpy_bf16_pairwise", drop="attn_residual", bug="head", bug_tap="ffn_norm")
+    assert not bug.passed and bug.first_failure.tap.endswith(".ffn_norm")
+
+
 def test_observe_only_taps_defer_what_follows_them(golden_root):
     v = _check(golden_root, member="numpy_bf16_pairwise", drop="act", how="observe")
     assert v.passed, v.first_failure
