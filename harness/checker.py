@@ -226,8 +226,9 @@ class TapJudge:
             self.seconds += time.perf_counter() - start
 
 
-# The median statistics on deferred taps (judged against a chain baseline). Off: the medians were
-# calibrated on ops reading golden inputs (docs/policies.md, "Taps downstream of an unexposed one").
+# The median statistics on deferred taps (judged against a chain baseline). Off: measured on, they
+# failed 11-12 of 18 runs of correct members withholding act, gate+up+act or attn_norm (docs/policies.md,
+# "Taps downstream of an unexposed one").
 DEFERRED_MEDIANS = False
 
 
@@ -283,14 +284,13 @@ class DeferredValues:
 
 def _annotated(result: TapResult, d: Deferred, chain: str) -> TapResult:
     """``result`` of a deferred tap, saying what judged it and why."""
-    metrics = result.metrics
     judgement = dict(result.judgement or {})
     judgement.update(baseline=chain, unforced=list(d.unforced))
     message = result.message
     if message is not None:
         message += (f" (against the chain baseline {chain}: the deployment kept {', '.join(d.unforced)} "
                     f"to itself)")
-    return dataclasses.replace(result, metrics=metrics, judgement=judgement, message=message)
+    return dataclasses.replace(result, judgement=judgement, message=message)
 
 
 def judge_tap(policies, phase: str, name: str, kind: str, dut, golden, base, mode: str = "cumulative",
