@@ -127,7 +127,7 @@ def sign(
     whose files match their sha256 are signed; signing vouches for them, so sign only a store you trust."""
     from harness.models import folder_name
     from harness.store import GoldenStore, verify_dir
-    from harness.store.golden import LOCAL_DIR
+    from harness.store.golden import baseline_dirs
     from harness.store.signing import KEY_ENV, KEY_FILE_ENV, sign as sign_dir, signing_key
 
     key = signing_key()
@@ -143,7 +143,7 @@ def sign(
             bad += 1
             typer.echo(f"NOT SIGNED {problems[0]}")
             continue
-        for d in [path] + ([path / LOCAL_DIR] if (path / LOCAL_DIR).is_dir() else []):
+        for d in [path] + [b for b in baseline_dirs(path) if b.is_dir()]:
             sign_dir(d, key)
         signed += 1
     typer.echo(f"{signed} entries signed, {bad} refused")
@@ -164,9 +164,18 @@ def list_entries(golden_dir: Optional[Path] = GoldenDirOpt) -> None:
             table.add_row("?", "?", "?", "?", "?", "?", f"{size:.1f}", "unreadable manifest", str(path))
             continue
         table.add_row(man["model"], man["scale"], str(man["seed"]), str(len(man["input_ids"])),
-                      str(len(man["phases"]) - 1), "yes" if (path / "local").is_dir() else "no", f"{size:.1f}",
+                      str(len(man["phases"]) - 1), _baselines(path), f"{size:.1f}",
                       man["weights"]["source"], str(path))
     Console().print(table)
+
+
+def _baselines(path) -> str:
+    """The list's "local" column: whether the local baseline is built, and how many chain baselines."""
+    from harness.store.golden import CHAIN_PREFIX, baseline_dirs
+
+    chains = sum(d.name.startswith(CHAIN_PREFIX) for d in baseline_dirs(path))
+    local = "yes" if (path / "local").is_dir() else "no"
+    return local + (f" +{chains} chain" if chains else "")
 
 
 @golden_app.command("clean")

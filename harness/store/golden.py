@@ -7,7 +7,12 @@ Layout of one entry (``<root>/<model folder>/<scale>/seed<seed>-<key16>/``):
 - ``<phase>.safetensors`` per phase (``prefill``, ``decode.0`` ...), keys ``fp32/<tap>`` (the golden) and
   ``bf16/<tap>`` (the HF bf16 run: the cumulative-mode noise baseline, stored as bfloat16, lossless);
 - ``local/``: built on first use by isolated mode, the teacher-forced bf16 run (each op in bf16 on the
-  golden inputs), with its own manifest.
+  golden inputs), with its own manifest;
+- ``local-<kinds>/`` (a "chain" baseline, e.g. ``local-act``): built on first use when an isolated-mode
+  deployment keeps taps to itself (unexposed or observe-only): the same bf16 run with exactly those taps
+  left unforced, so the ops after them read bf16 values as the deployment's read its own
+  (``GoldenStore.ensure_chain``; docs/policies.md, "Taps downstream of an unexposed one"). Its manifest
+  names the unforced taps; a set that is not "every tap of these kinds in every phase" gets a hash suffix.
 
 The key hashes everything that determines the tensors (model config, seed, weights digest, tokens,
 decode steps, library versions, capture version and, for a sampled golden, its storage mode), so a stale
@@ -45,6 +50,7 @@ from harness.weights import KEEP_MAPPED_BYTES, WeightsSource, build_source, clos
 CAPTURE_VERSION = 2  # 2: block-wise sha256 in the manifest
 MANIFEST = "manifest.json"
 LOCAL_DIR = "local"
+CHAIN_PREFIX = "local-"  # chain baselines: local-<kinds joined by +>[-<hash>]
 VARIANTS = ("fp32", "bf16")
 ENV_DIR = "NPU_HARNESS_GOLDEN_DIR"
 HASH_THREADS = 2
@@ -134,6 +140,7 @@ class GoldenSet:
         self.manifest = manifest
         self._handles: dict[Path, object] = {}
         self._local_ok = False
+        self._chains_ok: set[str] = set()  # chain baselines (local-<kinds>) verified for this set
 
     # -- identity --------------------------------------------------------------------------------
     @property
@@ -170,11 +177,16 @@ class GoldenSet:
         return [k.split("/", 1)[1] for k in keys if k.startswith("fp32/")]
 
     def tensor(self, phase: str, tap: str, variant: str = "fp32") -> np.ndarray:
-        """One tap of one phase: ``fp32`` golden, ``bf16`` baseline or ``local`` teacher-forced baseline."""
+        """One tap of one phase: ``fp32`` golden, ``bf16`` baseline, ``local`` teacher-forced baseline or a
+        ``local-<kinds>`` chain baseline (GoldenStore.ensure_chain)."""
         if variant == "local":
             if not self._local_ok:
                 raise HarnessError(f"{self.path}: local baseline not built (GoldenStore.ensure_local)")
             path, key = self.path / LOCAL_DIR / f"{phase}.safetensors", f"bf16/{tap}"
+        elif variant.startswith(CHAIN_PREFIX):
+            if variant not in self._chains_ok:
+                raise HarnessError(f"{self.path}: chain baseline {variant} not built (GoldenStore.ensure_chain)")
+            path, key = self.path / variant / f"{phase}.safetensors", f"bf16/{tap}"
         else:
             path, key = self.path / f"{phase}.safetensors", f"{variant}/{tap}"
         handle = self._open(path)
@@ -203,42 +215,67 @@ class GoldenSet:
 _KEY_FROM_ENV = object()
 
 
+def baseline_dirs(path: Path) -> list[Path]:
+    """The baseline directories inside entry ``path``: ``local/`` and every chain baseline ``local-*/``
+    (a build's temporary ``.tmp-local-*`` is not one)."""
+    dirs = [path / LOCAL_DIR] if (path / LOCAL_DIR).exists() else []
+    return dirs + sorted(d for d in path.glob(CHAIN_PREFIX + "*") if d.is_dir())
+
+
+def chain_name(spec: ModelSpec, phases: list[str], unforced: dict[str, set[str] | list[str]]) -> str:
+    """The directory of the chain baseline that leaves ``unforced`` (phase -> tap names) unforced:
+    ``local-<kinds sorted, joined by +>`` when that is every tap of those kinds in every phase, else the
+    same with ``-<12 hex digits>`` of the exact set appended."""
+    kinds = sorted({tapspec.parse(n).kind for names in unforced.values() for n in names})
+    if not kinds:
+        raise HarnessError("a chain baseline needs at least one unforced tap")
+    name = CHAIN_PREFIX + "+".join(kinds)
+    every = {n for n in tapspec.tap_names(spec) if tapspec.parse(n).kind in kinds}
+    if all(set(unforced.get(p, ())) == every for p in phases) and set(unforced) <= set(phases):
+        return name
+    exact = json.dumps({p: sorted(unforced[p]) for p in sorted(unforced) if unforced[p]}, sort_keys=True)
+    return f"{name}-{hashlib.sha256(exact.encode()).hexdigest()[:12]}"
+
+
 def verify_dir(path: Path, key: bytes | None | object = _KEY_FROM_ENV) -> list[str]:
-    """Problems of one entry directory (and its local baseline): each names the file. Empty = intact.
+    """Problems of one entry directory (and its baselines, ``baseline_dirs``): each names the file.
+    Empty = intact.
 
     With a signing key (``key``, by default the configured one: harness.store.signing) each manifest
     must also carry a valid signature; those problems are ``signing.SignatureProblem`` strings.
     """
     key = signing.signing_key() if key is _KEY_FROM_ENV else key
     problems: list[str] = []
-    dirs = [path] + ([path / LOCAL_DIR] if (path / LOCAL_DIR).exists() else [])
-    for d in dirs:
-        mpath = d / MANIFEST
-        try:
-            raw = mpath.read_bytes()
-            manifest = json.loads(raw)
-            files = manifest["files"]
-            for record in files.values():  # {"size", "block", "sha256": [one per block]}
-                int(record["size"]), int(record["block"]), list(record["sha256"])
-        except FileNotFoundError:
-            problems.append(f"{mpath}: manifest missing")
-            continue
-        except OSError as exc:
-            problems.append(f"{mpath}: cannot read ({exc.strerror or exc}); make the store readable by this user")
-            continue
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            problems.append(f"{mpath}: manifest unreadable ({type(exc).__name__}: {exc})")
-            continue
-        present = {name: d / name for name in files if (d / name).is_file()}
-        problems.extend(f"{d / name}: missing" for name in files if name not in present)
-        wrong_size = {name for name in present if present[name].stat().st_size != files[name]["size"]}
-        tasks = [t for name in present if name not in wrong_size for t in block_digest_tasks(present[name], files[name])]
-        # One sha256 per 16 MiB block: both cores verify even the one big prefill file.
-        with ThreadPoolExecutor(HASH_THREADS) as pool:
-            bad = {task[0] for task, ok in zip(tasks, pool.map(block_matches, tasks)) if not ok}
-        problems.extend(f"{present[name]}: sha256 mismatch (truncated or edited)"
-                        for name in files if name in wrong_size or present.get(name) in bad)
-        problems.extend(signing.problems(d, raw, key))
+    for d in [path] + baseline_dirs(path):
+        problems.extend(_verify_one(d, key))
+    return problems
+
+
+def _verify_one(d: Path, key: bytes | None) -> list[str]:
+    """Problems of one directory holding a manifest and the files it lists."""
+    mpath = d / MANIFEST
+    try:
+        raw = mpath.read_bytes()
+        manifest = json.loads(raw)
+        files = manifest["files"]
+        for record in files.values():  # {"size", "block", "sha256": [one per block]}
+            int(record["size"]), int(record["block"]), list(record["sha256"])
+    except FileNotFoundError:
+        return [f"{mpath}: manifest missing"]
+    except OSError as exc:
+        return [f"{mpath}: cannot read ({exc.strerror or exc}); make the store readable by this user"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        return [f"{mpath}: manifest unreadable ({type(exc).__name__}: {exc})"]
+    present = {name: d / name for name in files if (d / name).is_file()}
+    problems = [f"{d / name}: missing" for name in files if name not in present]
+    wrong_size = {name for name in present if present[name].stat().st_size != files[name]["size"]}
+    tasks = [t for name in present if name not in wrong_size for t in block_digest_tasks(present[name], files[name])]
+    # One sha256 per 16 MiB block: both cores verify even the one big prefill file.
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        bad = {task[0] for task, ok in zip(tasks, pool.map(block_matches, tasks)) if not ok}
+    problems.extend(f"{present[name]}: sha256 mismatch (truncated or edited)"
+                    for name in files if name in wrong_size or present.get(name) in bad)
+    problems.extend(signing.problems(d, raw, key))
     return problems
 
 
@@ -342,6 +379,34 @@ class GoldenStore:
                 if self.remote:  # fleet: publish it for the other machines
                     self.remote.upload(golden.path.relative_to(self.root).as_posix(), golden.path, local_only=True)
         return self.load(golden.path)
+
+    def ensure_chain(self, golden: GoldenSet, unforced: dict[str, set[str] | list[str]],
+                     progress: Progress | None = None) -> str:
+        """The chain baseline of ``golden`` that leaves the taps ``unforced`` (phase -> names) unforced and
+        forces every other tap to the fp32 golden, built once if absent (atomic, locked) and verified;
+        returns its variant name for ``GoldenSet.tensor`` (``local-<kinds>``, ``chain_name``). Built in
+        this store only (a remote store's chain baselines stay in the machine's cache)."""
+        name = chain_name(golden.spec, golden.phases, unforced)
+        wanted = {p: sorted(v) for p, v in sorted(unforced.items()) if v}
+        if name in golden._chains_ok:
+            return name
+        d = golden.path / name
+        if not (d / MANIFEST).is_file():
+            with self._lock(golden.path):
+                if not (d / MANIFEST).is_file():
+                    self._build_chain(golden, name, wanted, progress)
+        problems = _verify_one(d, signing.signing_key())
+        if problems:
+            raise GoldenCorrupt("chain baseline is corrupt: " + "; ".join(problems))
+        try:
+            manifest = json.loads((d / MANIFEST).read_bytes())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise GoldenCorrupt(f"{d / MANIFEST}: unreadable ({exc})") from None
+        if manifest.get("unforced") != wanted or manifest.get("key") != golden.manifest["key"]:
+            raise GoldenCorrupt(f"{d / MANIFEST}: not the chain baseline of this entry with these unforced taps "
+                                f"(edited); remove {d} to rebuild it")
+        golden._chains_ok.add(name)
+        return name
 
     def entries(self) -> Iterator[tuple[Path, dict | None]]:
         """Every entry directory with its manifest (None when unreadable)."""
@@ -449,6 +514,24 @@ class GoldenStore:
 
     def _build_local(self, golden: GoldenSet, progress: Progress | None) -> None:
         """The teacher-forced bf16 run, each op fed the stored fp32 golden's inputs, streamed to disk."""
+        self._build_baseline(golden, LOCAL_DIR, lambda phase, name: golden.tensor(phase, name),
+                             {"kind": "teacher-forced bf16 baseline"}, "local bf16 baseline", progress)
+
+    def _build_chain(self, golden: GoldenSet, name: str, unforced: dict[str, list[str]],
+                     progress: Progress | None) -> None:
+        """The bf16 run with the taps of ``unforced`` left to the model and every other tap forced to the
+        fp32 golden: the ops after an unforced tap read bf16 values, like a deployment's ops after a tap
+        it kept to itself."""
+        keep = {p: frozenset(v) for p, v in unforced.items()}
+        self._build_baseline(golden, name,
+                             lambda phase, tap: None if tap in keep.get(phase, ()) else golden.tensor(phase, tap),
+                             {"kind": "chain bf16 baseline", "unforced": unforced}, f"chain bf16 baseline {name}",
+                             progress)
+
+    def _build_baseline(self, golden: GoldenSet, dirname: str, force, extra: dict, stage: str,
+                        progress: Progress | None) -> None:
+        """A bf16 run of ``golden``'s model with ``force(phase, tap)`` (the value to force, or None),
+        streamed into ``<entry>/<dirname>/`` with its own manifest (``extra`` added), atomically."""
         import torch
 
         from harness.reference.capture import run_reference
@@ -464,26 +547,24 @@ class GoldenStore:
         spec = golden.spec
         source = WeightsSource(golden.manifest["weights"]["source"].removeprefix("checkpoint:")
                                if golden.manifest["weights"]["source"].startswith("checkpoint:") else None)
-        final = golden.path / LOCAL_DIR
-        tmp = golden.path / f".tmp-local-{os.getpid()}"
+        final = golden.path / dirname
+        tmp = golden.path / f".tmp-{dirname}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         files: PhaseFiles | None = None
         weights = None
         try:
             weights = build_source(spec, source, golden.manifest["seed"], tmp)
-            step("local bf16 baseline", 0, 2)
+            step(stage, 0, 2)
             files = PhaseFiles(tmp, spec, golden.phases, len(golden.input_ids), ("bf16",))
             run_reference(build_streaming_model(spec, weights, torch.bfloat16), spec, golden.input_ids,
                           decode_steps=len(golden.phases) - 1, decode_tokens=golden.decode_tokens,
-                          force=lambda phase, name: golden.tensor(phase, name),
-                          sink=lambda phase, name, t: files.put("bf16", phase, name, t))
+                          force=force, sink=lambda phase, name, t: files.put("bf16", phase, name, t))
             records = files.close()
             close_source(weights)
             weights = None
             (tmp / ".weights.safetensors").unlink(missing_ok=True)
-            _write_manifest(tmp, {"schema": 1, "kind": "teacher-forced bf16 baseline", "key": golden.manifest["key"],
-                                  "files": records})
+            _write_manifest(tmp, {"schema": 1, **extra, "key": golden.manifest["key"], "files": records})
             if key is not None:
                 signing.sign(tmp, key)
             os.rename(tmp, final)

@@ -8,7 +8,9 @@ from typing import Any
 
 SCHEMA = 1
 # Scalar metrics kept for every result in the JSON; failing results keep everything (per-token lists too).
-SUMMARY_METRICS = ("r", "r_tail", "r_bias", "cosine", "rel_fro", "max_abs", "ulp_p99", "nmse", "snr_db", "nan", "inf")
+# unforced_inputs: only on taps judged against a chain baseline (isolated mode; docs/policies.md).
+SUMMARY_METRICS = ("r", "r_tail", "r_bias", "cosine", "rel_fro", "max_abs", "ulp_p99", "nmse", "snr_db", "nan", "inf",
+                   "unforced_inputs")
 
 
 def _json_safe(value: Any) -> Any:
