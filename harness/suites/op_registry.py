@@ -482,10 +482,10 @@ def exact_probe(case: OpCase, backend: OpBackend) -> OpResult:
     w = np.empty((n, k), dtype=np.float32)
     for rows in _row_chunks(w):  # the same integers as one draw, without a [N, K] int64 array
         rows[...] = rng.integers(0, PROBE_VALUES, size=rows.shape)
-    exact = np.empty((m, n), dtype=np.float32)
+    exact, a64 = np.empty((m, n), dtype=np.float32), a.astype(np.float64)
     step = max(1, _CHUNK_ELEMENTS // k)
     for c0 in range(0, n, step):  # float64 sums of small integers are exact whatever their order
-        exact[:, c0:c0 + step] = a.astype(np.float64) @ w[c0:c0 + step].T.astype(np.float64)
+        exact[:, c0:c0 + step] = a64 @ w[c0:c0 + step].T.astype(np.float64)
     want = bf16(torch.from_numpy(exact)).numpy()
     a_shape = (m, k) if "M" in case.p else (k,)  # gemm's a is [M, K], gemv's [K]
     got = _output(case, backend, {"a": a.reshape(a_shape), "w": w}, a_shape[:-1] + (n,), owned=True).reshape(m, n)
