@@ -154,6 +154,18 @@ def test_run_gate_refuses_unbounded_inputs_before_writing(tmp_path: Path, monkey
     assert not (tmp_path / "g").exists()
 
 
+def test_a_golden_in_the_store_is_never_refused_for_room(golden_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The room check is for goldens still to build: with the golden in the store (a 16 GB full-scale
+    one, on a disk filling up) the gate runs; the same request without it is refused."""
+    from harness.store import bounds
+
+    run_gate(MODEL, golden_dir=golden_root, phase=0, decode_steps=3)  # builds it, if not there already
+    monkeypatch.setattr(bounds, "free_disk", lambda root: 1e6)
+    assert run_gate(MODEL, golden_dir=golden_root, phase=0, decode_steps=3).exit_code == EXIT_PASS
+    r = run_gate(MODEL, golden_dir=golden_root, phase=0, decode_steps=2, seed=7)
+    assert r.exit_code == EXIT_ERROR and "on disk" in r.error
+
+
 def test_recheck_is_derived_from_deployment_and_golden_key() -> None:
     from harness.suites.run import ModelRun, RunOptions, derive_recheck
 

@@ -174,18 +174,26 @@ class ModelRun:
         return value
 
     # -- building blocks ---------------------------------------------------------------------------
-    def golden(self, seed: int | None = None, steps: int | None = None, prompt_len: int | None = None):
-        """The verified golden of (seed, steps, prompt length); defaults: the run's options."""
+    def request(self, seed: int | None = None, steps: int | None = None, prompt_len: int | None = None):
+        """The GoldenRequest of (seed, steps, prompt length); defaults: the run's options."""
         from harness.store import GoldenRequest
         from harness.weights import WeightsSource
 
         o = self.opts
         source = WeightsSource(str(o.weights) if o.weights else None)
-        g = self.store.get(GoldenRequest(self.model, o.scale, o.seed if seed is None else seed,
-                                         o.decode_steps if steps is None else steps,
-                                         o.prompt_len if prompt_len is None else prompt_len, source,
-                                         o.rows),
-                           progress=o.progress)
+        return GoldenRequest(self.model, o.scale, o.seed if seed is None else seed,
+                             o.decode_steps if steps is None else steps,
+                             o.prompt_len if prompt_len is None else prompt_len, source, o.rows)
+
+    def has_golden(self, seed: int | None = None, steps: int | None = None, prompt_len: int | None = None) -> bool:
+        """Whether that golden is in the local store already (nothing to build, no room needed)."""
+        from harness.store.golden import MANIFEST
+
+        return (self.store.entry_dir(self.request(seed, steps, prompt_len)) / MANIFEST).is_file()
+
+    def golden(self, seed: int | None = None, steps: int | None = None, prompt_len: int | None = None):
+        """The verified golden of (seed, steps, prompt length); defaults: the run's options."""
+        g = self.store.get(self.request(seed, steps, prompt_len), progress=self.opts.progress)
         self.goldens.append(g)
         return g
 
