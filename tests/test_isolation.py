@@ -340,3 +340,60 @@ def test_unpacked_segment_is_mapped_not_copied_and_writable():
     assert not got.flags.owndata and got.flags.writeable and not Path("/dev/shm", packed[1]).exists()
     got[0, 0] = -1.0
     np.testing.assert_array_equal(got[1:], a[1:])
+
+
+BUSY = '''
+import os, time
+from pathlib import Path
+
+
+class Busy:
+    """Writes its pid where the test looks, then stays busy in prefill (not waiting on the pipe)."""
+
+    def prefill(self, ids, tap):
+        Path(os.environ["BUSY_MARKER"]).write_text(str(os.getpid()))
+        while True:
+            time.sleep(0.05)
+
+    def decode(self, token, tap):
+        raise AssertionError("never reached")
+
+
+def factory(spec, weights):
+    return Busy()
+'''
+
+
+def test_a_busy_child_ends_with_its_killed_gate(golden_root: Path, tmp_path: Path) -> None:
+    """A gate killed outright (SIGKILL, a CI timeout's SIGTERM) never tells its child; a child in the middle
+    of a long call would compute on for the rest of the call. It watches for its parent and goes too."""
+    import signal
+    import subprocess
+    import sys
+
+    (tmp_path / "busy_dep.py").write_text(BUSY)
+    marker = tmp_path / "child.pid"
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import harness; "
+            f"harness.check({MODEL!r}, 'busy_dep:factory', decode_steps=1, golden_dir={str(golden_root)!r}, "
+            "timeout=3600)")
+    gate = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "BUSY_MARKER": str(marker)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and gate.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the deployment never started its prefill"
+        child = int(marker.read_text())
+        gate.send_signal(signal.SIGKILL)
+        gate.wait()
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+            status = Path(f"/proc/{child}/status").read_text() if Path(f"/proc/{child}/status").exists() else ""
+            if "zombie" in status:  # ended; its new parent reaps it
+                break
+            time.sleep(0.1)
+        status = Path(f"/proc/{child}/status").read_text() if Path(f"/proc/{child}/status").exists() else ""
+        assert not status or "zombie" in status, f"child {child} still running after its gate was killed"
+    finally:
+        if gate.poll() is None:
+            gate.kill()

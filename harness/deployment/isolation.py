@@ -13,7 +13,8 @@ taps stream without waiting, a shared-memory tap waits for an ack (one segment i
 A crash (segfault, abort, ``os._exit``, a driver error killing the process), a hang past the call's
 deadline or an out-of-memory kill becomes a ``DeploymentError`` naming the phase, the last tap seen and
 the signal or exit code (exit 3 at the CLI); the child is killed and its segments unlinked on every
-path. One child (``DeploymentHost``) serves every deployment of a gate run, so the spawn start-up
+path. A gate killed outright (SIGKILL, a CI timeout) takes its child with it: the child watches for
+its parent and exits within a second, even in the middle of a call. One child (``DeploymentHost``) serves every deployment of a gate run, so the spawn start-up
 (about 1-2 s, mostly importing torch) is paid once per run, not per check; a dead child is replaced on
 the next ``open``.
 
@@ -303,12 +304,34 @@ def _forget_moved(target: Any) -> None:
         del sys.modules[name]
 
 
+ORPHAN_POLL_S = 1.0
+
+
+def _exit_with_parent() -> None:
+    """End this child when the gate's process goes, even mid-call. A gate killed outright (SIGTERM from
+    a CI timeout, SIGKILL, the OOM killer) never tells its child, and a child busy in a long call only
+    notices the closed pipe at its next message: a qwen3-4b timing round kept computing for 50 minutes
+    after its gate was gone. A daemon thread watches for the reparenting."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(ORPHAN_POLL_S)
+            if os.getppid() != parent:
+                os._exit(1)  # nobody reads our results any more
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def child_main(conn: Any) -> None:
     """The child's loop: build deployments, run their calls, stream taps; exits when the parent goes."""
     import faulthandler
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it kills us)
     faulthandler.enable()  # a segfault in the deployment prints its Python stack before the parent reports it
+    _exit_with_parent()
     try:  # what nearly every deployment (and the emulator, and synthetic weights) imports: do it while idle
         import torch  # noqa: F401
     except ImportError:
