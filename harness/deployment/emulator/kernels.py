@@ -80,13 +80,18 @@ class Tiled:
         views of memory-mapped weights too) laid out as ``Tiled`` does and rounded to bf16 in place: the
         values of ``Tiled(bf16(tensor(w)), k_tile)`` without its float32 copy, rounded copy and zeroed layout (a
         streamed layer is prepared on every call, so its passes over memory are the cost)."""
-        src = np.ascontiguousarray(w, dtype=np.float32)
-        with warnings.catch_warnings():  # a read-only source is only read here (the copy's source)
-            warnings.simplefilter("ignore", UserWarning)
-            view = torch.from_numpy(src)
-        tiled = cls(view, k_tile, transposed=transposed)
+        tiled = cls(float32_view(w), k_tile, transposed=transposed)
         _round_bf16_inplace(tiled.tiles.numpy().reshape(-1).view(np.uint32))  # K padding stays 0
         return tiled
+
+
+def float32_view(w) -> torch.Tensor:
+    """A float32 tensor over ``w`` without a copy where it is float32 already, read-only memory maps
+    included: for callers that only read it (the copy into tiles)."""
+    src = np.ascontiguousarray(w, dtype=np.float32)
+    with warnings.catch_warnings():  # a read-only source is only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(src)
 
 
 _TRANSPOSE_ROWS = 128  # weight rows transposed per copy: a wide weight (the LM head) at once is 2x slower

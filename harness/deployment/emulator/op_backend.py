@@ -55,7 +55,7 @@ class EmulatorOpBackend:
         start = time.perf_counter()
         # writable copies, except a GEMM's weight, which the kernel only reads (it lays out tiles of its
         # own): the full-scale LM head case's weight is 1.6 GB
-        x = {k: _read_only(v) if k == "w" and case.op in _GEMMS else torch.from_numpy(np.array(v, dtype=np.float32))
+        x = {k: K.float32_view(v) if k == "w" and case.op in _GEMMS else torch.from_numpy(np.array(v, dtype=np.float32))
              for k, v in inputs.items()}
         out = _RUN[case.op](self, case, case.p, x).numpy()
         if self.cfg.slowdown > 1.0:  # the slowdown knob, as the emulated model applies it per call
@@ -110,16 +110,6 @@ class EmulatorOpBackend:
         scale = 1.0 / p["hd"] if self.dev.attn_scale_linear else 1.0 / math.sqrt(p["hd"])
         q_pos = torch.arange(q.shape[1]) if case.op == "attention_prefill" else torch.tensor([k.shape[1] - 1])
         return K.flash_attention(q, k, v, q_pos, kv_map, scale, self.cfg, mask_offset=self.dev.mask_offset)
-
-
-def _read_only(v: np.ndarray) -> torch.Tensor:
-    """A float32 tensor over ``v`` without a copy where it is float32 already (never written to)."""
-    import warnings
-
-    src = np.ascontiguousarray(v, dtype=np.float32)
-    with warnings.catch_warnings():  # a read-only source is only read
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(src)
 
 
 _GEMMS = frozenset({"gemm", "gemv", "gemm_bias"})
