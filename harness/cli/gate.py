@@ -154,6 +154,9 @@ def gate(
                                             "call of the deployment (exit 3 naming the phase when overrun; building "
                                             "keeps its own, longer deadline). Default: derived from the model size "
                                             "and tokens (floor 60 s)."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="A line on stderr as each "
+                                            "phase starts and ends and at each golden-build stage, with the "
+                                            "time since the start. Default: on when stderr is a terminal."),
 ) -> None:
     """Run the phase gates 0..N; exit 0 pass, 1 correctness failure, 2 perf regression, 3 could not run."""
     from harness.cli.common import models_or_all
@@ -190,6 +193,13 @@ def gate(
                 perf_db=db, decode_steps=decode_steps, prompt_len=prompt_len, rows=rows, trace=path_or_none(trace),
                 recheck_seed=recheck_seed, recheck_prompt_len=recheck_prompt_len, isolation=host, timeout=timeout,
                 rounds=rounds)
+    if progress is None:
+        progress = Console(stderr=True).is_terminal
+    if progress:
+        from harness.cli.progress import GateProgress
+
+        reporter = GateProgress()
+        opts.update(on_phase=reporter.phase, progress=reporter.build)
     with host:
         results = [run_gate(m, GateOptions(**opts)) for m in ids]
     elapsed = time.perf_counter() - t0

@@ -48,8 +48,15 @@ def tap_checks(verdict: Any, gate_phase: int, as_mode: str | None = None) -> lis
     return out
 
 
-def _guard(phase: int, fn: Callable[[], PhaseOutcome]) -> PhaseOutcome:
+def _announce(run: _Run, phase: int, out: PhaseOutcome | None = None) -> None:
+    if run.opts.on_phase is not None:
+        run.opts.on_phase(run.model, phase, out)
+
+
+def _guard(phase: int, fn: Callable[[], PhaseOutcome], run: _Run | None = None) -> PhaseOutcome:
     """Run one phase; a HarnessError or any exception becomes an ``error`` outcome (exit 3)."""
+    if run is not None:
+        _announce(run, phase)
     t0 = time.perf_counter()
     try:
         out = fn()
@@ -59,6 +66,8 @@ def _guard(phase: int, fn: Callable[[], PhaseOutcome]) -> PhaseOutcome:
         out = PhaseOutcome(phase, ERROR, message=f"could not run: {summarise_exception(exc)}")
     release()  # a phase's freed working memory (GBs at full scale) back to the OS before the next one
     out.seconds = time.perf_counter() - t0
+    if run is not None:
+        _announce(run, phase, out)
     return out
 
 
@@ -221,10 +230,11 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
     ]
     for n, fn in steps:
         if n <= opts.phase:
-            result.outcomes[n] = _guard(n, fn)
+            result.outcomes[n] = _guard(n, fn, run)
     perf5: PhaseOutcome | None = None
     if opts.phase >= 4:
         if live:
+            _announce(run, 4)
             t1 = time.perf_counter()
             try:
                 outs = _perf(run, result)
@@ -235,7 +245,9 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
             result.outcomes[4], perf5 = outs[4], outs[5]
         else:
             result.outcomes[4] = PhaseOutcome(4, NOT_APPLICABLE, message="a trace has no timings")
+        _announce(run, 4, result.outcomes[4])
     if opts.phase >= 5:
+        _announce(run, 5)
         dec = _guard(5, lambda: _tap_phase(run, 5, modes))
         if perf5 is not None:
             dec.checks += perf5.checks
@@ -245,10 +257,11 @@ def run_gate(model: str, opts: GateOptions | None = None, **kwargs: Any) -> Gate
             elif dec.status == PASS and perf5.status == REGRESSION:
                 dec.status, dec.message = REGRESSION, perf5.message
         result.outcomes[5] = dec
+        _announce(run, 5, dec)
     if opts.phase >= 6:
-        result.outcomes[6] = _guard(6, lambda: _phase6(run, result))
+        result.outcomes[6] = _guard(6, lambda: _phase6(run, result), run)
     if opts.phase >= 7:
-        result.outcomes[7] = _guard(7, lambda: _phase7(run, result, modes))
+        result.outcomes[7] = _guard(7, lambda: _phase7(run, result, modes), run)
     result.verdicts = {k: v.to_dict() for k, v in run.verdicts.items()}
     run.close()  # the deployment's child ends with the run (phases never raise; a daemon child dies with us)
     result.deployment_s = run.deployment_seconds

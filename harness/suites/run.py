@@ -75,7 +75,10 @@ class RunOptions:
     rounds: int = 10  # timed rounds per performance series (phases 4-5; at least 10 for a decision)
     isolation: Any = "process"  # where the deployment runs: a child process, inline (debugging), or a DeploymentHost
     timeout: float | None = None  # seconds per deployment call; None: derived from the work
-    progress: Callable | None = None
+    progress: Callable | None = None  # golden builds: (stage, done, total)
+    # The gate's phases: (model, phase, None) when one starts, (model, phase, PhaseOutcome) when it ends
+    # (harness gate --progress: a full-scale gate runs for hours and prints its verdict only at the end).
+    on_phase: Callable | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
