@@ -66,3 +66,27 @@ def test_plain_forwards_skipped_when_they_would_not_fit(load_file, tmp_path, mon
     rows = bench.main(["--models", "qwen3-4b", "--prompt-lens", "128", "--plain-max-gb", "12",
                        "--golden-dir", str(tmp_path)])
     assert rows[0]["plain_s"] is None and rows[0]["ratio"] is None  # 16 GB of fp32 weights: skipped
+
+
+def test_the_tree_is_read_from_children_files_and_pss_only_near_the_peak(load_file, monkeypatch) -> None:
+    """The poller lists the tree from /proc/PID/task/*/children and reads the costly PSS only when the RSS
+    sum (an upper bound) could beat the peak so far."""
+    import os
+    import subprocess
+
+    bench = load_file(SCRIPT)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        me = os.getpid()
+        assert child.pid in bench._children_of(me)
+        assert child.pid in bench.process_tree(me)
+        reads: list[int] = []
+        real = bench._pss_bytes
+        monkeypatch.setattr(bench, "_pss_bytes", lambda pid: reads.append(pid) or real(pid))
+        first = bench.peak_step(me, 0)
+        assert first > 0 and child.pid in reads
+        reads.clear()
+        assert bench.peak_step(me, 1 << 50) == 1 << 50 and reads == []  # RSS under the peak: no PSS read
+    finally:
+        child.kill()
+        child.wait()
