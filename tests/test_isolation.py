@@ -397,3 +397,53 @@ def test_a_busy_child_ends_with_its_killed_gate(golden_root: Path, tmp_path: Pat
     finally:
         if gate.poll() is None:
             gate.kill()
+
+
+LIFECYCLE = '''
+import os
+
+
+class Logged:
+    def __init__(self, n):
+        self.n = n
+        self._say(f"built {n}")
+
+    def _say(self, what):
+        with open(os.environ["LIFECYCLE_LOG"], "a") as f:
+            f.write(what + "\\n")
+
+    def prefill(self, ids, tap):
+        raise AssertionError("never called")
+
+    def decode(self, token, tap):
+        raise AssertionError("never called")
+
+    def __del__(self):
+        self._say(f"freed {self.n}")
+
+
+def factory(spec, weights):
+    built = sum(line.startswith("built") for line in open(os.environ["LIFECYCLE_LOG"]))
+    return Logged(built + 1)
+'''
+
+
+def test_a_dropped_deployment_is_freed_before_the_next_is_built(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child used to keep the last built deployment in a local of its loop: a dropped full-scale
+    emulator stayed resident while the next one was built beside it (the peak of a qwen3-4b gate)."""
+    from harness.spec.model_spec import get
+    from harness.weights import WeightsSource
+
+    (tmp_path / "lifecycle_dep.py").write_text(LIFECYCLE)
+    log = tmp_path / "life.log"
+    log.write_text("")
+    monkeypatch.setenv("LIFECYCLE_LOG", str(log))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with DeploymentHost("process") as host:
+        first = host.open("lifecycle_dep:factory", get(MODEL), WeightsSource(None), 0)
+        first.close()
+        second = host.open("lifecycle_dep:factory", get(MODEL), WeightsSource(None), 0)
+        second.close()
+        host.open("lifecycle_dep:factory", get(MODEL), WeightsSource(None), 0)  # a third request orders the log
+    assert log.read_text().splitlines()[:4] == ["built 1", "freed 1", "built 2", "freed 2"]

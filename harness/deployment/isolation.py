@@ -325,6 +325,30 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _build_deployment(target: Any, model: str, scale: str, weights_path: str | None, seed: int, paths: list[str],
+                      cwd: str) -> Any:
+    """A deployment built in the child from its factory and its own lazy weights (load_weights)."""
+    from harness.spec.model_spec import get
+    from harness.weights import WeightsSource, load_weights
+
+    _follow(paths, cwd)
+    _forget_moved(target)
+    spec = get(model, scale)
+    factory = load_factory(target)
+    refuse_golden_access(factory, target)
+    weights = load_weights(spec, WeightsSource(weights_path), seed)
+    try:
+        dep = factory(spec, weights)
+    except HarnessError:
+        raise
+    except Exception as exc:
+        raise DeploymentError(f"deployment raised in factory: {summarise_exception(exc)}") from exc
+    for method in ("prefill", "decode"):
+        if not callable(getattr(dep, method, None)):
+            raise DeploymentError(f"deployment {describe(target)} has no {method}() method")
+    return dep
+
+
 def child_main(conn: Any) -> None:
     """The child's loop: build deployments, run their calls, stream taps; exits when the parent goes."""
     import faulthandler
@@ -337,8 +361,6 @@ def child_main(conn: Any) -> None:
     except ImportError:
         pass
     from harness.checker import as_float32
-    from harness.spec.model_spec import get
-    from harness.weights import WeightsSource, load_weights
 
     prefix, counter = _segment_prefix(os.getpid()), itertools.count()
     _CHILD.update(prefix=prefix, counter=counter)
@@ -361,24 +383,11 @@ def child_main(conn: Any) -> None:
         start = time.perf_counter()
         try:
             if kind == "build":
-                _, target, model, scale, weights_path, seed, paths, cwd = msg
-                _follow(paths, cwd)
-                _forget_moved(target)
-                spec = get(model, scale)
-                factory = load_factory(target)
-                refuse_golden_access(factory, target)
-                weights = load_weights(spec, WeightsSource(weights_path), seed)
-                try:
-                    dep = factory(spec, weights)
-                except HarnessError:
-                    raise
-                except Exception as exc:
-                    raise DeploymentError(f"deployment raised in factory: {summarise_exception(exc)}") from exc
-                for method in ("prefill", "decode"):
-                    if not callable(getattr(dep, method, None)):
-                        raise DeploymentError(f"deployment {describe(target)} has no {method}() method")
                 dep_id = next(ids)
-                deployments[dep_id] = dep
+                # Built in a function: no local of this loop keeps a deployment (or its weights) alive once
+                # it is dropped. One did: a dropped qwen3-4b emulator (3.1 GB) stayed until the next one was
+                # built beside it, the child's peak of a 256-token gate (6.9 GB with the parent).
+                deployments[dep_id] = _build_deployment(*msg[1:])
                 reply: tuple = ("done", ("pipe", dep_id), time.perf_counter() - start)
             elif kind == "call":
                 _, dep_id, method, arg, how = msg
