@@ -160,3 +160,28 @@ def test_prepared_weight_equals_rounding_then_tiling(n, k, transposed, seed) -> 
     got = K.Tiled.from_weight(w, CFG.k_tile, transposed=transposed)
     assert (got.n, got.k, got.k_tile) == (want.n, want.k, want.k_tile)
     np.testing.assert_array_equal(got.tiles.numpy().view(np.uint32), want.tiles.numpy().view(np.uint32))
+
+
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 9), band_bytes=st.integers(1, 400), seed=st.integers(0, 2**16),
+       special=st.booleans())
+def test_a_table_read_as_bf16_band_by_band_has_the_bits_of_the_one_piece_cast(rows, cols, band_bytes, seed,
+                                                                               special) -> None:
+    """The emulator reads its embedding and LM head as bf16 a band of rows at a time (no whole float32
+    copy); the bits are those of casting the whole table, ties, NaN, inf and subnormals included."""
+    from harness.deployment.emulator import model as M
+
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-40, 38)).astype(np.float32)
+    if special:
+        a.flat[rng.integers(0, a.size, 4)] = [np.nan, np.inf, -np.inf, 1e-41]
+        a.flat[0] = np.float32(1.0 + 2.0 ** -8)  # a tie: rounds to even
+    a.flags.writeable = False  # as the lazy weights hand it over
+    want = torch.from_numpy(a.copy()).to(torch.bfloat16)
+    old, M.BF16_ROWS_BYTES = M.BF16_ROWS_BYTES, band_bytes
+    try:
+        got = M._bf16_table(a)
+    finally:
+        M.BF16_ROWS_BYTES = old
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))

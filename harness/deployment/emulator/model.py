@@ -113,6 +113,21 @@ def _tensor(array) -> torch.Tensor:
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
+BF16_ROWS_BYTES = 64 << 20  # float32 staging per band when a table is read as bf16
+
+
+def _bf16_table(array) -> torch.Tensor:
+    """A [rows, cols] weight as a bf16 tensor, read a band of rows at a time: the whole float32 copy
+    ``_tensor`` would make (1.6 GB for qwen3-4b's embedding, on top of the read weights' pages and the
+    bf16 result) is never made. Rounding is per element, so the bits are those of the one-piece cast."""
+    rows = int(array.shape[0])
+    out = torch.empty(tuple(array.shape), dtype=torch.bfloat16)
+    band = max(1, BF16_ROWS_BYTES // max(1, 4 * int(np.prod(array.shape[1:]))))
+    for start in range(0, rows, band):
+        out[start:start + band] = _tensor(array[start:start + band]).to(torch.bfloat16)
+    return out
+
+
 class _Layer:
     """One decoder layer's weights: bf16 values in float32 tensors, GEMM weights K-tile-major."""
 
@@ -157,14 +172,14 @@ class Emulator:
         self._acc = {name: (acc, kt) for name, acc, kt in self.dev.acc}
         # Embedding and LM head stay resident as bf16 (half of fp32, exact: the NPU holds bf16 weights);
         # the LM head is tiled whole when that fits the budget, else in row chunks per call.
-        self.embed = _tensor(self._weights["model.embed_tokens.weight"]).to(torch.bfloat16)
+        self.embed = _bf16_table(self._weights["model.embed_tokens.weight"])
         if self.dev.fresh_lm_head:
             g = torch.Generator().manual_seed(1234)
             self._head = K.bf16(torch.randn(self.embed.shape, generator=g) * 0.02).to(torch.bfloat16)
         elif spec.tied_embeddings:
             self._head = self.embed
         else:
-            self._head = _tensor(self._weights["lm_head.weight"]).to(torch.bfloat16)
+            self._head = _bf16_table(self._weights["lm_head.weight"])
         self.final_norm = self._get("model.norm.weight")
         self._budget = resident_budget()
         self._threads = compute_threads()
