@@ -157,25 +157,37 @@ def test_noop_tap_returns_its_value():
 
 
 class Sleepy(NoOps):
-    """A deployment whose prefill takes 20 ms of wall time."""
+    """A deployment whose prefill sleeps ``first`` seconds the first time (the warm-up round's), ``rest``
+    after."""
+
+    def __init__(self, first: float = 0.02, rest: float = 0.02):
+        self.first, self.rest, self.calls = first, rest, 0
 
     def prefill(self, input_ids, tap):
         import time
 
-        time.sleep(0.02)
+        self.calls += 1
+        time.sleep(self.first if self.calls == 1 else self.rest)
         return super().prefill(input_ids, tap)
 
 
-def test_measured_only_timing_stops_at_its_budget_never_under_three_rounds() -> None:
+def test_measured_only_timing_stops_at_its_budget_after_three_rounds_or_one_after_a_long_warmup() -> None:
     """Without --perf the gate decides nothing on timings, so it stops adding rounds past a budget
     (pytest-benchmark's max_time); a comparison (no budget) always gets every round."""
     from harness.suites import perfgate
 
     ids = np.arange(4)
     assert [len(v) for v in perfgate.measure(Sleepy(), ids, 10).values()] == [10, 10, 10]
-    assert len(perfgate.measure(Sleepy(), ids, 10, budget_s=1e-3)["ttft"]) == perfgate.MEASURE_MIN_ROUNDS
+    quick_warmup, slow_warmup = Sleepy(first=0.0, rest=0.2), Sleepy(first=0.2, rest=0.2)
+    assert len(perfgate.measure(quick_warmup, ids, 10, budget_s=0.1)["ttft"]) == perfgate.MEASURE_MIN_ROUNDS
+    # A warm-up longer than the whole budget: one timed round (a generation of 20 minutes at full scale).
+    samples = perfgate.measure(slow_warmup, ids, 10, budget_s=0.1)
+    assert len(samples["ttft"]) == 1
     assert len(perfgate.measure(Sleepy(), ids, 10, budget_s=60.0)["ttft"]) == 10
-    short = perfgate.judge("m", "d", perfgate.measure(Sleepy(), ids, 10, budget_s=1e-3), compare=False)[0]
+    short = perfgate.judge("m", "d", perfgate.measure(Sleepy(first=0.0, rest=0.2), ids, 10, budget_s=0.1),
+                           compare=False)[0]
     assert "over 3 rounds" in short[4][0].message and "budget" in short[4][0].message
+    one = perfgate.judge("m", "d", samples, compare=False)[0]
+    assert "over 1 round (measured" in one[4][0].message
     full = perfgate.judge("m", "d", perfgate.measure(NoOps(), ids, 10), compare=False)[0]
     assert "over 10 rounds (measured; no comparison)" in full[4][0].message

@@ -23,9 +23,10 @@ ROUNDS = 10  # samples per series: >= MIN_SAMPLES of the regression decision, as
 WARMUP = 1
 DECODE_STEPS = 8  # timed decode steps per round; the first is excluded from TPOT (one-off costs)
 # Without --perf nothing is decided on the timings, so their cost is bounded like pytest-benchmark's
-# max_time: rounds stop once the timed ones took MEASURE_BUDGET_S, after at least MEASURE_MIN_ROUNDS.
-# A small model still gives its 10 rounds in well under a second; the emulator's qwen3-4b at 2048
-# tokens (a prefill of minutes) gives 3 instead of 11 generations of hours.
+# max_time: rounds stop once the timed ones took MEASURE_BUDGET_S, after at least MEASURE_MIN_ROUNDS
+# (one when the warm-up alone overran the budget). A small model still gives its 10 rounds in well
+# under a second; the emulator's qwen3-4b at 2048 tokens (a generation of over 20 minutes on 2 cores)
+# gives a warm-up and one round instead of 11 generations.
 MEASURE_BUDGET_S = 120.0
 MEASURE_MIN_ROUNDS = 3
 
@@ -33,21 +34,27 @@ MEASURE_MIN_ROUNDS = 3
 def measure(dep: Any, input_ids: np.ndarray, rounds: int = ROUNDS,
             budget_s: float | None = None) -> dict[str, list[float]]:
     """TTFT (s), TPOT (s) and decode tokens/s samples, ``rounds`` each after ``WARMUP`` warm-up rounds
-    (with ``budget_s``: fewer once the timed rounds took that long, never under ``MEASURE_MIN_ROUNDS``).
+    (with ``budget_s``: fewer once the timed rounds took that long, never under ``MEASURE_MIN_ROUNDS``;
+    one when the warm-up alone took longer than the budget).
 
     Each round is one generation (``time_decode``): its prefill is the TTFT sample, its steady-state
     decode steps the TPOT sample.
     """
     ttft, tpot = [], []
+    least = MEASURE_MIN_ROUNDS
     start = time.perf_counter()
     for r in range(WARMUP + rounds):
         if r == WARMUP:
+            # A generation longer than the whole budget (the emulator's qwen3-4b at 2048 tokens: over 20
+            # minutes) would make three rounds an hour of timing that decides nothing: one round then.
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                least = 1
             start = time.perf_counter()
         d = time_decode(dep, input_ids, DECODE_STEPS + 1)
         if r >= WARMUP:
             ttft.append(d.ttft)
             tpot.append(d.tpot)
-        if budget_s is not None and len(ttft) >= MEASURE_MIN_ROUNDS and time.perf_counter() - start > budget_s:
+        if budget_s is not None and len(ttft) >= least and time.perf_counter() - start > budget_s:
             break
     return {"ttft": ttft, "tpot": tpot, "decode_tps": [1.0 / t for t in tpot]}
 
@@ -63,7 +70,8 @@ def _check(metric: str, samples: list[float], comparison: stats.Comparison | Non
     if comparison is None:
         budget = f"; stopped at the {MEASURE_BUDGET_S:g} s budget of timings without --perf" \
             if len(samples) < ROUNDS else ""
-        return Check(f"perf/{metric}", True, f"{metric} median {med:.4g} {unit} over {len(samples)} rounds "
+        rounds = f"{len(samples)} round{'s' if len(samples) != 1 else ''}"
+        return Check(f"perf/{metric}", True, f"{metric} median {med:.4g} {unit} over {rounds} "
                      f"(measured; no comparison{budget})", metrics)
     metrics["comparison"] = comparison.to_dict()
     ok = comparison.verdict is not stats.Verdict.REGRESSION
