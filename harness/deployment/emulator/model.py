@@ -113,18 +113,19 @@ def _tensor(array) -> torch.Tensor:
     return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
 
-BF16_ROWS_BYTES = 64 << 20  # float32 staging per band when a table is read as bf16
+BF16_ROWS_BYTES = 64 << 20  # rows per band when a table is read as bf16 (float32 staging for non-float32 input)
 
 
 def _bf16_table(array) -> torch.Tensor:
     """A [rows, cols] weight as a bf16 tensor, read a band of rows at a time: the whole float32 copy
     ``_tensor`` would make (1.6 GB for qwen3-4b's embedding, on top of the read weights' pages and the
-    bf16 result) is never made. Rounding is per element, so the bits are those of the one-piece cast."""
+    bf16 result) is never made; a float32 band is cast straight from the read-only map, without a copy.
+    Rounding is per element, so the bits are those of the one-piece cast."""
     rows = int(array.shape[0])
     out = torch.empty(tuple(array.shape), dtype=torch.bfloat16)
     band = max(1, BF16_ROWS_BYTES // max(1, 4 * int(np.prod(array.shape[1:]))))
     for start in range(0, rows, band):
-        out[start:start + band] = _tensor(array[start:start + band]).to(torch.bfloat16)
+        out[start:start + band] = K.float32_view(array[start:start + band]).to(torch.bfloat16)
     return out
 
 
