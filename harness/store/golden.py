@@ -341,6 +341,11 @@ class GoldenStore:
         golden._local_ok = golden.has_local
         return golden
 
+    def has(self, request: GoldenRequest) -> bool:
+        """Whether ``request``'s entry is in this store's local directory (a complete one: its manifest,
+        written last, is there). Nothing is verified or downloaded."""
+        return (self.entry_dir(request) / MANIFEST).is_file()
+
     def get(self, request: GoldenRequest, *, build: bool = True, progress: Progress | None = None) -> GoldenSet:
         """The verified golden set of ``request``, built once (under a lock) if absent and ``build``."""
         from harness.store.bounds import check_machine, check_request
@@ -350,7 +355,7 @@ class GoldenStore:
         check_rows(request.rows)
         check_request(request.spec, request.seed, request.prompt_len, request.decode_steps)
         path = self.entry_dir(request)
-        if (path / MANIFEST).is_file():
+        if self.has(request):
             from harness.store.eviction import touch
 
             touch(path)  # last use: least recently used entries leave first (golden clean, the remote's cache)

@@ -190,9 +190,7 @@ class ModelRun:
 
     def has_golden(self, seed: int | None = None, steps: int | None = None, prompt_len: int | None = None) -> bool:
         """Whether that golden is in the local store already (nothing to build, no room needed)."""
-        from harness.store.golden import MANIFEST
-
-        return (self.store.entry_dir(self.request(seed, steps, prompt_len)) / MANIFEST).is_file()
+        return self.store.has(self.request(seed, steps, prompt_len))
 
     def golden(self, seed: int | None = None, steps: int | None = None, prompt_len: int | None = None):
         """The verified golden of (seed, steps, prompt length); defaults: the run's options."""
