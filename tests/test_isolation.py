@@ -447,3 +447,63 @@ def test_a_dropped_deployment_is_freed_before_the_next_is_built(tmp_path: Path,
         second.close()
         host.open("lifecycle_dep:factory", get(MODEL), WeightsSource(None), 0)  # a third request orders the log
     assert log.read_text().splitlines()[:4] == ["built 1", "freed 1", "built 2", "freed 2"]
+
+
+GOES_ON = '''
+import os
+
+import numpy as np
+
+
+class GoesOn:
+    """Hands over one shared-memory-sized tap, then leaves a mark as soon as the tap call returns."""
+
+    def prefill(self, ids, tap):
+        tap("layers.0.q", np.ones((512, 1024), np.float32))  # 2 MiB: over the pipe's limit
+        with open(os.environ["GOES_ON_MARK"], "w") as f:
+            f.write("went on")
+        tap("layers.0.k", np.ones(4, np.float32))
+        return np.zeros((len(ids), 8), np.float32)
+
+    def decode(self, token, tap):
+        raise AssertionError("never called")
+
+
+def factory(spec, weights):
+    return GoesOn()
+'''
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_a_shared_memory_tap_is_acknowledged_before_it_is_judged_unless_too_large(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, early: bool) -> None:
+    """In cumulative mode the child waited while the parent judged each shared-memory tap: judging (a third
+    of a full-scale cumulative check at 256 tokens) never overlapped the deployment's compute. The ack now
+    comes once the segment is mapped; a tap over EARLY_ACK_MAX still waits, so two never coexist."""
+    from harness.deployment import isolation
+    from harness.spec.model_spec import get
+    from harness.weights import WeightsSource
+
+    (tmp_path / "goes_on_dep.py").write_text(GOES_ON)
+    mark = tmp_path / "mark"
+    monkeypatch.setenv("GOES_ON_MARK", str(mark))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    if not early:
+        monkeypatch.setattr(isolation, "EARLY_ACK_MAX", 1 << 20)
+    seen: dict[str, bool] = {}
+
+    def judge(name: str, value: np.ndarray) -> np.ndarray:
+        if name == "layers.0.q":
+            deadline = time.monotonic() + (20 if early else 1)  # early: the child writes the mark while we wait
+            while not mark.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen[name] = mark.exists()
+        return value
+
+    judge.returns_own_value = True  # cumulative mode: the deployment keeps its own value
+    with DeploymentHost("process") as host:
+        dep = host.open("goes_on_dep:factory", get(MODEL), WeightsSource(None), 0)
+        out = dep.prefill(np.arange(3), judge)
+    assert out.shape == (3, 8)
+    assert seen == {"layers.0.q": early}
+    assert mark.read_text() == "went on"

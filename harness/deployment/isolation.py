@@ -8,7 +8,9 @@ the deployment hands over travels to the parent (through the pipe when small, th
 shared-memory segment when larger than ``PIPE_MAX``: full-scale logits are 78 MB), is judged there,
 and, when the tap's caller needs an answer (isolated mode: the golden), the answer travels back after
 the deployment has handed over its own value. In cumulative mode the child keeps its own value: small
-taps stream without waiting, a shared-memory tap waits for an ack (one segment in flight at a time).
+taps stream without waiting, a shared-memory tap waits for an ack, which the parent sends once it has
+mapped the segment, before judging it: the deployment computes on while its last tap is judged (at most
+one more segment exists meanwhile; a tap over ``EARLY_ACK_MAX`` is acknowledged after judging instead).
 
 A crash (segfault, abort, ``os._exit``, a driver error killing the process), a hang past the call's
 deadline or an out-of-memory kill becomes a ``DeploymentError`` naming the phase, the last tap seen and
@@ -53,6 +55,10 @@ BUILD_S_PER_PARAM = 1e-7     # 10 M parameters per second
 CALL_FLOOR_S = 60.0
 CALL_S_PER_PARAM_TOKEN = 2e-8  # 50 M parameter-tokens per second (~100 MFLOP/s)
 POLL_S = 0.5
+# Shared-memory taps up to this size are acknowledged before they are judged, so judging (on the parent's
+# core) overlaps the deployment's next op; a larger one (a 2048-token logits tap is 1.2 GB) is
+# acknowledged after, so it never exists beside the next one.
+EARLY_ACK_MAX = 256 << 20
 
 
 class DeploymentCrash(DeploymentError):
@@ -609,13 +615,21 @@ class RemoteDeployment:
         def on_tap(msg: tuple) -> None:
             _, name, packed, wants_reply, observe = msg
             self.last_tap = f"{phase} {name}"
+            value = unpack(packed)
+            echo = how == "echo" and not observe
+            # A "shm" segment is the parent's alone once mapped (the child closed it, the name is gone): the
+            # child may go on at once. An "owned" array stays the child's, and an echo needs the answer.
+            early = wants_reply and not echo and packed[0] == "shm" and value.nbytes <= EARLY_ACK_MAX
+            if early:
+                self.host.send(("ack",))
             if observe:
                 judge = getattr(tap, "observe", None)
-                answer = judge(name, unpack(packed)) if callable(judge) else tap(name, unpack(packed))
+                answer = judge(name, value) if callable(judge) else tap(name, value)
             else:
-                answer = tap(name, unpack(packed))
-            if wants_reply:
-                if how == "echo" and not observe:
+                answer = tap(name, value)
+            del value
+            if wants_reply and not early:
+                if echo:
                     self.host.send(("value", pack(answer, prefix, self._reply_counter)))
                 else:
                     self.host.send(("ack",))
