@@ -41,7 +41,7 @@ def test_commands_options_and_table(load_file, tmp_path, monkeypatch, capsys) ->
         return {"seconds": 12.5, "peak_gb": 3.25, "exit": 0}
 
     monkeypatch.setattr(bench, "run_measured", fake_run)
-    monkeypatch.setattr(bench, "plain_seconds", lambda *a, **k: 10.0)
+    monkeypatch.setattr(bench, "plain_seconds", lambda *a, **k: (10.0, 25.0))
     rows = bench.main(["--models", "qwen3-0.6b,llama-3.2-1b", "--prompt-lens", "128,2048", "--decode-steps", "32",
                        "--rows", "sampled", "--golden-dir", str(tmp_path), "--json", str(tmp_path / "r.json")])
     assert [(r["model"], r["tokens"]) for r in rows] == [("qwen3-0.6b", 128), ("qwen3-0.6b", 2048),
@@ -53,10 +53,10 @@ def test_commands_options_and_table(load_file, tmp_path, monkeypatch, capsys) ->
         assert ["--rows", "sampled"] == cmd[cmd.index("--rows"):cmd.index("--rows") + 2]
         assert cmd[cmd.index("--decode-steps") + 1] == "32" and cmd[cmd.index("--golden-dir") + 1] == str(tmp_path)
     assert "gate" in gate and gate[gate.index("--phase") + 1] == "5" and "cumulative" in gate
-    assert rows[0]["ratio"] == 1.25 and rows[0]["gate_gb"] == 3.25
+    assert rows[0]["ratio"] == 1.25 and rows[0]["ratio_run"] == 0.5 and rows[0]["gate_gb"] == 3.25
     assert json.loads((tmp_path / "r.json").read_text()) == rows
     printed = capsys.readouterr().out
-    assert "model | tokens | build GB" in printed and "llama-3.2-1b | 2048 | 3.25 | 12.5 | 1.25 | 3.25 | 12.5 | 0" in printed
+    assert "model | tokens | build GB" in printed and "llama-3.2-1b | 2048 | 3.25 | 12.5 | 1.25 | 0.5 | 3.25 | 12.5 | 0" in printed
 
 
 def test_plain_forwards_skipped_when_they_would_not_fit(load_file, tmp_path, monkeypatch) -> None:
@@ -65,7 +65,7 @@ def test_plain_forwards_skipped_when_they_would_not_fit(load_file, tmp_path, mon
     monkeypatch.setattr(bench, "plain_seconds", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     rows = bench.main(["--models", "qwen3-4b", "--prompt-lens", "128", "--plain-max-gb", "12",
                        "--golden-dir", str(tmp_path)])
-    assert rows[0]["plain_s"] is None and rows[0]["ratio"] is None  # 16 GB of fp32 weights: skipped
+    assert rows[0]["plain_s"] is None and rows[0]["ratio"] is None and rows[0]["ratio_run"] is None  # 16 GB of fp32 weights: skipped
 
 
 def test_the_tree_is_read_from_children_files_and_pss_only_near_the_peak(load_file, monkeypatch) -> None:
