@@ -10,7 +10,9 @@ HF forwards (fp32 and bf16: the prompt plus the decode steps with the KV cache, 
 timing) in a third subprocess, the reference point of the build's "within 1.3x" target (``x plain``);
 ``x plain run`` divides by that subprocess's whole wall time instead (start-up, the synthetic weights, both
 models and the forwards: what a build also has to do). Both are skipped (``-``) when the fp32 model would
-not fit next to the bf16 one (``--plain-max-gb``).
+not fit next to the bf16 one (``--plain-max-gb``). ``gate own`` is the share of the gate's wall time
+spent outside the deployment's calls (from its ``--json``: its own phases 0-1, reading the golden,
+judging that did not overlap the deployment), the overhead the "does not grow" target is about.
 
 Run (big runs hold the shared memory lock, bounded in time)::
 
@@ -33,7 +35,8 @@ from pathlib import Path
 
 MODELS = ("qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b", "qwen2.5-1.5b", "qwen3-1.7b", "smollm2-1.7b",
           "llama-3.2-3b", "qwen2.5-3b", "qwen3-4b")
-HEADER = ("model", "tokens", "build GB", "build s", "x plain", "x plain run", "gate GB", "gate s", "gate exit")
+HEADER = ("model", "tokens", "build GB", "build s", "x plain", "x plain run", "gate GB", "gate s", "gate own",
+          "gate exit")
 
 
 def _children_scan() -> dict[int, list[int]]:
@@ -178,6 +181,19 @@ def plain_seconds(model: str, tokens: int, steps: int, timeout: float,
     return float(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
+def gate_own_share(doc: Path) -> float | None:
+    """The share of the gate's time not spent inside the deployment's calls (its own work: phases 0-1,
+    reading goldens, judging what did not overlap the deployment), from its ``--json`` document."""
+    try:
+        gates = json.loads(doc.read_text())["models"]
+        elapsed = sum(g["elapsed_s"] for g in gates)
+        return round((elapsed - sum(g["deployment_s"] for g in gates)) / elapsed, 3) if elapsed > 0 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        doc.unlink(missing_ok=True)
+
+
 def params(spec) -> int:
     """Parameter count of ``spec`` (tied embeddings counted once)."""
     attn = spec.hidden_size * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim \
@@ -199,11 +215,14 @@ def bench_one(model: str, tokens: int, args, golden_dir: Path) -> dict:
     log = Path(args.log) if args.log else None
     build = run_measured(harness_cmd() + ["golden", "build", *common, *rows], args.timeout, log)
     gate = {"seconds": None, "peak_gb": None, "exit": None}
+    own = None
     if build["exit"] == 0:
-        gate_cmd = harness_cmd() + ["gate", *common, *rows, "--phase", str(args.phase)]
+        doc = golden_dir / f".bench-gate-{model}-{tokens}.json"
+        gate_cmd = harness_cmd() + ["gate", *common, *rows, "--phase", str(args.phase), "--json", str(doc)]
         if args.rows != "full":
             gate_cmd += ["--mode", "cumulative"]
         gate = run_measured(gate_cmd, args.timeout, log)
+        own = gate_own_share(doc)
     fp32_gb = params(get(model, args.scale)) * 4 / 1e9
     plain = None
     if not args.no_plain and fp32_gb * 1.5 <= args.plain_max_gb:
@@ -214,7 +233,7 @@ def bench_one(model: str, tokens: int, args, golden_dir: Path) -> dict:
             "ratio": round(build["seconds"] / plain[0], 2) if built else None,
             "plain_run_s": None if plain is None else round(plain[1], 1),
             "ratio_run": round(build["seconds"] / plain[1], 2) if built else None,
-            "gate_gb": gate["peak_gb"], "gate_s": gate["seconds"], "gate_exit": gate["exit"],
+            "gate_gb": gate["peak_gb"], "gate_s": gate["seconds"], "gate_exit": gate["exit"], "gate_own": own,
             "decode_steps": args.decode_steps, "rows": args.rows, "phase": args.phase}
 
 
@@ -227,7 +246,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         build_s = _cell(r["build_s"]) + ("" if r["build_exit"] == 0 else f" (exit {r['build_exit']})")
         lines.append(" | ".join(_cell(v) for v in (r["model"], r["tokens"], r["build_gb"])) + f" | {build_s} | " +
-                     " | ".join(_cell(r.get(k)) for k in ("ratio", "ratio_run", "gate_gb", "gate_s", "gate_exit")))
+                     " | ".join(_cell(r.get(k)) for k in ("ratio", "ratio_run", "gate_gb", "gate_s", "gate_own", "gate_exit")))
     return "\n".join(lines)
 
 

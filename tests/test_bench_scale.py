@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 SCRIPT = "benchmarks/bench_scale.py"
 
@@ -38,6 +39,9 @@ def test_commands_options_and_table(load_file, tmp_path, monkeypatch, capsys) ->
 
     def fake_run(cmd, timeout, log=None):
         calls.append(cmd)
+        if "gate" in cmd:  # the gate's --json document: 80 of its 100 s inside the deployment's calls
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps(
+                {"models": [{"elapsed_s": 100.0, "deployment_s": 80.0}]}))
         return {"seconds": 12.5, "peak_gb": 3.25, "exit": 0}
 
     monkeypatch.setattr(bench, "run_measured", fake_run)
@@ -54,9 +58,10 @@ def test_commands_options_and_table(load_file, tmp_path, monkeypatch, capsys) ->
         assert cmd[cmd.index("--decode-steps") + 1] == "32" and cmd[cmd.index("--golden-dir") + 1] == str(tmp_path)
     assert "gate" in gate and gate[gate.index("--phase") + 1] == "5" and "cumulative" in gate
     assert rows[0]["ratio"] == 1.25 and rows[0]["ratio_run"] == 0.5 and rows[0]["gate_gb"] == 3.25
+    assert rows[0]["gate_own"] == 0.2 and not list(tmp_path.glob(".bench-gate-*"))
     assert json.loads((tmp_path / "r.json").read_text()) == rows
     printed = capsys.readouterr().out
-    assert "model | tokens | build GB" in printed and "llama-3.2-1b | 2048 | 3.25 | 12.5 | 1.25 | 0.5 | 3.25 | 12.5 | 0" in printed
+    assert "model | tokens | build GB" in printed and "llama-3.2-1b | 2048 | 3.25 | 12.5 | 1.25 | 0.5 | 3.25 | 12.5 | 0.2 | 0" in printed
 
 
 def test_plain_forwards_skipped_when_they_would_not_fit(load_file, tmp_path, monkeypatch) -> None:
