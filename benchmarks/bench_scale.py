@@ -37,6 +37,7 @@ MODELS = ("qwen2.5-0.5b", "qwen3-0.6b", "llama-3.2-1b", "qwen2.5-1.5b", "qwen3-1
           "llama-3.2-3b", "qwen2.5-3b", "qwen3-4b")
 HEADER = ("model", "tokens", "build GB", "build s", "x plain", "x plain run", "gate GB", "gate s", "gate own",
           "gate exit")
+RATIO_AND_GATE = ("ratio", "ratio_run", "gate_gb", "gate_s", "gate_own", "gate_exit")  # the row's keys after "build s"
 
 
 def _children_scan() -> dict[int, list[int]]:
@@ -246,7 +247,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         build_s = _cell(r["build_s"]) + ("" if r["build_exit"] == 0 else f" (exit {r['build_exit']})")
         lines.append(" | ".join(_cell(v) for v in (r["model"], r["tokens"], r["build_gb"])) + f" | {build_s} | " +
-                     " | ".join(_cell(r.get(k)) for k in ("ratio", "ratio_run", "gate_gb", "gate_s", "gate_own", "gate_exit")))
+                     " | ".join(_cell(r.get(k)) for k in RATIO_AND_GATE))
     return "\n".join(lines)
 
 

@@ -70,7 +70,8 @@ def test_plain_forwards_skipped_when_they_would_not_fit(load_file, tmp_path, mon
     monkeypatch.setattr(bench, "plain_seconds", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
     rows = bench.main(["--models", "qwen3-4b", "--prompt-lens", "128", "--plain-max-gb", "12",
                        "--golden-dir", str(tmp_path)])
-    assert rows[0]["plain_s"] is None and rows[0]["ratio"] is None and rows[0]["ratio_run"] is None  # 16 GB of fp32 weights: skipped
+    # 16 GB of fp32 weights: skipped
+    assert rows[0]["plain_s"] is None and rows[0]["ratio"] is None and rows[0]["ratio_run"] is None
 
 
 def test_the_tree_is_read_from_children_files_and_pss_only_near_the_peak(load_file, monkeypatch) -> None:
