@@ -228,12 +228,12 @@ def bench_one(model: str, tokens: int, args, golden_dir: Path) -> dict:
     plain = None
     if not args.no_plain and fp32_gb * 1.5 <= args.plain_max_gb:
         plain = plain_seconds(model, tokens, args.decode_steps, args.timeout, args.scale)
-    built = plain is not None and build["exit"] == 0
+    comparable = plain is not None and build["exit"] == 0  # both ratios need a build and a plain run
     return {"model": model, "tokens": tokens, "build_gb": build["peak_gb"], "build_s": build["seconds"],
             "build_exit": build["exit"], "plain_s": None if plain is None else round(plain[0], 1),
-            "ratio": round(build["seconds"] / plain[0], 2) if built else None,
+            "ratio": round(build["seconds"] / plain[0], 2) if comparable else None,
             "plain_run_s": None if plain is None else round(plain[1], 1),
-            "ratio_run": round(build["seconds"] / plain[1], 2) if built else None,
+            "ratio_run": round(build["seconds"] / plain[1], 2) if comparable else None,
             "gate_gb": gate["peak_gb"], "gate_s": gate["seconds"], "gate_exit": gate["exit"], "gate_own": own,
             "decode_steps": args.decode_steps, "rows": args.rows, "phase": args.phase}
 
