@@ -51,6 +51,7 @@ def test_streamed_capture_is_bit_identical_to_the_in_memory_model(model: str, tm
                            decode_tokens=fp32.decode_tokens, force=fp32.taps)
     runs = {
         "fp32": (fp32, dict(), torch.float32, load_weights(spec, seed=1)),
+        "fp32 widened from the bf16 file": (fp32, dict(), torch.float32, private),
         "bf16": (bf16, dict(decode_tokens=fp32.decode_tokens), torch.bfloat16, private),
         "forced": (forced, dict(decode_tokens=fp32.decode_tokens, force=lambda p, n: fp32.taps[p][n]),
                    torch.bfloat16, private),
@@ -65,6 +66,42 @@ def test_streamed_capture_is_bit_identical_to_the_in_memory_model(model: str, tm
             assert sorted(got[phase]) == sorted(taps)
             for name, value in taps.items():
                 assert np.array_equal(got[phase][name], value), (what, phase, name)
+
+
+class _CountingWeights(dict):
+    """A weights dict that counts the lookups of each key."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.reads: dict[str, int] = {}
+
+    def __getitem__(self, key):
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return super().__getitem__(key)
+
+
+def test_a_tied_table_is_widened_once_per_run_not_twice_per_step(tmp_path: Path) -> None:
+    """Streamed fp32 from bf16 weights, nothing kept resident: each layer's weights are converted again
+    every forward (one layer's buffers serve them all), but the embedding table the LM head shares stays
+    in its buffer: one read for the prefill and 3 decode steps, instead of two per forward."""
+    import ml_dtypes
+
+    spec = harness.models.get("qwen3-0.6b", "tiny")
+    assert spec.tied_embeddings
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in synthetic_weights(spec, 3).items()}
+    weights = _CountingWeights(bf16)
+    ids = prompt_ids(spec, 3, 16)
+    got: dict = {}
+    model = build_streaming_model(spec, weights, torch.float32)
+    weights.reads.clear()  # building the model looks every shape up once
+    run = run_reference(model, spec, ids, decode_steps=3, sink=_collect(got))
+    assert weights.reads["model.embed_tokens.weight"] == 1
+    assert weights.reads["model.layers.0.mlp.up_proj.weight"] == 4  # the prefill and 3 decode steps
+    want = run_reference(build_hf_model(spec, bf16, torch.float32), spec, ids, decode_steps=3)
+    np.testing.assert_array_equal(run.decode_tokens, want.decode_tokens)
+    for phase, taps in want.taps.items():
+        for name, value in taps.items():
+            assert np.array_equal(got[phase][name], value), (phase, name)
 
 
 def test_lazy_weights_are_the_synthetic_weights_read_only_and_cheap_to_list() -> None:

@@ -4,8 +4,10 @@ weights Mapping just before the block runs and released right after.
 The model is built on the meta device (no memory, no init). Forward pre-hooks on the embedding, each
 decoder layer, the final norm and the LM head put that block's tensors in place; forward hooks swap
 them back for meta placeholders. Peak weight memory is one block (the largest: the embedding table or
-the LM head, plus one set of conversion buffers those blocks share), whatever the model's size; numerics are the stock modules' own, on the same values as
-``build_hf_model`` (bit-identical taps, tested).
+the LM head, plus one set of conversion buffers those blocks share), whatever the model's size; numerics
+are the stock modules' own, on the same values as ``build_hf_model`` (bit-identical taps, tested). A
+buffer still holding a weight's converted values is not converted again: the embedding table a tied
+LM head shares is widened once per run.
 """
 from __future__ import annotations
 
@@ -51,14 +53,32 @@ class _Buffers:
 
     def __init__(self, dtype: torch.dtype, resident: bool = False):
         self.dtype, self._pool = dtype, {}
+        self._holds: dict[tuple, str] = {}  # buffer -> the weights key whose converted values it holds
         # resident: a small model keeps every converted tensor (converted once, not once per forward)
         self.resident: dict[str, torch.Tensor] | None = {} if resident else None
 
-    def get(self, shape: tuple[int, ...], nth: int) -> torch.Tensor:
-        buf = self._pool.get((shape, nth))
+    def tensor(self, weights: Mapping, key: str, shape: tuple[int, ...], nth: int) -> torch.Tensor:
+        """Weight ``key`` as a ``dtype`` tensor of ``shape``, the block's ``nth`` of that shape."""
+        if self.resident is not None and key in self.resident:
+            return self.resident[key]
+        slot = (shape, nth)
+        if self._holds.get(slot) == key:
+            # Still there since the last conversion (weights are read-only): a tied embedding table,
+            # which the embedding and the LM head share, is widened once per run, not twice per step.
+            return self._pool[slot]
+        value = weights[key]
+        if tuple(value.shape) != shape:
+            raise HarnessError(f"weight {key}: shape {tuple(value.shape)}, expected {shape}")
+        if self.resident is not None:
+            t = self.resident[key] = _as_torch(value, self.dtype)
+            return t
+        buf = self._pool.get(slot)
         if buf is None:
-            buf = self._pool[(shape, nth)] = torch.empty(shape, dtype=self.dtype)
-        return buf
+            buf = self._pool[slot] = torch.empty(shape, dtype=self.dtype)
+        t = _as_torch(value, self.dtype, buf)
+        if t is buf:
+            self._holds[slot] = key
+        return t
 
 
 class _Block:
@@ -78,16 +98,7 @@ class _Block:
 
     def enter(self, module, args):
         for owner, leaf, key, placeholder, nth in self.slots:
-            value = self.weights[key]
-            if tuple(value.shape) != tuple(placeholder.shape):
-                raise HarnessError(f"weight {key}: shape {tuple(value.shape)}, expected {tuple(placeholder.shape)}")
-            resident = self.buffers.resident
-            if resident is not None:
-                t = resident.get(key)
-                if t is None:
-                    t = resident[key] = _as_torch(value, self.buffers.dtype)
-            else:
-                t = _as_torch(value, self.buffers.dtype, self.buffers.get(tuple(placeholder.shape), nth))
+            t = self.buffers.tensor(self.weights, key, tuple(placeholder.shape), nth)
             owner._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
         return None
 
