@@ -21,7 +21,7 @@ from harness.reference.prompts import prompt_ids
 from harness.reference.streaming import build_streaming_model
 from harness.spec import taps as tapspec
 from harness.store import GoldenRequest, GoldenStore, verify_dir
-from harness.store.bounds import predict
+from harness.store.bounds import RESIDENT_TARGET, predict, resident_budget
 from harness.store.streamwrite import SAMPLED_MIDDLE, TILE, sampled_rows
 from harness.weights import WeightsSource, build_source, load_weights, synthetic_file
 from harness.weights.synthetic import synthetic_weights
@@ -80,23 +80,28 @@ class _CountingWeights(dict):
         return super().__getitem__(key)
 
 
-def test_a_tied_table_is_widened_once_per_run_not_twice_per_step(tmp_path: Path) -> None:
-    """Streamed fp32 from bf16 weights, nothing kept resident: each layer's weights are converted again
-    every forward (one layer's buffers serve them all), but the embedding table the LM head shares stays
-    in its buffer: one read for the prefill and 3 decode steps, instead of two per forward."""
+@pytest.mark.parametrize("kept", ["nothing", "the table and layer 0"])
+def test_converted_weights_are_read_once_when_kept_or_still_in_their_buffer(kept: str) -> None:
+    """Streamed fp32 from bf16 weights. With nothing kept resident, each layer's weights are converted
+    again every forward (one layer's buffers serve them all), but the embedding table the LM head shares
+    stays in its buffer: one read for the prefill and 3 decode steps, instead of two per forward. With
+    room for the table and layer 0, layer 0 is read once too, and the taps are the same bits."""
     import ml_dtypes
 
     spec = harness.models.get("qwen3-0.6b", "tiny")
     assert spec.tied_embeddings
     bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in synthetic_weights(spec, 3).items()}
     weights = _CountingWeights(bf16)
+    room = 0 if kept == "nothing" else 4 * sum(v.size for k, v in bf16.items()
+                                               if k.startswith(("model.embed_tokens.", "model.layers.0.")))
     ids = prompt_ids(spec, 3, 16)
     got: dict = {}
-    model = build_streaming_model(spec, weights, torch.float32)
-    weights.reads.clear()  # building the model looks every shape up once
-    run = run_reference(model, spec, ids, decode_steps=3, sink=_collect(got))
+    run = run_reference(build_streaming_model(spec, weights, torch.float32, room), spec, ids, decode_steps=3,
+                        sink=_collect(got))
+    last = spec.num_layers - 1
     assert weights.reads["model.embed_tokens.weight"] == 1
-    assert weights.reads["model.layers.0.mlp.up_proj.weight"] == 4  # the prefill and 3 decode steps
+    assert weights.reads["model.layers.0.mlp.up_proj.weight"] == (4 if kept == "nothing" else 1)
+    assert weights.reads[f"model.layers.{last}.mlp.up_proj.weight"] == 4  # the prefill and 3 decode steps
     want = run_reference(build_hf_model(spec, bf16, torch.float32), spec, ids, decode_steps=3)
     np.testing.assert_array_equal(run.decode_tokens, want.decode_tokens)
     for phase, taps in want.taps.items():
@@ -211,3 +216,32 @@ def test_streaming_prediction_fits_the_done_when_build() -> None:
     assert full.ram_bytes < sampled.ram_bytes < 8e9
     assert sampled.disk_bytes < full.disk_bytes / 2
     assert predict(spec, 256, 32).ram_bytes < 6e9
+
+
+def test_a_larger_models_build_keeps_converted_layers_only_in_room_its_prediction_leaves(monkeypatch) -> None:
+    """A small model keeps all its fp32 weights (the prediction counts them). A larger one keeps what fits
+    between its streaming prediction and the resident target, or half the memory available: nothing on a
+    machine short of memory, and nothing when the prediction alone reaches the target."""
+    small = harness.models.get("qwen2.5-0.5b", "full")
+    assert resident_budget(small, 128, 32, available=1 << 30) >= 4 * sum(
+        int(np.prod(shape)) for _, shape in _shapes(small))
+    spec = harness.models.get("llama-3.2-1b", "full")
+    floor, table = predict(spec, 128, 32).ram_bytes, spec.vocab_size * spec.hidden_size * 4
+    assert spec.tied_embeddings  # its table comes first and frees the conversion buffer predicted for it
+    assert resident_budget(spec, 128, 32, available=64 << 30) == int(RESIDENT_TARGET - floor + table)
+    assert resident_budget(spec, 128, 32, available=2 * floor + (2 << 30)) == (1 << 30) + table
+    assert resident_budget(spec, 128, 32, available=floor) == 0
+    assert resident_budget(harness.models.get("qwen3-4b", "full"), 2048, 32, "sampled", available=64 << 30) == 0
+    monkeypatch.setenv("NPU_HARNESS_BUILD_MEMORY", "0")  # stream every layer
+    assert resident_budget(spec, 128, 32, available=64 << 30) == 0
+    monkeypatch.setenv("NPU_HARNESS_BUILD_MEMORY", "12G")
+    assert resident_budget(spec, 128, 32, available=64 << 30) == int(12e9 - floor + table)
+    monkeypatch.setenv("NPU_HARNESS_BUILD_MEMORY", "lots")
+    with pytest.raises(HarnessError, match="NPU_HARNESS_BUILD_MEMORY 'lots'"):
+        resident_budget(spec, 128, 32, available=64 << 30)
+
+
+def _shapes(spec):
+    from harness.weights.synthetic import synthetic_plan
+
+    return [(name, shape) for name, shape, _ in synthetic_plan(spec, 0)]

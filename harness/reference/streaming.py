@@ -11,6 +11,7 @@ LM head shares is widened once per run.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Mapping
 
@@ -49,18 +50,24 @@ def _as_torch(value: np.ndarray, dtype: torch.dtype, buffer: torch.Tensor | None
 
 class _Buffers:
     """Conversion targets shared by the blocks (one block is materialised at a time): the n-th tensor of
-    a given shape in a block always lands in the same buffer, so all layers reuse one layer's memory."""
+    a given shape in a block always lands in the same buffer, so all layers reuse one layer's memory.
 
-    def __init__(self, dtype: torch.dtype, resident: bool = False):
+    Up to ``resident_bytes`` of converted tensors are kept instead, in the order the forward first reads
+    them (the embedding table, then layer by layer): those are converted once, not once per forward. A
+    small model keeps them all; a larger one the first layers, as far as the memory it is given allows.
+    """
+
+    def __init__(self, dtype: torch.dtype, resident_bytes: int = 0):
         self.dtype, self._pool = dtype, {}
         self._holds: dict[tuple, str] = {}  # buffer -> the weights key whose converted values it holds
-        # resident: a small model keeps every converted tensor (converted once, not once per forward)
-        self.resident: dict[str, torch.Tensor] | None = {} if resident else None
+        self.resident: dict[str, torch.Tensor] = {}
+        self.resident_left = resident_bytes
 
     def tensor(self, weights: Mapping, key: str, shape: tuple[int, ...], nth: int) -> torch.Tensor:
         """Weight ``key`` as a ``dtype`` tensor of ``shape``, the block's ``nth`` of that shape."""
-        if self.resident is not None and key in self.resident:
-            return self.resident[key]
+        t = self.resident.get(key)
+        if t is not None:
+            return t
         slot = (shape, nth)
         if self._holds.get(slot) == key:
             # Still there since the last conversion (weights are read-only): a tied embedding table,
@@ -69,7 +76,9 @@ class _Buffers:
         value = weights[key]
         if tuple(value.shape) != shape:
             raise HarnessError(f"weight {key}: shape {tuple(value.shape)}, expected {shape}")
-        if self.resident is not None:
+        nbytes = math.prod(shape) * self.dtype.itemsize
+        if nbytes <= self.resident_left:
+            self.resident_left -= nbytes
             t = self.resident[key] = _as_torch(value, self.dtype)
             return t
         buf = self._pool.get(slot)
@@ -112,8 +121,8 @@ def build_streaming_model(spec: ModelSpec, weights: Mapping[str, np.ndarray], dt
                           resident_bytes: int = 0):
     """The transformers model of ``spec`` in eval mode, reading its blocks from ``weights`` as it runs.
 
-    When the model's weights in ``dtype`` take at most ``resident_bytes``, each converted tensor is kept
-    after its first use (small models: the decode steps then convert nothing)."""
+    Up to ``resident_bytes`` of tensors converted to ``dtype`` are kept after their first use (a small
+    model's decode steps then convert nothing; a larger model's first layers are converted once)."""
     import transformers
 
     from harness.reference import capture  # noqa: F401  (registers the capture attention function)
@@ -137,9 +146,7 @@ def build_streaming_model(spec: ModelSpec, weights: Mapping[str, np.ndarray], dt
         raise HarnessError(
             f"weights do not match {spec.id} ({spec.scale}): missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-    size = sum(int(np.prod(weights[k].shape)) if not hasattr(weights, "shape") else int(np.prod(weights.shape(k)))
-               for k in weights) * torch.empty(0, dtype=dtype).element_size()
-    buffers = _Buffers(dtype, resident=size <= resident_bytes)
+    buffers = _Buffers(dtype, resident_bytes)
 
     def attach(module: torch.nn.Module, prefix: str, names: dict[str, str] | None = None) -> None:
         names = names or {n: prefix + n for n, _ in module.named_parameters(remove_duplicate=False)}

@@ -9,9 +9,10 @@ plus bf16 again for isolated mode's local baseline (full storage only); a sample
 its memory is one block's weights (fp32 conversion buffers of one decoder layer and of the embedding /
 LM head, beside the mapped bf16 source of the block running), one layer's activations and taps, the
 writer thread's queue, the KV cache, one attention score matrix and the logits, over the interpreter's
-own baseline; its disk adds the private bf16 copy of synthetic weights the build reads (deleted at the
-end; a small model's are kept in memory instead). The figures are upper bounds, so a request is
-refused only when it exceeds what is available outright.
+own baseline (a larger model's build may keep some layers' fp32 weights beyond that, only in room the
+prediction leaves free: ``resident_budget``); its disk adds the private bf16 copy of synthetic weights
+the build reads (deleted at the end; a small model's are kept in memory instead). The figures are upper
+bounds, so a request is refused only when it exceeds what is available outright.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ DISK_BYTES_PER_ELEMENT = 4 + 2 + 2  # fp32 golden, bf16 baseline, bf16 local bas
 SAMPLED_DISK_BYTES_PER_ELEMENT = 4 + 2  # a sampled golden has no local baseline
 BASE_RAM = 600e6  # Python, torch, transformers and the harness itself, resident before any tensor
 HEADROOM = 1.0  # refuse a golden predicted to need more than what is free
+# A larger model's build keeps its first layers' fp32 weights converted, within this predicted total
+# (and half the memory available): each kept layer is widened once instead of once per forward.
+RESIDENT_TARGET = 6e9
+RESIDENT_ENV = "NPU_HARNESS_BUILD_MEMORY"  # overrides RESIDENT_TARGET, e.g. 12G (0: stream every layer)
 
 
 def _gb(n: float) -> str:
@@ -103,6 +108,36 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
     disk_per_element = SAMPLED_DISK_BYTES_PER_ELEMENT if rows == "sampled" else DISK_BYTES_PER_ELEMENT
     private = 0 if small else 2 * _params(spec)  # the build's private bf16 weights file (synthetic weights)
     return Footprint(elements, elements * disk_per_element + private, int(ram))
+
+
+def resident_budget(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full",
+                    available: int | None = None) -> int:
+    """Bytes of converted fp32 weights the build's fp32 reference keeps instead of converting them again
+    every forward. A small model keeps all of them (``predict`` counts them). A larger one keeps what fits
+    between its streaming prediction, the least it needs, and ``resident_target()`` or half of ``available``
+    (MemAvailable when not given), whichever is lower: a machine short of memory streams every layer, and
+    a build is never refused for want of this room. Kept in the order the forward reads them, a tied
+    embedding table comes first and then needs no conversion buffer: its bytes, which the prediction
+    counts as that buffer, are added to the room."""
+    if 2 * _params(spec) <= KEEP_MAPPED_BYTES:
+        return 2 * KEEP_MAPPED_BYTES  # room for every weight at 4 bytes (a small model's are at most 2 GiB in bf16)
+    if available is None:
+        available = available_ram()
+    target = resident_target()
+    room = target if available is None else min(target, available / 2)
+    spare = room - predict(spec, tokens, decode_steps, rows).ram_bytes
+    if spare <= 0:
+        return 0
+    table = spec.vocab_size * spec.hidden_size * 4 if spec.tied_embeddings else 0
+    return int(spare + table)
+
+
+def resident_target() -> float:
+    """``RESIDENT_TARGET``, or ``$NPU_HARNESS_BUILD_MEMORY`` (a size: ``12G``, ``500MB``, bytes)."""
+    from harness.store.eviction import parse_size
+
+    raw = os.environ.get(RESIDENT_ENV, "").strip()
+    return RESIDENT_TARGET if not raw else parse_size(raw, f"${RESIDENT_ENV}")
 
 
 def available_ram() -> int | None:

@@ -45,7 +45,7 @@ from harness.store import signing  # optional keyed signatures over manifests
 from harness.fileio import MappedSafetensors, block_digest_tasks, block_matches
 from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec, folder_name, get
-from harness.weights import KEEP_MAPPED_BYTES, WeightsSource, build_source, close_source, weights_digest
+from harness.weights import WeightsSource, build_source, close_source, weights_digest
 
 CAPTURE_VERSION = 2  # 2: block-wise sha256 in the manifest
 MANIFEST = "manifest.json"
@@ -54,7 +54,6 @@ CHAIN_PREFIX = "local-"  # chain baselines: local-<kinds joined by +>[-<hash>]
 VARIANTS = ("fp32", "bf16")
 ENV_DIR = "NPU_HARNESS_GOLDEN_DIR"
 HASH_THREADS = 2
-KEEP_RESIDENT_BYTES = 2 * KEEP_MAPPED_BYTES  # the fp32 run of a model kept mapped whole keeps its fp32 weights
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -453,6 +452,7 @@ class GoldenStore:
         from harness.reference.capture import run_reference
         from harness.reference.prompts import prompt_ids
         from harness.reference.streaming import build_streaming_model
+        from harness.store.bounds import resident_budget
         from harness.store.streamwrite import PhaseFiles, sampled_rows
 
         step = progress or (lambda stage, done, total: None)
@@ -462,6 +462,7 @@ class GoldenStore:
         ids = prompt_ids(spec, request.seed, request.tokens)
         phases = tapspec.phase_names(request.decode_steps)
         rows = sampled_rows(request.tokens, request.key()) if request.rows == "sampled" else None
+        resident = resident_budget(spec, request.tokens, request.decode_steps, request.rows)  # before any write
         tmp = self._tmpdir(path)
         files: PhaseFiles | None = None
         weights = None
@@ -472,7 +473,7 @@ class GoldenStore:
             weights = build_source(spec, request.weights, request.seed, tmp)
             files = PhaseFiles(tmp, spec, phases, request.tokens, VARIANTS, rows)
             step("fp32 reference", 1, 4)
-            golden = run_reference(build_streaming_model(spec, weights, torch.float32, KEEP_RESIDENT_BYTES), spec, ids,
+            golden = run_reference(build_streaming_model(spec, weights, torch.float32, resident), spec, ids,
                                    decode_steps=request.decode_steps,
                                    sink=lambda phase, name, t: files.put("fp32", phase, name, t))
             step("bf16 reference", 2, 4)
