@@ -245,3 +245,10 @@ def _shapes(spec):
     from harness.weights.synthetic import synthetic_plan
 
     return [(name, shape) for name, shape, _ in synthetic_plan(spec, 0)]
+
+
+def test_a_bad_build_memory_setting_fails_the_build_before_it_writes(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("NPU_HARNESS_BUILD_MEMORY", "lots")
+    with pytest.raises(HarnessError, match="NPU_HARNESS_BUILD_MEMORY 'lots'"):
+        GoldenStore(tmp_path).get(GoldenRequest("qwen3-0.6b", "tiny", 0, 1))
+    assert [p for p in tmp_path.rglob("*") if p.suffix != ".lock" and not p.is_dir()] == []

@@ -119,11 +119,11 @@ def resident_budget(spec: ModelSpec, tokens: int, decode_steps: int, rows: str =
     a build is never refused for want of this room. Kept in the order the forward reads them, a tied
     embedding table comes first and then needs no conversion buffer: its bytes, which the prediction
     counts as that buffer, are added to the room."""
+    target = resident_target()  # a bad setting fails every build, not only a larger model's
     if 2 * _params(spec) <= KEEP_MAPPED_BYTES:
         return 2 * KEEP_MAPPED_BYTES  # room for every weight at 4 bytes (a small model's are at most 2 GiB in bf16)
     if available is None:
         available = available_ram()
-    target = resident_target()
     room = target if available is None else min(target, available / 2)
     spare = room - predict(spec, tokens, decode_steps, rows).ram_bytes
     if spare <= 0:
