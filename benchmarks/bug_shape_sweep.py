@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if pool:
             pool.shutdown()
-    elapsed = time.perf_counter() - t0
+    elapsed = round(time.perf_counter() - t0, 1)  # the value saved: a re-render from the JSON gives the same text
     merged = merge(results)
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bug_shape_sweep.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     policy = [*args.policy, *policy_texts(models[0], args.policy)]
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(), "policy": policy, "models": models, "seeds": seeds, "modes": modes,
         "shapes": {n: {"meaning": bug_shapes.get(n).meaning, "magnitudes": list(bug_shapes.get(n).magnitudes),
                        "reference": bug_shapes.get(n).reference} for n in shapes},
-        "decode_steps": args.decode_steps, "elapsed_s": round(elapsed, 1), "hosts": merged}, indent=1) + "\n")
+        "decode_steps": args.decode_steps, "elapsed_s": elapsed, "hosts": merged}, indent=1) + "\n")
     print(md)
     if any(h["errors"] for h in merged.values()):
         return 3
