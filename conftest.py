@@ -10,3 +10,17 @@ def pytest_configure(config):
         from harness.threads import use_one_thread
 
         use_one_thread()
+
+
+FULLSCALE_ENV = "NPU_HARNESS_FULLSCALE_TESTS"
+
+
+def pytest_collection_modifyitems(config, items):
+    # Full-scale tests (real-size goldens: minutes and GBs each) stay off the default run's critical
+    # path; `-m fullscale` or NPU_HARNESS_FULLSCALE_TESTS=1 runs them.
+    if "fullscale" in (config.getoption("markexpr") or "") or os.environ.get(FULLSCALE_ENV) == "1":
+        return
+    kept = [item for item in items if item.get_closest_marker("fullscale") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept

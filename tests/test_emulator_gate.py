@@ -1,5 +1,5 @@
 """The emulator passes the default gate: nine models x five seeds x both modes at tiny scale, and the
-two full-scale models the issue names (slow: full-size goldens; run with `pytest -m slow`)."""
+two full-scale models the issue names (full-size goldens, off the default run: `pytest -m fullscale`)."""
 import pytest
 
 import harness
@@ -17,6 +17,7 @@ def test_emulator_passes_default_gate_five_seeds_both_modes(model, golden_root):
 
 
 @pytest.mark.slow
+@pytest.mark.fullscale
 @pytest.mark.parametrize("model", ["qwen2.5-0.5b", "qwen3-0.6b"])
 def test_emulator_passes_default_gate_full_scale(model, tmp_path_factory):
     root = tmp_path_factory.mktemp("golden-full")
