@@ -20,7 +20,9 @@ def pytest_collection_modifyitems(config, items):
     # path; `-m fullscale` or NPU_HARNESS_FULLSCALE_TESTS=1 runs them.
     if "fullscale" in (config.getoption("markexpr") or "") or os.environ.get(FULLSCALE_ENV) == "1":
         return
-    kept = [item for item in items if item.get_closest_marker("fullscale") is None]
-    if len(kept) < len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    kept, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("fullscale") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
         items[:] = kept
