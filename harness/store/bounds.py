@@ -77,6 +77,11 @@ def _params(spec: ModelSpec) -> int:
     return spec.num_layers * _layer_params(spec) + embed
 
 
+def _kept_whole(spec: ModelSpec) -> bool:
+    """A small model: its build keeps the bf16 weights in memory and every converted fp32 tensor."""
+    return 2 * _params(spec) <= KEEP_MAPPED_BYTES
+
+
 def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full") -> Footprint:
     """The golden's exact element count (stored taps x rows) and the disk and memory its streaming build needs."""
     names = tapspec.tap_names(spec)
@@ -91,7 +96,7 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
     positions = tokens + decode_steps
     block = max(_layer_params(spec), spec.vocab_size * spec.hidden_size)
     kv_width = 2 * spec.num_kv_heads * spec.head_dim
-    small = 2 * _params(spec) <= KEEP_MAPPED_BYTES
+    small = _kept_whole(spec)
     ram = (BASE_RAM
            # fp32 conversion buffers (a small model: the generator's float32 draw buffer, which runs
            # beside its fp32 reference and is at most the embedding's size)
@@ -120,7 +125,7 @@ def resident_budget(spec: ModelSpec, tokens: int, decode_steps: int, rows: str =
     embedding table comes first and then needs no conversion buffer: its bytes, which the prediction
     counts as that buffer, are added to the room."""
     target = resident_target()  # a bad setting fails every build, not only a larger model's
-    if 2 * _params(spec) <= KEEP_MAPPED_BYTES:
+    if _kept_whole(spec):
         return 2 * KEEP_MAPPED_BYTES  # room for every weight at 4 bytes (a small model's are at most 2 GiB in bf16)
     if available is None:
         available = available_ram()
