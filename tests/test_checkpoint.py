@@ -1,5 +1,6 @@
 """Local Hugging Face checkpoints: sharded safetensors load offline; pickle and mismatches are refused."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -71,3 +72,42 @@ def test_weights_are_read_only():
     w = load_weights(spec, None, 0)
     with pytest.raises(ValueError):
         w["model.norm.weight"][0] = 1.0
+
+
+def _count_hashing(monkeypatch) -> list[str]:
+    import harness.weights.checkpoint as ck
+
+    read: list[str] = []
+    real = ck.hash_file_into
+    monkeypatch.setattr(ck, "hash_file_into", lambda h, f: (read.append(f.name), real(h, f)))
+    return read
+
+
+def test_a_settled_checkpoint_is_hashed_once_per_process(checkpoint, monkeypatch, tmp_path):
+    import shutil
+    import time
+
+    import harness.weights.checkpoint as ck
+
+    _, _, path = checkpoint
+    copy = tmp_path / "ckpt"
+    shutil.copytree(path, copy)
+    monkeypatch.setattr(ck, "_DIGESTS", {})
+    read = _count_hashing(monkeypatch)
+    first = ck.checkpoint_digest(copy)  # just written: racy, hashed again next time
+    assert ck.checkpoint_digest(copy) == first and read.count("config.json") == 2
+    later = time.time_ns() + 2 * ck.RACY_NS  # the files as seen two seconds from now: settled
+    monkeypatch.setattr(ck.time, "time_ns", lambda: later)
+    assert ck.checkpoint_digest(copy) == first and read.count("config.json") == 3
+    assert ck.checkpoint_digest(copy) == first and read.count("config.json") == 3  # served from memory
+
+    # Rewritten in place, same size, its old mtime put back: ctime moves, so the bytes are hashed again.
+    shard = sorted(copy.glob("*.safetensors"))[-1]
+    st = shard.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_mtime_ns == st.st_mtime_ns and shard.stat().st_size == st.st_size
+    assert ck.checkpoint_digest(copy) != first and read.count("config.json") == 4

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,11 +107,44 @@ def load_checkpoint(spec: ModelSpec, path: str | Path) -> dict[str, np.ndarray]:
     return weights
 
 
+# Digests already computed by this process, by the files' full stat: a golden's key is asked for several
+# times per build and gate, and each hash of a 3B checkpoint reads 6 GB.
+_DIGESTS: dict[tuple, str] = {}
+RACY_NS = 1_000_000_000  # a file changed this recently is hashed every time (timestamps are clock ticks)
+
+
+def _stamp(files: list[Path]) -> tuple | None:
+    """What changes whenever a file's content can have: identity, size and both times (None when a file
+    cannot be stat'ed: the hashing names it). ``st_ctime_ns`` is set by the kernel on every write and on
+    every ``utime``: a file rewritten with its old mtime restored still gets a new ctime, so a stale
+    digest cannot be served for changed bytes."""
+    stats = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            return None
+        stats.append((str(f.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(stats)
+
+
 def checkpoint_digest(path: str | Path) -> str:
-    """sha256 over the checkpoint's config and safetensors files (names and contents)."""
+    """sha256 over the checkpoint's config and safetensors files (names and contents); computed once per
+    process for files whose stat has not changed since (``_stamp``)."""
     path = Path(path)
-    h = hashlib.sha256()
-    for f in [path / "config.json", *shard_files(path)]:
-        h.update(f.name.encode())
-        hash_file_into(h, f)
-    return h.hexdigest()
+    files = [path / "config.json", *shard_files(path)]
+    stamp = _stamp(files)
+    digest = _DIGESTS.get(stamp) if stamp is not None else None
+    if digest is None:
+        started = time.time_ns()
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            hash_file_into(h, f)
+        digest = h.hexdigest()
+        # Kept only if nothing changed while it was read, and no file changed in the second before: a
+        # write in the same clock tick as the last one leaves ctime as it was (git's "racy" entries).
+        settled = stamp is not None and all(s[-1] < started - RACY_NS for s in stamp)
+        if settled and _stamp(files) == stamp:
+            _DIGESTS[stamp] = digest
+    return digest
