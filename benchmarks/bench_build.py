@@ -4,7 +4,10 @@ For each model (full scale, synthetic weights, ``--prompt-len`` tokens, ``--deco
 
 - plain: the two forwards a golden needs with every weight in memory (fp32 then bf16 model, each built
   from an in-memory weights dict, prefill + greedy decode with the KV cache, no hooks). ``fwd`` is the
-  forwards alone; the models' construction and the weights' generation are reported apart.
+  forwards alone; ``prep`` the weights' generation and the models' construction before them. With
+  ``--checkpoint DIR`` the weights are a checkpoint directory instead (written once from the synthetic
+  weights, bf16, as downloaded from a hub): the plain run loads it with ``from_pretrained`` at each
+  dtype (``prep``), the build reads it and hashes it for the golden's key: the real use, like for like.
 - build: ``GoldenStore.get`` streaming (weights generated into the build's private file, both runs layer
   by layer, every tap written with its sha256 as captured), from nothing to a verified entry.
 
@@ -20,6 +23,7 @@ and reports the medians (the machine is shared: absolute times drift). Examples:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_build.py --model qwen2.5-0.5b --model qwen3-0.6b
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_build.py --baseline /tmp/base --repeat 3
+    .venv/bin/python benchmarks/bench_build.py --model llama-3.2-1b --checkpoint /tmp/ckpts --decode-steps 32
 """
 from __future__ import annotations
 
@@ -45,9 +49,9 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def plain(model: str, scale: str, tokens: int, steps: int) -> dict:
+def plain(model: str, scale: str, tokens: int, steps: int, checkpoint: str | None = None) -> dict:
     import torch
-    from transformers import DynamicCache
+    from transformers import AutoModelForCausalLM, DynamicCache
 
     import harness
     from harness.reference.hf_model import build_hf_model
@@ -56,14 +60,17 @@ def plain(model: str, scale: str, tokens: int, steps: int) -> dict:
 
     spec = harness.models.get(model, scale)
     t0 = time.perf_counter()
-    weights = synthetic_weights(spec, 0)
+    weights = synthetic_weights(spec, 0) if checkpoint is None else None
     gen = time.perf_counter() - t0
     ids = prompt_ids(spec, 0, tokens)
     fwd = fwd_cpu = construct = 0.0
     chosen: list[int] | None = None
     for dtype in (torch.float32, torch.bfloat16):
         t0 = time.perf_counter()
-        m = build_hf_model(spec, weights, dtype)
+        if checkpoint is None:
+            m = build_hf_model(spec, weights, dtype)
+        else:  # what a plain transformers user runs: the checkpoint loaded at each dtype
+            m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
         construct += time.perf_counter() - t0
         t0, c0 = time.perf_counter(), _cpu_s()
         with torch.inference_mode():
@@ -81,22 +88,44 @@ def plain(model: str, scale: str, tokens: int, steps: int) -> dict:
     return {"gen": gen, "construct": construct, "fwd": fwd, "peak_gb": _peak_gb(), "fwd_cpu": fwd_cpu}
 
 
-def build(model: str, scale: str, tokens: int, steps: int, rows: str) -> dict:
+def build(model: str, scale: str, tokens: int, steps: int, rows: str, checkpoint: str | None = None) -> dict:
     import shutil
 
     import harness.reference.capture  # noqa: F401  imports (transformers) are not build time, as in plain()
     import harness.reference.streaming  # noqa: F401
     from harness.store import GoldenRequest, GoldenStore
+    from harness.weights import WeightsSource
 
     root = tempfile.mkdtemp(prefix="bench-build-")
     try:
         t0, c0 = time.perf_counter(), _cpu_s()
-        g = GoldenStore(root).get(GoldenRequest(model, scale, 0, steps, tokens, rows=rows))
+        g = GoldenStore(root).get(GoldenRequest(model, scale, 0, steps, tokens, rows=rows,
+                                                weights=WeightsSource(checkpoint)))
         total, cpu = time.perf_counter() - t0, _cpu_s() - c0
         size = sum(f.stat().st_size for f in g.path.iterdir()) / 1e9
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return {"build": total, "cpu": cpu, "disk_gb": size, "peak_gb": _peak_gb()}
+
+
+def make_checkpoint(model: str, scale: str, directory: str) -> None:
+    """A Hugging Face checkpoint directory of ``model``'s synthetic seed-0 weights, as a hub download looks
+    (config.json and one bfloat16 model.safetensors), unless ``directory`` already holds one."""
+    from pathlib import Path
+
+    import ml_dtypes
+
+    import harness
+    from harness.weights.lazy import write_weights_file
+    from harness.weights.synthetic import synthetic_plan
+
+    spec, d = harness.models.get(model, scale), Path(directory)
+    if (d / "model.safetensors").is_file() and (d / "config.json").is_file():
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    spec.hf_config().to_json_file(str(d / "config.json"))
+    write_weights_file(d / "model.safetensors", synthetic_plan(spec, 0), ml_dtypes.bfloat16)
+    time.sleep(1.1)  # settled: the build's digest is then computed once, as for any checkpoint not just written
 
 
 def _child(args: list[str], pythonpath: str | None = None) -> dict:
@@ -124,22 +153,32 @@ def main() -> None:
     ap.add_argument("--skip-plain", action="store_true", help="Only the build (the plain run would not fit).")
     ap.add_argument("--baseline", help="Another checkout of the harness whose build is timed alongside.")
     ap.add_argument("--repeat", type=int, default=1, help="Interleaved repetitions (medians are printed).")
+    ap.add_argument("--checkpoint", metavar="DIR",
+                    help="Weights from a checkpoint directory, one per model (DIR/<model>; written from the "
+                         "synthetic weights when absent): the plain run loads it with from_pretrained, the "
+                         "build reads it (and hashes it for the golden's key).")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        kind, model, scale, tokens, steps, rows = args.child
-        res = plain(model, scale, int(tokens), int(steps)) if kind == "plain" else \
-            build(model, scale, int(tokens), int(steps), rows)
+        kind, model, scale, tokens, steps, rows, ckpt = args.child
+        ckpt = ckpt or None
+        res = plain(model, scale, int(tokens), int(steps), ckpt) if kind == "plain" else \
+            build(model, scale, int(tokens), int(steps), rows, ckpt)
         print(json.dumps(res))
         return
     print(f"scale {args.scale}, {args.decode_steps} decode steps, --rows {args.rows}, "
+          f"weights {'checkpoint ' + args.checkpoint if args.checkpoint else 'synthetic'}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, median of {args.repeat}")
-    head = (f"{'model':<15}{'build':<9}{'tokens':>7}{'gen s':>7}{'fwd s':>7}{'fwd cpu':>8}{'plain GB':>9}"
+    head = (f"{'model':<15}{'build':<9}{'tokens':>7}{'prep s':>7}{'fwd s':>7}{'fwd cpu':>8}{'plain GB':>9}"
             f"{'build s':>8}{'cpu s':>7}{'build GB':>9}{'disk GB':>8}{'build/fwd':>10}{'cpu/fwd cpu':>12}"
             f"{'build/plain':>12}")
     print(head)
     for model in args.model or ["qwen2.5-0.5b"]:
-        common = [model, args.scale, str(args.prompt_len), str(args.decode_steps), args.rows]
+        ckpt = ""
+        if args.checkpoint:
+            ckpt = os.path.join(args.checkpoint, model)
+            make_checkpoint(model, args.scale, ckpt)
+        common = [model, args.scale, str(args.prompt_len), str(args.decode_steps), args.rows, ckpt]
         runs: dict[str, list[dict]] = {"plain": [], "this": [], "baseline": []}
         for _ in range(args.repeat):
             if not args.skip_plain:
@@ -154,7 +193,7 @@ def main() -> None:
             if p:
                 fwd_cpu = p["fwd_cpu"]
                 everything = p["gen"] + p["construct"] + p["fwd"]
-                row += (f"{p['gen']:>7.1f}{p['fwd']:>7.1f}{fwd_cpu:>8.1f}{p['peak_gb']:>9.2f}{b['build']:>8.1f}"
+                row += (f"{p['gen'] + p['construct']:>7.1f}{p['fwd']:>7.1f}{fwd_cpu:>8.1f}{p['peak_gb']:>9.2f}{b['build']:>8.1f}"
                         f"{b['cpu']:>7.1f}{b['peak_gb']:>9.2f}{b['disk_gb']:>8.2f}{b['build'] / p['fwd']:>10.2f}"
                         f"{b['cpu'] / fwd_cpu:>12.2f}{b['build'] / everything:>12.2f}")
             else:

@@ -190,8 +190,19 @@ class SafetensorsWriter:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-(8 + len(text)) % align)  # tensor data starts ``align``-byte aligned (8 | align)
         self._hash = BlockHasher() if hashed else None  # unhashed: close() returns None
+        self.size = 8 + len(text) + offset  # the complete file's bytes
         self._fh = open(path, "wb", buffering=1 << 20)  # decode steps write thousands of one-row tensors
         self._emit(struct.pack("<Q", len(text)) + text)
+
+    def reserve(self) -> None:
+        """Give the file its final size now (the unwritten data reads as zeros until written), its header
+        on disk: readers can then map each tensor once it has been written (``flush``)."""
+        self._fh.flush()
+        os.ftruncate(self._fh.fileno(), self.size)
+
+    def flush(self) -> None:
+        """Every tensor written so far is in the file (the page cache) for a reader's map."""
+        self._fh.flush()
 
     def _emit(self, buf) -> None:
         self._fh.write(buf)

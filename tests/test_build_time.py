@@ -14,7 +14,7 @@ import harness
 from harness.fileio import SafetensorsWriter
 from harness.store.streamwrite import WRITE_BEHIND_MIN, _WriteBehind
 from harness.weights import WeightsSource, build_source, close_source
-from harness.weights.lazy import GeneratedWeights, MappedWeights, write_weights_file
+from harness.weights.lazy import GeneratedWeights, GeneratingWeights, MappedWeights, write_weights_file
 from harness.weights.synthetic import synthetic_plan
 
 # sha256 (first 32 hex digits) of every tensor of the plan, seed 5, as the implementation before the
@@ -57,7 +57,42 @@ def test_generated_weights_are_the_weights_file(tmp_path: Path) -> None:
         close_source(got)
 
 
-def test_a_generator_error_is_raised_at_the_lookup_and_close_stops_it() -> None:
+def test_a_larger_models_weights_file_is_read_while_it_is_written(tmp_path: Path, monkeypatch) -> None:
+    """Past KEEP_MAPPED_BYTES the private weights go to a file a thread writes: every tensor read as it
+    is there is the value write_weights_file writes, and the finished file is that file byte for byte."""
+    import harness.weights as weights_pkg
+
+    spec = harness.models.get("llama-3.2-1b", "tiny")
+    write_weights_file(tmp_path / "want.safetensors", synthetic_plan(spec, 3), ml_dtypes.bfloat16)
+    want = MappedWeights([tmp_path / "want.safetensors"])
+    monkeypatch.setattr(weights_pkg, "KEEP_MAPPED_BYTES", 0)
+    (tmp_path / "build").mkdir()
+    got = build_source(spec, WeightsSource(), 3, tmp_path / "build")
+    try:
+        assert isinstance(got, GeneratingWeights) and list(got) == list(want) and len(got) == len(want)
+        for name in reversed(list(want)):  # the last first: waits for the whole file
+            value = got[name]
+            assert value.dtype == ml_dtypes.bfloat16 and got.shape(name) == value.shape
+            assert np.array_equal(value.view(np.int16), want[name].view(np.int16)), name
+            assert value.ctypes.data % 64 == 0  # zero-copy for the bf16 run (streaming._as_torch)
+            with pytest.raises(ValueError):
+                value[...] = 0
+        with pytest.raises(KeyError):
+            got["model.nope"]
+    finally:
+        close_source(got)
+    written = tmp_path / "build" / ".weights.safetensors"
+    assert written.read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+
+
+def _generator(kind: str, plan, tmp_path: Path):
+    if kind == "in memory":
+        return GeneratedWeights(plan, ml_dtypes.bfloat16)
+    return GeneratingWeights(tmp_path / "w.safetensors", plan, ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["in memory", "to a file"])
+def test_a_generator_error_is_raised_at_the_lookup_and_close_stops_it(kind: str, tmp_path: Path) -> None:
     spec = harness.models.get("qwen3-0.6b", "tiny")
     plan = synthetic_plan(spec, 0)
 
@@ -65,7 +100,7 @@ def test_a_generator_error_is_raised_at_the_lookup_and_close_stops_it() -> None:
         raise MemoryError("no room for this tensor")
 
     bad = plan[:3] + [(plan[3][0], plan[3][1], broken)] + plan[4:]
-    w = GeneratedWeights(bad, ml_dtypes.bfloat16)
+    w = _generator(kind, bad, tmp_path)
     assert w[plan[0][0]].shape == plan[0][1]  # made before the failure: served
     with pytest.raises(MemoryError, match="no room"):
         w[plan[5][0]]
@@ -79,9 +114,9 @@ def test_a_generator_error_is_raised_at_the_lookup_and_close_stops_it() -> None:
         made.append(plan[0][0])
         return plan[0][2]()
 
-    slow = GeneratedWeights([(plan[0][0], plan[0][1], first)] +
-                            [(n, s, (lambda m=m, n=n: made.append(n) or m())) for n, s, m in plan[1:]],
-                            ml_dtypes.bfloat16)
+    (tmp_path / "w.safetensors").unlink(missing_ok=True)
+    slow = _generator(kind, [(plan[0][0], plan[0][1], first)] +
+                      [(n, s, (lambda m=m, n=n: made.append(n) or m())) for n, s, m in plan[1:]], tmp_path)
     assert started.wait(30)
     threading.Timer(0.2, release.set).start()
     slow.close()  # a build that failed: the thread stops after the tensor it is making

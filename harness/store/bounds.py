@@ -11,8 +11,9 @@ LM head, beside the mapped bf16 source of the block running), one layer's activa
 writer thread's queue, the KV cache, one attention score matrix and the logits, over the interpreter's
 own baseline (a larger model's build may keep some layers' fp32 weights beyond that, only in room the
 prediction leaves free: ``resident_budget``); its disk adds the private bf16 copy of synthetic weights
-the build reads (deleted at the end; a small model's are kept in memory instead). The figures are upper
-bounds, so a request is refused only when it exceeds what is available outright.
+the build reads (written by a thread as the fp32 reference starts, deleted at the end; a small model's
+are kept in memory instead). The figures are upper bounds, so a request is refused only when it exceeds
+what is available outright.
 """
 from __future__ import annotations
 
@@ -104,6 +105,9 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
            # bf16 weights: a small model's are generated whole in memory (harness.weights.build_source)
            # and its fp32 run keeps every converted tensor; else one block's mapped pages
            + (6 * _params(spec) if small else block * 2)
+           # a larger model's weights file is written by a thread beside the fp32 reference: its float32
+           # draw buffer and the bfloat16 tensor it writes (harness.weights.GeneratingWeights)
+           + (0 if small else max(spec.intermediate_size, spec.num_heads * spec.head_dim) * spec.hidden_size * 6)
            + WRITE_BEHIND_BYTES  # tap copies queued for the writer thread
            + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
            + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)

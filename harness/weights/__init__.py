@@ -138,10 +138,11 @@ KEEP_MAPPED_BYTES = 2 << 30  # a build keeps bf16 weights this small whole in me
 def build_source(spec: ModelSpec, source: WeightsSource, seed: int, workdir: Path) -> Mapping[str, np.ndarray]:
     """The weights a golden build reads, a fresh read of the source no deployment has seen: synthetic
     weights regenerated into ``workdir`` (a bfloat16 file, exact: every value is bf16-rounded; the caller
-    deletes it; a model whose bf16 weights take at most ``KEEP_MAPPED_BYTES`` is generated in memory
-    instead, ``GeneratedWeights``), or the checkpoint's own shards. Values are bfloat16 or float32
+    deletes it; written by a background thread, ``GeneratingWeights``; a model whose bf16 weights take
+    at most ``KEEP_MAPPED_BYTES`` is generated in memory instead, ``GeneratedWeights``), or the
+    checkpoint's own shards. Values are bfloat16 or float32
     arrays, bf16-exact. Release it with ``close_source``."""
-    from harness.weights.lazy import GeneratedWeights, MappedWeights, write_weights_file
+    from harness.weights.lazy import GeneratedWeights, GeneratingWeights
     from harness.weights.synthetic import synthetic_plan
 
     import ml_dtypes
@@ -154,9 +155,9 @@ def build_source(spec: ModelSpec, source: WeightsSource, seed: int, workdir: Pat
         # writing and re-reading a file (fresh page-cache pages cost about 2 s per GB on a VM), made by
         # a background thread while the fp32 reference starts (the caller closes it).
         return GeneratedWeights(plan, ml_dtypes.bfloat16)
-    path = workdir / ".weights.safetensors"
-    write_weights_file(path, plan, ml_dtypes.bfloat16)
-    return MappedWeights([path], what="build weights file")
+    # Larger: written to a private file by a background thread; the fp32 reference reads each tensor
+    # as soon as it is there instead of waiting for the whole file.
+    return GeneratingWeights(workdir / ".weights.safetensors", plan, ml_dtypes.bfloat16, what="build weights file")
 
 
 def close_source(weights: Mapping[str, np.ndarray]) -> None:

@@ -162,3 +162,86 @@ class GeneratedWeights(Mapping):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {len(self)} tensors, generated in memory>"
+
+
+class GeneratingWeights(Mapping):
+    """name -> tensor of a generation ``plan`` written to the safetensors file ``path`` by a background
+    thread, each tensor mapped (read-only, zero-copy, ``MappedWeights``) once it has been written: the
+    caller reads the first layers while the last are still being made, where ``write_weights_file``
+    made it wait for the whole file. For a build's private weights of a larger model (the file is the
+    caller's to delete after ``close``); the values are those ``write_weights_file`` writes.
+    """
+
+    def __init__(self, path: Path, plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], dtype,
+                 what: str = "weights file"):
+        import threading
+
+        self._dtype = np.dtype(dtype)
+        self._writer = SafetensorsWriter(path, [(name, dtype, shape) for name, shape, _ in plan], align=ALIGN,
+                                         hashed=False)
+        try:
+            self._writer.reserve()
+            self._mapped = MappedWeights([path], what=what)
+        except BaseException:
+            self._writer.abort()
+            raise
+        self._written: set[str] = set()
+        self._error: BaseException | None = None
+        self._stop = False
+        self._ready = threading.Condition()
+        # Not a daemon, as GeneratedWeights: an interpreter exiting mid-generation waits for the tensor.
+        self._thread = threading.Thread(target=self._run, args=(plan,), name="weights-file-generator")
+        self._thread.start()
+
+    def _run(self, plan) -> None:
+        try:
+            for name, _, make in plan:
+                if self._stop:
+                    break
+                value = make()
+                self._writer.write(name, value if value.dtype == self._dtype else value.astype(self._dtype))
+                del value
+                self._writer.flush()
+                with self._ready:
+                    self._written.add(name)
+                    self._ready.notify_all()
+            if self._stop:
+                self._writer.abort()
+            else:
+                self._writer.close()
+        except BaseException as exc:  # handed to the reader, who raises it
+            self._writer.abort()
+            with self._ready:
+                self._error = exc
+                self._ready.notify_all()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._mapped:
+            raise KeyError(name)
+        if name not in self._written:
+            with self._ready:
+                while name not in self._written and self._error is None:
+                    self._ready.wait()
+                if name not in self._written:
+                    raise self._error  # type: ignore[misc]
+        return self._mapped[name]
+
+    def close(self) -> None:
+        """Stop generating (after the tensor being made) and wait for the thread."""
+        self._stop = True
+        self._thread.join()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapped)
+
+    def __len__(self) -> int:
+        return len(self._mapped)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._mapped
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._mapped.shape(name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {len(self)} tensors, {len(self._written)} written>"

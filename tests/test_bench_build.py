@@ -1,0 +1,29 @@
+"""benchmarks/bench_build.py plumbing: a checkpoint directory it writes is one the harness and
+transformers both read, and both of its measurements run from it."""
+from __future__ import annotations
+
+SCRIPT = "benchmarks/bench_build.py"
+
+
+def test_a_checkpoint_written_for_the_benchmark_feeds_the_plain_run_and_the_build(load_file, tmp_path,
+                                                                                   monkeypatch) -> None:
+    import harness
+    from harness.weights import WeightsSource, load_weights, weights_digest
+    from harness.weights.synthetic import synthetic_weights
+
+    bench = load_file(SCRIPT)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)  # the file's settling pause
+    ckpt = tmp_path / "ckpt"
+    bench.make_checkpoint("qwen2.5-0.5b", "tiny", str(ckpt))
+    spec = harness.models.get("qwen2.5-0.5b", "tiny")
+    read, want = load_weights(spec, WeightsSource(str(ckpt))), synthetic_weights(spec, 0)
+    assert sorted(read) == sorted(want)
+    assert all((read[k] == want[k]).all() for k in want)  # bf16 on disk, exact: the synthetic values
+    digest = weights_digest(spec, WeightsSource(str(ckpt)), 0)
+    bench.make_checkpoint("qwen2.5-0.5b", "tiny", str(ckpt))  # there already: left as it is
+    assert weights_digest(spec, WeightsSource(str(ckpt)), 0) == digest
+
+    plain = bench.plain("qwen2.5-0.5b", "tiny", 8, 2, str(ckpt))
+    assert plain["gen"] < plain["construct"] and plain["fwd"] > 0
+    built = bench.build("qwen2.5-0.5b", "tiny", 8, 2, "full", str(ckpt))
+    assert built["build"] > 0 and built["disk_gb"] > 0
