@@ -43,18 +43,23 @@ def test_generated_weights_are_the_weights_file(tmp_path: Path) -> None:
     got = build_source(spec, WeightsSource(), 3, tmp_path / "unused")  # small: in memory, nothing written
     try:
         assert isinstance(got, GeneratedWeights) and not (tmp_path / "unused").exists()
-        assert list(got) == list(want) and len(got) == len(want)
-        for name in want:
-            value = got[name]
-            assert value.dtype == ml_dtypes.bfloat16 and got.shape(name) == value.shape
-            assert np.array_equal(value.view(np.int16), want[name].view(np.int16)), name
-            assert value.ctypes.data % 64 == 0  # zero-copy for the bf16 run (streaming._as_torch)
-            with pytest.raises(ValueError):
-                value[...] = 0
-        with pytest.raises(KeyError):
-            got["model.nope"]
+        _assert_served_as_written(got, want, list(want))
     finally:
         close_source(got)
+
+
+def _assert_served_as_written(got, want, order: list[str]) -> None:
+    """Every tensor of ``got``, looked up in ``order``: ``want``'s bf16 bits, read-only, 64-byte aligned."""
+    assert list(got) == list(want) and len(got) == len(want)
+    for name in order:
+        value = got[name]
+        assert value.dtype == ml_dtypes.bfloat16 and got.shape(name) == value.shape
+        assert np.array_equal(value.view(np.int16), want[name].view(np.int16)), name
+        assert value.ctypes.data % 64 == 0  # zero-copy for the bf16 run (streaming._as_torch)
+        with pytest.raises(ValueError):
+            value[...] = 0
+    with pytest.raises(KeyError):
+        got["model.nope"]
 
 
 def test_a_larger_models_weights_file_is_read_while_it_is_written(tmp_path: Path, monkeypatch) -> None:
@@ -69,16 +74,8 @@ def test_a_larger_models_weights_file_is_read_while_it_is_written(tmp_path: Path
     (tmp_path / "build").mkdir()
     got = build_source(spec, WeightsSource(), 3, tmp_path / "build")
     try:
-        assert isinstance(got, GeneratingWeights) and list(got) == list(want) and len(got) == len(want)
-        for name in reversed(list(want)):  # the last first: waits for the whole file
-            value = got[name]
-            assert value.dtype == ml_dtypes.bfloat16 and got.shape(name) == value.shape
-            assert np.array_equal(value.view(np.int16), want[name].view(np.int16)), name
-            assert value.ctypes.data % 64 == 0  # zero-copy for the bf16 run (streaming._as_torch)
-            with pytest.raises(ValueError):
-                value[...] = 0
-        with pytest.raises(KeyError):
-            got["model.nope"]
+        assert isinstance(got, GeneratingWeights)
+        _assert_served_as_written(got, want, list(want)[::-1])  # the last first: waits for the whole file
     finally:
         close_source(got)
     written = tmp_path / "build" / ".weights.safetensors"

@@ -88,22 +88,17 @@ def write_weights_file(path: Path, plan: list[tuple[str, tuple[int, ...], Callab
         raise
 
 
-class GeneratedWeights(Mapping):
-    """name -> tensor of a generation ``plan`` ((name, shape, make) per tensor, made in order), held in
-    memory and made by a background thread while the caller already reads the first tensors.
-
-    A lookup waits until its tensor is made (a generator error is raised there). Values are read-only
-    bfloat16 arrays in torch's own 64-byte aligned memory (zero-copy for a bf16 run, see
-    streaming._as_torch). For a build's private weights of a small model: the same values as the file
-    ``write_weights_file`` would write, without writing (and re-reading) it, and the generation runs
-    beside the fp32 reference on a second core instead of before it.
-    """
+class _GeneratorThread(Mapping):
+    """name -> tensor of a generation ``plan`` ((name, shape, make) per tensor, made in order) that a
+    background thread makes while the caller already reads the first tensors; a lookup waits until its
+    tensor is there (a generator error is raised there). Subclasses keep a made tensor (``_keep``), serve
+    it (``_serve``) and end (``_finish``)."""
 
     def __init__(self, plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], dtype):
         import threading
 
         self._shapes = {name: tuple(shape) for name, shape, _ in plan}
-        self._values: dict[str, np.ndarray] = {}
+        self._made: set[str] = set()
         self._error: BaseException | None = None
         self._stop = False
         self._ready = threading.Condition()
@@ -113,19 +108,29 @@ class GeneratedWeights(Mapping):
         self._thread = threading.Thread(target=self._run, args=(plan,), name="weights-generator")
         self._thread.start()
 
+    def _keep(self, name: str, value: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _serve(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def _finish(self, complete: bool) -> None:
+        """The thread ends: every tensor made (``complete``), or stopped or failed."""
+
     def _run(self, plan) -> None:
         try:
             for name, _, make in plan:
                 if self._stop:
-                    return
+                    break
                 value = make()
-                if value.dtype != self._dtype:
-                    value = value.astype(self._dtype)
-                value.flags.writeable = False
+                self._keep(name, value if value.dtype == self._dtype else value.astype(self._dtype))
+                del value
                 with self._ready:
-                    self._values[name] = value
+                    self._made.add(name)
                     self._ready.notify_all()
+            self._finish(not self._stop)
         except BaseException as exc:  # handed to the reader, who raises it
+            self._finish(False)
             with self._ready:
                 self._error = exc
                 self._ready.notify_all()
@@ -133,15 +138,13 @@ class GeneratedWeights(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._shapes:
             raise KeyError(name)
-        value = self._values.get(name)
-        if value is not None:
-            return value
-        with self._ready:
-            while name not in self._values and self._error is None:
-                self._ready.wait()
-            if name not in self._values:
-                raise self._error  # type: ignore[misc]
-            return self._values[name]
+        if name not in self._made:
+            with self._ready:
+                while name not in self._made and self._error is None:
+                    self._ready.wait()
+                if name not in self._made:
+                    raise self._error  # type: ignore[misc]
+        return self._serve(name)
 
     def close(self) -> None:
         """Stop generating (after the tensor being made) and wait for the thread."""
@@ -161,87 +164,60 @@ class GeneratedWeights(Mapping):
         return self._shapes[name]
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__}: {len(self)} tensors, generated in memory>"
+        return f"<{type(self).__name__}: {len(self)} tensors, {len(self._made)} made>"
 
 
-class GeneratingWeights(Mapping):
-    """name -> tensor of a generation ``plan`` written to the safetensors file ``path`` by a background
-    thread, each tensor mapped (read-only, zero-copy, ``MappedWeights``) once it has been written: the
-    caller reads the first layers while the last are still being made, where ``write_weights_file``
-    made it wait for the whole file. For a build's private weights of a larger model (the file is the
-    caller's to delete after ``close``); the values are those ``write_weights_file`` writes.
+class GeneratedWeights(_GeneratorThread):
+    """A generation ``plan`` held in memory, made by a background thread (``_GeneratorThread``).
+
+    Values are read-only bfloat16 arrays in torch's own 64-byte aligned memory (zero-copy for a bf16
+    run, see streaming._as_torch). For a build's private weights of a small model: the same values as
+    the file ``write_weights_file`` would write, without writing (and re-reading) it, and the generation
+    runs beside the fp32 reference on a second core instead of before it.
+    """
+
+    def __init__(self, plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], dtype):
+        self._values: dict[str, np.ndarray] = {}
+        super().__init__(plan, dtype)
+
+    def _keep(self, name: str, value: np.ndarray) -> None:
+        value.flags.writeable = False
+        self._values[name] = value
+
+    def _serve(self, name: str) -> np.ndarray:
+        return self._values[name]
+
+
+class GeneratingWeights(_GeneratorThread):
+    """A generation ``plan`` written to the safetensors file ``path`` by a background thread
+    (``_GeneratorThread``), each tensor mapped (read-only, zero-copy, ``MappedWeights``) once it has been
+    written: the caller reads the first layers while the last are still being made, where
+    ``write_weights_file`` made it wait for the whole file. For a build's private weights of a larger
+    model (the file is the caller's to delete after ``close``); the file is the one
+    ``write_weights_file`` writes, byte for byte.
     """
 
     def __init__(self, path: Path, plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], dtype,
                  what: str = "weights file"):
-        import threading
-
-        self._dtype = np.dtype(dtype)
         self._writer = SafetensorsWriter(path, [(name, dtype, shape) for name, shape, _ in plan], align=ALIGN,
                                          hashed=False)
         try:
-            self._writer.reserve()
+            self._writer.reserve()  # the final size: the header's check passes, tensors map as written
             self._mapped = MappedWeights([path], what=what)
         except BaseException:
             self._writer.abort()
             raise
-        self._written: set[str] = set()
-        self._error: BaseException | None = None
-        self._stop = False
-        self._ready = threading.Condition()
-        # Not a daemon, as GeneratedWeights: an interpreter exiting mid-generation waits for the tensor.
-        self._thread = threading.Thread(target=self._run, args=(plan,), name="weights-file-generator")
-        self._thread.start()
+        super().__init__(plan, dtype)
 
-    def _run(self, plan) -> None:
-        try:
-            for name, _, make in plan:
-                if self._stop:
-                    break
-                value = make()
-                self._writer.write(name, value if value.dtype == self._dtype else value.astype(self._dtype))
-                del value
-                self._writer.flush()
-                with self._ready:
-                    self._written.add(name)
-                    self._ready.notify_all()
-            if self._stop:
-                self._writer.abort()
-            else:
-                self._writer.close()
-        except BaseException as exc:  # handed to the reader, who raises it
-            self._writer.abort()
-            with self._ready:
-                self._error = exc
-                self._ready.notify_all()
+    def _keep(self, name: str, value: np.ndarray) -> None:
+        self._writer.write(name, value)
+        self._writer.flush()  # in the page cache before a reader maps it
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._mapped:
-            raise KeyError(name)
-        if name not in self._written:
-            with self._ready:
-                while name not in self._written and self._error is None:
-                    self._ready.wait()
-                if name not in self._written:
-                    raise self._error  # type: ignore[misc]
+    def _serve(self, name: str) -> np.ndarray:
         return self._mapped[name]
 
-    def close(self) -> None:
-        """Stop generating (after the tensor being made) and wait for the thread."""
-        self._stop = True
-        self._thread.join()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._mapped)
-
-    def __len__(self) -> int:
-        return len(self._mapped)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._mapped
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._mapped.shape(name)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__}: {len(self)} tensors, {len(self._written)} written>"
+    def _finish(self, complete: bool) -> None:
+        if complete:
+            self._writer.close()
+        else:
+            self._writer.abort()
