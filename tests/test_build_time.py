@@ -75,11 +75,31 @@ def test_a_larger_models_weights_file_is_read_while_it_is_written(tmp_path: Path
     got = build_source(spec, WeightsSource(), 3, tmp_path / "build")
     try:
         assert isinstance(got, GeneratingWeights)
-        _assert_served_as_written(got, want, list(want)[::-1])  # the last first: waits for the whole file
+        _assert_served_as_written(got, want, list(want))  # in plan order: most lookups wait for the thread
     finally:
         close_source(got)
     written = tmp_path / "build" / ".weights.safetensors"
     assert written.read_bytes() == (tmp_path / "want.safetensors").read_bytes()
+
+
+def test_a_golden_read_from_a_weights_file_being_written_is_the_same_golden(tmp_path: Path, monkeypatch) -> None:
+    import harness.weights as weights_pkg
+    from harness.store import GoldenRequest, GoldenStore
+
+    request = GoldenRequest("llama-3.2-1b", "tiny", 0, 2, 16)
+    in_memory = GoldenStore(tmp_path / "a").get(request)
+    monkeypatch.setattr(weights_pkg, "KEEP_MAPPED_BYTES", 0)  # the private weights go through the file
+    written: list[str] = []
+    keep = GeneratingWeights._keep
+    monkeypatch.setattr(GeneratingWeights, "_keep", lambda self, name, value: (written.append(name),
+                                                                                keep(self, name, value)))
+    from_file = GoldenStore(tmp_path / "b").get(request)
+    assert len(written) == len(synthetic_plan(request.spec, 0))
+    assert not list(from_file.path.glob(".weights*"))  # deleted once the entry is complete
+    names = sorted(p.name for p in in_memory.path.glob("*.safetensors"))
+    assert names and names == sorted(p.name for p in from_file.path.glob("*.safetensors"))
+    for name in names:
+        assert (in_memory.path / name).read_bytes() == (from_file.path / name).read_bytes(), name
 
 
 def _generator(kind: str, plan, tmp_path: Path):
