@@ -109,6 +109,40 @@ def test_converted_weights_are_read_once_when_kept_or_still_in_their_buffer(kept
             assert np.array_equal(got[phase][name], value), (phase, name)
 
 
+def test_a_bf16_run_given_room_reads_each_weight_once_and_a_build_gives_it_the_fp32_runs_room(
+        tmp_path: Path, monkeypatch) -> None:
+    """The bf16 reference keeps its (zero-copy) weights in the room the fp32 run had: every weight is
+    looked up once over the prefill and 3 decode steps instead of once per forward, with the same taps."""
+    import ml_dtypes
+
+    from harness.reference import streaming
+    from harness.store import GoldenRequest, GoldenStore
+
+    spec = harness.models.get("qwen3-0.6b", "tiny")
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in synthetic_weights(spec, 3).items()}
+    weights = _CountingWeights(bf16)
+    ids = prompt_ids(spec, 3, 16)
+    fp32 = run_reference(build_hf_model(spec, bf16, torch.float32), spec, ids, decode_steps=3)
+    got: dict = {}
+    run_reference(build_streaming_model(spec, weights, torch.bfloat16, 2 * sum(v.nbytes for v in bf16.values())),
+                  spec, ids, decode_steps=3, decode_tokens=fp32.decode_tokens, sink=_collect(got))
+    assert set(weights.reads.values()) == {1}
+    want = run_reference(build_hf_model(spec, bf16, torch.bfloat16), spec, ids, decode_steps=3,
+                         decode_tokens=fp32.decode_tokens)
+    for phase, taps in want.taps.items():
+        for name, value in taps.items():
+            assert np.array_equal(got[phase][name], value), (phase, name)
+
+    rooms: list[tuple[torch.dtype, int]] = []
+    real = streaming.build_streaming_model
+    monkeypatch.setattr(streaming, "build_streaming_model",
+                        lambda spec, w, dtype=torch.float32, resident_bytes=0:
+                        rooms.append((dtype, resident_bytes)) or real(spec, w, dtype, resident_bytes))
+    GoldenStore(tmp_path).get(GoldenRequest("qwen3-0.6b", "tiny", 3, 2, 16))
+    assert [d for d, _ in rooms] == [torch.float32, torch.bfloat16]
+    assert rooms[0][1] > 0 and rooms[0][1] == rooms[1][1]
+
+
 def test_lazy_weights_are_the_synthetic_weights_read_only_and_cheap_to_list() -> None:
     spec = harness.models.get("qwen2.5-0.5b", "tiny")
     w, want = load_weights(spec, seed=2), synthetic_weights(spec, 2)
