@@ -27,3 +27,15 @@ def test_a_checkpoint_written_for_the_benchmark_feeds_the_plain_run_and_the_buil
     assert plain["gen"] < plain["construct"] and plain["fwd"] > 0
     built = bench.build("qwen2.5-0.5b", "tiny", 8, 2, "full", str(ckpt))
     assert built["build"] > 0 and built["disk_gb"] > 0
+
+
+def test_every_part_of_the_build_runs_from_the_checkpoint(load_file, tmp_path, monkeypatch) -> None:
+    bench = load_file(SCRIPT)
+    parts = load_file("benchmarks/bench_build_parts.py")
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    ckpt = tmp_path / "ckpt"
+    bench.make_checkpoint("qwen3-0.6b", "tiny", str(ckpt))
+    for dtype in ("fp32", "bf16"):
+        for row in parts.ROWS:
+            r = parts.run_one(str(ckpt), "qwen3-0.6b", "tiny", 8, 2, dtype, row)
+            assert r["run"] > 0 and r["cpu"] > 0 and r["construct"] >= 0, (dtype, row)
