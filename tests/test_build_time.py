@@ -138,6 +138,8 @@ def test_a_generator_error_is_raised_at_the_lookup_and_close_stops_it(kind: str,
     threading.Timer(0.2, release.set).start()
     slow.close()  # a build that failed: the thread stops after the tensor it is making
     assert made == [plan[0][0]]
+    with pytest.raises(RuntimeError, match="closed before"):
+        slow[plan[1][0]]  # never made: raised, not waited for
 
 
 def _layout():

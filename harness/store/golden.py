@@ -449,9 +449,9 @@ class GoldenStore:
         """Stream the fp32 then the bf16 reference through the entry's phase files, layer by layer."""
         import torch
 
+        from harness.memory import release
         from harness.reference.capture import run_reference
         from harness.reference.prompts import prompt_ids
-        from harness.memory import release
         from harness.reference.streaming import build_streaming_model
         from harness.store.bounds import resident_budget
         from harness.store.streamwrite import PhaseFiles, sampled_rows

@@ -140,8 +140,8 @@ def build_source(spec: ModelSpec, source: WeightsSource, seed: int, workdir: Pat
     weights regenerated into ``workdir`` (a bfloat16 file, exact: every value is bf16-rounded; the caller
     deletes it; written by a background thread, ``GeneratingWeights``; a model whose bf16 weights take
     at most ``KEEP_MAPPED_BYTES`` is generated in memory instead, ``GeneratedWeights``), or the
-    checkpoint's own shards. Values are bfloat16 or float32
-    arrays, bf16-exact. Release it with ``close_source``."""
+    checkpoint's own shards. Values are bfloat16 or float32 arrays, bf16-exact. Release it with
+    ``close_source``."""
     from harness.weights.lazy import GeneratedWeights, GeneratingWeights
     from harness.weights.synthetic import synthetic_plan
 

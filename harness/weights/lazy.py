@@ -129,8 +129,13 @@ class _GeneratorThread(Mapping):
                     self._made.add(name)
                     self._ready.notify_all()
             self._finish(not self._stop)
+            if self._stop:  # a lookup after close raises instead of waiting for a tensor never made
+                raise RuntimeError(f"{type(self).__name__} closed before every tensor was made")
         except BaseException as exc:  # handed to the reader, who raises it
-            self._finish(False)
+            try:
+                self._finish(False)
+            except BaseException:  # noqa: S110  the first error is the one a reader must see
+                pass
             with self._ready:
                 self._error = exc
                 self._ready.notify_all()
