@@ -547,7 +547,6 @@ class GoldenStore:
 
         from harness.reference.capture import run_reference
         from harness.reference.streaming import build_streaming_model
-        from harness.store.bounds import resident_budget
         from harness.store.streamwrite import PhaseFiles
 
         if golden.manifest.get("storage", "full") != "full":
@@ -560,7 +559,6 @@ class GoldenStore:
         source = WeightsSource(golden.manifest["weights"]["source"].removeprefix("checkpoint:")
                                if golden.manifest["weights"]["source"].startswith("checkpoint:") else None)
         steps = len(golden.phases) - 1
-        resident = resident_budget(spec, len(golden.input_ids), steps)  # before any write, as a golden's build
         final = golden.path / dirname
         tmp = golden.path / f".tmp-{dirname}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -571,7 +569,9 @@ class GoldenStore:
             weights = build_source(spec, source, golden.manifest["seed"], tmp)
             step(stage, 0, 2)
             files = PhaseFiles(tmp, spec, golden.phases, len(golden.input_ids), ("bf16",))
-            run_reference(build_streaming_model(spec, weights, torch.bfloat16, resident), spec, golden.input_ids,
+            # Nothing kept: a gate may build this while a deployment's child holds memory, and the room
+            # a golden build keeps tensors in is computed for a build on its own.
+            run_reference(build_streaming_model(spec, weights, torch.bfloat16), spec, golden.input_ids,
                           decode_steps=steps, decode_tokens=golden.decode_tokens,
                           force=force, sink=lambda phase, name, t: files.put("bf16", phase, name, t))
             records = files.close()
