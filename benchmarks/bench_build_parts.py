@@ -95,14 +95,16 @@ def main() -> None:
         print(json.dumps(run_one(args.checkpoint, args.model, args.scale, args.prompt_len, args.decode_steps,
                                  *args.child)))
         return
-    print(f"{args.model} ({args.scale}), checkpoint {args.checkpoint}, {args.prompt_len} tokens, {args.decode_steps} decode steps")
+    print(f"{args.model} ({args.scale}), checkpoint {args.checkpoint}, {args.prompt_len} tokens, "
+          f"{args.decode_steps} decode steps")
     print(f"{'dtype':<6}{'row':<18}{'construct s':>12}{'run s':>8}{'cpu s':>8}{'run / plain':>12}")
     for dtype_name in ("fp32", "bf16"):
         plain = None
         for row in ROWS:
             out = subprocess.run([sys.executable, __file__, "--checkpoint", args.checkpoint, "--model", args.model,
-                                  "--scale", args.scale, "--prompt-len", str(args.prompt_len), "--decode-steps", str(args.decode_steps),
-                                  "--child", dtype_name, row], check=True, capture_output=True, text=True)
+                                  "--scale", args.scale, "--prompt-len", str(args.prompt_len),
+                                  "--decode-steps", str(args.decode_steps), "--child", dtype_name, row],
+                                 check=True, capture_output=True, text=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             plain = plain or r["run"]
             print(f"{dtype_name:<6}{row:<18}{r['construct']:>12.1f}{r['run']:>8.1f}{r['cpu']:>8.1f}"

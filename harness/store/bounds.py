@@ -27,6 +27,7 @@ from harness.spec import taps as tapspec
 from harness.spec.model_spec import ModelSpec
 from harness.store.streamwrite import WRITE_BEHIND_BYTES
 from harness.weights import KEEP_MAPPED_BYTES
+from harness.weights.synthetic import largest_layer_draw
 
 MAX_SEED = 2**32 - 1  # NumPy's and torch's seeding both take it; a negative seed is rejected by NumPy
 DISK_BYTES_PER_ELEMENT = 4 + 2 + 2  # fp32 golden, bf16 baseline, bf16 local baseline (isolated mode)
@@ -107,7 +108,7 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
            + (6 * _params(spec) if small else block * 2)
            # a larger model's weights file is written by a thread beside the fp32 reference: its float32
            # draw buffer and the bfloat16 tensor it writes (harness.weights.GeneratingWeights)
-           + (0 if small else max(spec.intermediate_size, spec.num_heads * spec.head_dim) * spec.hidden_size * 6)
+           + (0 if small else largest_layer_draw(spec) * (4 + 2))
            + WRITE_BEHIND_BYTES  # tap copies queued for the writer thread
            + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
            + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)

@@ -7,6 +7,7 @@ memory map, released with the last view of it); ``keys()``, ``in`` and ``len`` o
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -108,11 +109,13 @@ class _GeneratorThread(Mapping):
         self._thread = threading.Thread(target=self._run, args=(plan,), name="weights-generator")
         self._thread.start()
 
+    @abstractmethod
     def _keep(self, name: str, value: np.ndarray) -> None:
-        raise NotImplementedError
+        """Hold a tensor just made (on the generator thread)."""
 
+    @abstractmethod
     def _serve(self, name: str) -> np.ndarray:
-        raise NotImplementedError
+        """A tensor already made, for a lookup."""
 
     def _finish(self, complete: bool) -> None:
         """The thread ends: every tensor made (``complete``), or stopped or failed."""

@@ -63,6 +63,13 @@ def _bfloat16():
     return ml_dtypes.bfloat16
 
 
+def largest_layer_draw(spec: ModelSpec) -> int:
+    """Values in a decoder layer's largest tensor: the float32 draw buffer ``synthetic_plan`` keeps through
+    the layers is this size (the first draw, the embedding table, gets one of its own)."""
+    H = spec.hidden_size
+    return max(spec.intermediate_size * H, spec.num_heads * spec.head_dim * H)
+
+
 def synthetic_plan(spec: ModelSpec, seed: int = 0) -> list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]]:
     """(HF parameter name, shape, make) per tensor, in generation order.
 
@@ -78,7 +85,7 @@ def synthetic_plan(spec: ModelSpec, seed: int = 0) -> list[tuple[str, tuple[int,
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     outliers = outlier_channels(spec, seed)
     plan: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]] = []
-    layer_draw = max(I * H, nh * hd * H)
+    layer_draw = largest_layer_draw(spec)
 
     scratch: list[torch.Tensor] = []  # one float32 buffer, reused by every draw
 
