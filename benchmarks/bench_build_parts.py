@@ -7,8 +7,10 @@ weights) and each dtype (fp32, then bf16), every row runs in its own subprocess,
 - ``plain``: ``from_pretrained`` at that dtype, the forwards alone (no hooks): what a transformers user runs;
 - ``plain+hooks``: the same model with every tap captured (``run_reference``), handed to a no-op sink;
 - ``streamed``: the build's streaming model over the build's view of the checkpoint (bf16, zero-copy;
-  the fp32 run widens it), its resident room as a build computes it, taps to a no-op sink;
-- ``streamed, room 0``: the same with nothing kept (every weight read again every forward);
+  the fp32 run widens it), run as the build runs it, taps to a no-op sink: fp32 greedy with the resident
+  room a build computes, bf16 layer-first with nothing kept, fed fixed tokens (a build feeds it the
+  fp32 run's: the time does not depend on which);
+- ``streamed, room 0``: step by step with nothing kept (every weight read again every forward);
 - ``streamed+written``: the build's run as it is, every tap written and hashed (``PhaseFiles``).
 
 Printed: wall and CPU seconds of the run (construction apart), and each row against ``plain``. Example:
@@ -55,7 +57,7 @@ def run_one(checkpoint: str, model: str, scale: str, tokens: int, steps: int, dt
             m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
             m.config._attn_implementation = ATTN_IMPL  # the capture's attention (the stock SDPA, tapped)
         else:
-            room = 0 if row.endswith("room 0") else resident_budget(spec, tokens, steps)
+            room = 0 if row.endswith("room 0") or dtype_name == "bf16" else resident_budget(spec, tokens, steps)
             m = build_streaming_model(spec, build_source(spec, WeightsSource(checkpoint), 0, tmp), dtype, room)
         construct = time.perf_counter() - t0
         sink = lambda phase, name, t: None  # noqa: E731
@@ -70,6 +72,9 @@ def run_one(checkpoint: str, model: str, scale: str, tokens: int, steps: int, dt
                 for _ in range(steps):
                     nxt = int(out.logits[0, -1].float().argmax())
                     out = m(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True)
+        elif dtype_name == "bf16" and row.startswith("streamed") and row != "streamed, room 0":
+            fed = prompt_ids(spec, 1, max(steps, 1))[:steps]
+            run_reference(m, spec, ids, decode_steps=steps, decode_tokens=fed, sink=sink, layer_first=True)
         else:
             run_reference(m, spec, ids, decode_steps=steps, sink=sink)
         if files is not None:

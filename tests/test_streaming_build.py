@@ -109,38 +109,68 @@ def test_converted_weights_are_read_once_when_kept_or_still_in_their_buffer(kept
             assert np.array_equal(got[phase][name], value), (phase, name)
 
 
-def test_a_bf16_run_given_room_reads_each_weight_once_and_a_build_gives_it_the_fp32_runs_room(
-        tmp_path: Path, monkeypatch) -> None:
-    """The bf16 reference keeps its (zero-copy) weights in the room the fp32 run had: every weight is
-    looked up once over the prefill and 3 decode steps instead of once per forward, with the same taps."""
+@pytest.mark.parametrize("model", ["qwen3-0.6b", "llama-3.2-1b", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("forced", [False, True])
+def test_a_layer_first_run_reads_each_layer_once_with_the_taps_of_a_step_by_step_run(
+        model: str, forced: bool) -> None:
+    """Fed known tokens, a streamed bf16 run with no room goes layer-first: each decoder layer's weights
+    are looked up once over the prefill and 3 decode steps, not once per forward, and every tap is the bits of the in-memory
+    model run step by step - also teacher-forced, keys forced into the KV cache included."""
     import ml_dtypes
 
-    from harness.reference import streaming
-    from harness.store import GoldenRequest, GoldenStore
-
-    spec = harness.models.get("qwen3-0.6b", "tiny")
+    spec = harness.models.get(model, "tiny")
     bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in synthetic_weights(spec, 3).items()}
-    weights = _CountingWeights(bf16)
     ids = prompt_ids(spec, 3, 16)
     fp32 = run_reference(build_hf_model(spec, bf16, torch.float32), spec, ids, decode_steps=3)
-    got: dict = {}
-    run_reference(build_streaming_model(spec, weights, torch.bfloat16, 2 * sum(v.nbytes for v in bf16.values())),
-                  spec, ids, decode_steps=3, decode_tokens=fp32.decode_tokens, sink=_collect(got))
-    assert set(weights.reads.values()) == {1}
+    force = fp32.taps if forced else None
     want = run_reference(build_hf_model(spec, bf16, torch.bfloat16), spec, ids, decode_steps=3,
-                         decode_tokens=fp32.decode_tokens)
+                         decode_tokens=fp32.decode_tokens, force=force)
+    weights, got = _CountingWeights(bf16), {}
+    run = run_reference(build_streaming_model(spec, weights, torch.bfloat16), spec, ids, decode_steps=3,
+                        decode_tokens=fp32.decode_tokens, force=force, sink=_collect(got), layer_first=True)
+    table = "model.embed_tokens.weight"  # a tied LM head is a block of its own over it: at most twice
+    assert {k: n for k, n in weights.reads.items() if k != table} == {k: 1 for k in bf16 if k != table}
+    assert 1 <= weights.reads[table] <= (2 if spec.tied_embeddings else 1)
+    np.testing.assert_array_equal(run.decode_tokens, fp32.decode_tokens)
+    assert got.keys() == want.taps.keys()
     for phase, taps in want.taps.items():
+        assert got[phase].keys() == taps.keys()
         for name, value in taps.items():
             assert np.array_equal(got[phase][name], value), (phase, name)
+
+
+def test_a_layer_first_run_of_a_model_with_sliding_window_layers_goes_step_by_step() -> None:
+    """Layers taking different masks cannot share the first layer's arguments: same taps, step by step."""
+    from harness.reference import layer_first
+
+    spec = harness.models.get("qwen2.5-0.5b", "tiny")
+    w, ids = synthetic_weights(spec, 1), prompt_ids(spec, 1, 12)
+    model = build_hf_model(spec, w, torch.bfloat16)
+    assert layer_first.supported(model)
+    model.config.layer_types = ["sliding_attention"] + ["full_attention"] * (spec.num_layers - 1)
+    assert not layer_first.supported(model)
+
+
+def test_a_build_runs_its_bf16_reference_layer_first_with_no_room(tmp_path: Path, monkeypatch) -> None:
+    """The fp32 run keeps tensors in the build's room; the bf16 run, fed its tokens, needs none."""
+    from harness.reference import capture, streaming
+    from harness.store import GoldenRequest, GoldenStore
 
     rooms: list[tuple[torch.dtype, int]] = []
     real = streaming.build_streaming_model
     monkeypatch.setattr(streaming, "build_streaming_model",
                         lambda spec, w, dtype=torch.float32, resident_bytes=0:
                         rooms.append((dtype, resident_bytes)) or real(spec, w, dtype, resident_bytes))
-    GoldenStore(tmp_path).get(GoldenRequest("qwen3-0.6b", "tiny", 3, 2, 16))
-    assert [d for d, _ in rooms] == [torch.float32, torch.bfloat16]
-    assert rooms[0][1] > 0 and rooms[0][1] == rooms[1][1]
+    orders: list[bool] = []
+    real_run = capture.run_reference
+    monkeypatch.setattr(capture, "run_reference",
+                        lambda *a, layer_first=False, **k: orders.append(layer_first) or real_run(
+                            *a, layer_first=layer_first, **k))
+    store = GoldenStore(tmp_path)
+    store.ensure_local(store.get(GoldenRequest("qwen3-0.6b", "tiny", 3, 2, 16)))
+    assert [d for d, _ in rooms] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert rooms[0][1] > 0 and rooms[1][1] == rooms[2][1] == 0
+    assert orders == [False, True, True]  # the fp32 run chooses its tokens; the bf16 and local runs are fed
 
 
 def test_lazy_weights_are_the_synthetic_weights_read_only_and_cheap_to_list() -> None:

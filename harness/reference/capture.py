@@ -183,6 +183,7 @@ def run_reference(
     force: dict[str, dict[str, np.ndarray]] | Force | None = None,
     keep_bf16: bool = False,
     sink: Sink | None = None,
+    layer_first: bool = False,
 ) -> ReferenceRun:
     """Prefill ``input_ids`` then decode with the KV cache, capturing every tap.
 
@@ -191,33 +192,49 @@ def run_reference(
     (or is a function of (phase, tap)) to teacher-force (each op then sees golden inputs).
     ``keep_bf16``: see ``TapRecorder.numpy``. With ``sink(phase, tap, tensor)`` every tap goes there the
     moment it is captured and the returned run holds no taps (streaming: the golden build writes and
-    releases each one); the tensor is only valid during the call.
+    releases each one); the tensor is only valid during the call. ``layer_first`` (with ``decode_tokens``):
+    every phase through each layer in turn (harness.reference.layer_first: a streamed model then reads
+    each layer once per run, not once per phase), with the same taps.
     """
     from transformers import DynamicCache
+
+    from harness.reference import layer_first as lf
 
     if isinstance(force, dict):
         force = _dict_force(force)
     rec = TapRecorder(force=force, sink=sink)
     handles = install_hooks(model, spec)
     token = _ACTIVE.set(rec)
-    tokens: list[int] = []
     try:
         with torch.inference_mode():
             cache = DynamicCache(config=model.config)
             ids = torch.as_tensor(np.asarray(input_ids, dtype=np.int64))[None, :]
-            out = model(input_ids=ids, cache=cache, use_cache=True)
-            del out  # the logits are a tap: the sink has them, nothing else keeps them
-            for step in range(decode_steps):
-                if decode_tokens is not None:
-                    nxt = int(decode_tokens[step])
-                else:
-                    nxt = int(torch.argmax(rec.last_logits.float()))
-                tokens.append(nxt)
-                rec.phase = f"decode.{step}"
-                out = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True)
-                del out
+            if layer_first and (decode_tokens is not None or not decode_steps) and lf.supported(model):
+                tokens = [int(t) for t in (decode_tokens[:decode_steps] if decode_steps else [])]
+                lf.run_layer_first(model, rec, cache, [("prefill", ids)] + [
+                    (f"decode.{step}", torch.tensor([[t]])) for step, t in enumerate(tokens)])
+            else:
+                tokens = _step_by_step(model, rec, cache, ids, decode_steps, decode_tokens)
     finally:
         _ACTIVE.reset(token)
         for handle in handles:
             handle.remove()
     return ReferenceRun(rec.numpy(keep_bf16), np.asarray(input_ids, dtype=np.int64), np.asarray(tokens, dtype=np.int64))
+
+
+def _step_by_step(model, rec: TapRecorder, cache, ids: torch.Tensor, decode_steps: int,
+                  decode_tokens: np.ndarray | None) -> list[int]:
+    """Prefill, then each decode step through the whole model (greedy unless ``decode_tokens``)."""
+    out = model(input_ids=ids, cache=cache, use_cache=True)
+    del out  # the logits are a tap: the sink has them, nothing else keeps them
+    tokens: list[int] = []
+    for step in range(decode_steps):
+        if decode_tokens is not None:
+            nxt = int(decode_tokens[step])
+        else:
+            nxt = int(torch.argmax(rec.last_logits.float()))
+        tokens.append(nxt)
+        rec.phase = f"decode.{step}"
+        out = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True)
+        del out
+    return tokens

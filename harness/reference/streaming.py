@@ -7,7 +7,9 @@ them back for meta placeholders. Peak weight memory is one block (the largest: t
 the LM head, plus one set of conversion buffers those blocks share), whatever the model's size; numerics
 are the stock modules' own, on the same values as ``build_hf_model`` (bit-identical taps, tested). A
 buffer still holding a weight's converted values is not converted again: the embedding table a tied
-LM head shares is widened once per run.
+LM head shares is widened once per run. A block entered again with no other block in between (a
+layer-first run, harness.reference.layer_first) reuses the tensors it had: they stay referenced until
+another block enters.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class _Buffers:
         self._holds: dict[tuple, str] = {}  # buffer -> the weights key whose converted values it holds
         self.resident: dict[str, torch.Tensor] = {}
         self.resident_left = resident_bytes
+        self.held: tuple[_Block, list[torch.Tensor]] | None = None  # the block entered last, and its tensors
 
     def tensor(self, weights: Mapping, key: str, shape: tuple[int, ...], nth: int) -> torch.Tensor:
         """Weight ``key`` as a ``dtype`` tensor of ``shape``, the block's ``nth`` of that shape."""
@@ -106,8 +109,15 @@ class _Block:
         self.weights, self.buffers = weights, buffers
 
     def enter(self, module, args):
-        for owner, leaf, key, placeholder, nth in self.slots:
-            t = self.buffers.tensor(self.weights, key, tuple(placeholder.shape), nth)
+        held = self.buffers.held
+        if held is not None and held[0] is self:
+            tensors = held[1]  # entered again with no other block between (a layer-first run): as they were
+        else:
+            self.buffers.held = None  # the block before lets go of its maps before this one maps its own
+            tensors = [self.buffers.tensor(self.weights, key, tuple(placeholder.shape), nth)
+                       for _, _, key, placeholder, nth in self.slots]
+            self.buffers.held = (self, tensors)
+        for (owner, leaf, _, _, _), t in zip(self.slots, tensors):
             owner._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
         return None
 

@@ -7,9 +7,10 @@ phase is ``rows x features`` elements, stored once as fp32 (the golden) and once
 plus bf16 again for isolated mode's local baseline (full storage only); a sampled golden keeps
 ``sampled_rows`` of the prefill. The build streams (harness.reference.streaming, store.streamwrite), so
 its memory is one block's weights (fp32 conversion buffers of one decoder layer and of the embedding /
-LM head, beside the mapped bf16 source of the block running), one layer's activations and taps, the
-writer thread's queue, the KV cache, one attention score matrix and the logits, over the interpreter's
-own baseline (a larger model's build may keep some layers' fp32 weights beyond that, only in room the
+LM head, beside the mapped bf16 source of the block running), one layer's activations and taps (and,
+the bf16 runs being layer-first, every phase's hidden states between two layers), the writer thread's
+queue, the KV cache, one attention score matrix and the logits, over the interpreter's own baseline (a
+larger model's fp32 run may keep some layers' converted weights beyond that, only in room the
 prediction leaves free: ``resident_budget``); its disk adds the private bf16 copy of synthetic weights
 the build reads (written by a thread as the fp32 reference starts, deleted at the end; a small model's
 are kept in memory instead). The figures are upper bounds, so a request is refused only when it exceeds
@@ -111,6 +112,7 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
            + (0 if small else largest_layer_draw(spec) * (4 + 2))
            + WRITE_BEHIND_BYTES  # tap copies queued for the writer thread
            + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
+           + positions * spec.hidden_size * 4  # a layer-first run's hidden states, every phase's at once
            + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)
            + spec.num_heads * tokens * positions * 4  # one attention score matrix
            + tokens * spec.vocab_size * 4  # the prefill logits (written as they are: no copy)

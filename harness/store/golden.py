@@ -477,14 +477,13 @@ class GoldenStore:
             golden = run_reference(build_streaming_model(spec, weights, torch.float32, resident), spec, ids,
                                    decode_steps=request.decode_steps,
                                    sink=lambda phase, name, t: files.put("fp32", phase, name, t))
-            # The fp32 run's model (and the tensors it kept) is gone: the bf16 run keeps its own in the
-            # same room. Its weights, zero-copy views of the bf16 source, stay mapped instead of being
-            # mapped again every forward (9 of qwen2.5-1.5b's 20 s at 128 tokens). Freed heap goes back first.
-            release()
+            release()  # the fp32 run's model and the tensors it kept are gone: freed heap goes back
             step("bf16 reference", 2, 4)
-            run_reference(build_streaming_model(spec, weights, torch.bfloat16, resident), spec, ids,
+            # Fed known tokens, the bf16 run goes layer-first: each layer's weights (zero-copy views of the
+            # bf16 source) are mapped once for every phase, not once per forward, so it keeps nothing.
+            run_reference(build_streaming_model(spec, weights, torch.bfloat16), spec, ids,
                           decode_steps=request.decode_steps, decode_tokens=golden.decode_tokens,
-                          sink=lambda phase, name, t: files.put("bf16", phase, name, t))
+                          sink=lambda phase, name, t: files.put("bf16", phase, name, t), layer_first=True)
             step("writing", 3, 4)
             records = files.close()
             close_source(weights)
@@ -569,11 +568,11 @@ class GoldenStore:
             weights = build_source(spec, source, golden.manifest["seed"], tmp)
             step(stage, 0, 2)
             files = PhaseFiles(tmp, spec, golden.phases, len(golden.input_ids), ("bf16",))
-            # Nothing kept: a gate may build this while a deployment's child holds memory, and the room
-            # a golden build keeps tensors in is computed for a build on its own.
+            # Layer-first (the tokens are known): each layer is mapped once for every phase, and nothing
+            # is kept beyond it - a gate may build this while a deployment's child holds memory.
             run_reference(build_streaming_model(spec, weights, torch.bfloat16), spec, golden.input_ids,
-                          decode_steps=steps, decode_tokens=golden.decode_tokens,
-                          force=force, sink=lambda phase, name, t: files.put("bf16", phase, name, t))
+                          decode_steps=steps, decode_tokens=golden.decode_tokens, force=force,
+                          sink=lambda phase, name, t: files.put("bf16", phase, name, t), layer_first=True)
             records = files.close()
             close_source(weights)
             weights = None
