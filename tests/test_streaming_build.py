@@ -152,15 +152,16 @@ def test_a_layer_first_run_of_a_model_with_sliding_window_layers_goes_step_by_st
 
 
 def test_a_build_runs_its_bf16_reference_layer_first_with_no_room(tmp_path: Path, monkeypatch) -> None:
-    """The fp32 run keeps tensors in the build's room; the bf16 run, fed its tokens, needs none."""
+    """The fp32 run keeps tensors in the build's room (a larger one for its decode steps); the bf16 run,
+    fed its tokens, needs none."""
     from harness.reference import capture, streaming
     from harness.store import GoldenRequest, GoldenStore
 
-    rooms: list[tuple[torch.dtype, int]] = []
+    rooms: list[tuple[torch.dtype, int, int | None]] = []
     real = streaming.build_streaming_model
     monkeypatch.setattr(streaming, "build_streaming_model",
-                        lambda spec, w, dtype=torch.float32, resident_bytes=0:
-                        rooms.append((dtype, resident_bytes)) or real(spec, w, dtype, resident_bytes))
+                        lambda spec, w, dtype=torch.float32, resident_bytes=0, later=None:
+                        rooms.append((dtype, resident_bytes, later)) or real(spec, w, dtype, resident_bytes, later))
     orders: list[bool] = []
     real_run = capture.run_reference
     monkeypatch.setattr(capture, "run_reference",
@@ -168,8 +169,9 @@ def test_a_build_runs_its_bf16_reference_layer_first_with_no_room(tmp_path: Path
                             *a, layer_first=layer_first, **k))
     store = GoldenStore(tmp_path)
     store.ensure_local(store.get(GoldenRequest("qwen3-0.6b", "tiny", 3, 2, 16)))
-    assert [d for d, _ in rooms] == [torch.float32, torch.bfloat16, torch.bfloat16]
-    assert rooms[0][1] > 0 and rooms[1][1] == rooms[2][1] == 0
+    assert [d for d, _, _ in rooms] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert rooms[0][1] > 0 and rooms[0][2] >= rooms[0][1]  # the decode steps' room: at least the prompt's
+    assert [r[1:] for r in rooms[1:]] == [(0, None), (0, None)]
     assert orders == [False, True, True]  # the fp32 run chooses its tokens; the bf16 and local runs are fed
 
 
@@ -304,6 +306,55 @@ def test_a_larger_models_build_keeps_converted_layers_only_in_room_its_predictio
     monkeypatch.setenv("NPU_HARNESS_BUILD_MEMORY", "lots")
     with pytest.raises(HarnessError, match="NPU_HARNESS_BUILD_MEMORY 'lots'"):
         resident_budget(spec, 128, 32, available=64 << 30)
+
+
+def test_the_decode_steps_have_the_room_a_long_prompts_transients_leave(monkeypatch) -> None:
+    """Once the prompt has been through, its activations, attention scores and logits are gone: the decode
+    steps' prediction drops by them, and the room grows by as much, up to the same target."""
+    monkeypatch.delenv("NPU_HARNESS_BUILD_MEMORY", raising=False)
+    spec = harness.models.get("qwen3-4b", "full")
+    for tokens, rows in ((128, "full"), (2048, "sampled"), (2048, "full")):
+        prompt, steps = predict(spec, tokens, 32, rows), predict(spec, tokens, 32, rows, decoding=True)
+        assert steps.ram_bytes < prompt.ram_bytes and steps.disk_bytes == prompt.disk_bytes
+        assert steps.elements == prompt.elements
+        before = resident_budget(spec, tokens, 32, rows, available=64 << 30)
+        after = resident_budget(spec, tokens, 32, rows, available=64 << 30, decoding=True)
+        table = spec.vocab_size * spec.hidden_size * 4
+        assert after == int(RESIDENT_TARGET - steps.ram_bytes + table)
+        if before:  # both within the target: the difference is what the prompt's transients took
+            assert after - before == prompt.ram_bytes - steps.ram_bytes
+    assert resident_budget(spec, 2048, 32, "sampled", available=64 << 30) == 0  # the prompt leaves none
+    assert resident_budget(spec, 2048, 32, "sampled", available=64 << 30, decoding=True) > 2e9
+    small = harness.models.get("qwen2.5-0.5b", "full")  # keeps everything either way
+    assert resident_budget(small, 2048, 32, decoding=True) == resident_budget(small, 2048, 32)
+
+
+def test_a_streamed_model_keeps_more_from_its_second_forward_with_the_same_taps() -> None:
+    """Room 0 for the prompt, room for everything after it: the prefill converts each weight, decode.0
+    converts and keeps what is not still in its buffer, the later steps read nothing; with room 0 all
+    along every step reads again. The taps are the in-memory model's bits."""
+    import ml_dtypes
+
+    spec = harness.models.get("llama-3.2-1b", "tiny")
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in synthetic_weights(spec, 4).items()}
+    ids = prompt_ids(spec, 4, 16)
+    want = run_reference(build_hf_model(spec, bf16, torch.float32), spec, ids, decode_steps=3)
+    everything = 4 * sum(v.size for v in bf16.values())
+
+    def reads(steps: int, later: int | None, got: dict | None = None) -> dict[str, int]:
+        weights = _CountingWeights(bf16)
+        run = run_reference(build_streaming_model(spec, weights, torch.float32, 0, later), spec, ids,
+                            decode_steps=steps, sink=_collect(got if got is not None else {}))
+        np.testing.assert_array_equal(run.decode_tokens, want.decode_tokens[:steps])
+        return weights.reads
+
+    got: dict = {}
+    kept = reads(3, everything, got)
+    assert kept == reads(1, everything) and max(kept.values()) == 2  # nothing read after decode.0
+    assert sum(reads(3, None).values()) > sum(reads(1, None).values())  # room 0 all along: read every step
+    for phase, taps in want.taps.items():
+        for name, value in taps.items():
+            assert np.array_equal(got[phase][name], value), (phase, name)
 
 
 def _shapes(spec):

@@ -128,11 +128,13 @@ class _Block:
 
 
 def build_streaming_model(spec: ModelSpec, weights: Mapping[str, np.ndarray], dtype: torch.dtype = torch.float32,
-                          resident_bytes: int = 0):
+                          resident_bytes: int = 0, later_resident_bytes: int | None = None):
     """The transformers model of ``spec`` in eval mode, reading its blocks from ``weights`` as it runs.
 
     Up to ``resident_bytes`` of tensors converted to ``dtype`` are kept after their first use (a small
-    model's decode steps then convert nothing; a larger model's first layers are converted once)."""
+    model's decode steps then convert nothing; a larger model's first layers are converted once); from
+    the model's second forward on (the decode steps, once the prompt's activations are gone), up to
+    ``later_resident_bytes`` when that is more."""
     import transformers
 
     from harness.reference import capture  # noqa: F401  (registers the capture attention function)
@@ -157,6 +159,15 @@ def build_streaming_model(spec: ModelSpec, weights: Mapping[str, np.ndarray], dt
             f"weights do not match {spec.id} ({spec.scale}): missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     buffers = _Buffers(dtype, resident_bytes)
+    if later_resident_bytes is not None and later_resident_bytes > resident_bytes:
+        forwards = [0]
+
+        def grow_after_the_first_forward(module, args):
+            forwards[0] += 1
+            if forwards[0] == 2:
+                buffers.resident_left += later_resident_bytes - resident_bytes
+
+        model.register_forward_pre_hook(grow_after_the_first_forward)
 
     def attach(module: torch.nn.Module, prefix: str, names: dict[str, str] | None = None) -> None:
         names = names or {n: prefix + n for n, _ in module.named_parameters(remove_duplicate=False)}

@@ -85,8 +85,11 @@ def _kept_whole(spec: ModelSpec) -> bool:
     return 2 * _params(spec) <= KEEP_MAPPED_BYTES
 
 
-def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full") -> Footprint:
-    """The golden's exact element count (stored taps x rows) and the disk and memory its streaming build needs."""
+def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full", *,
+            decoding: bool = False) -> Footprint:
+    """The golden's exact element count (stored taps x rows) and the disk and memory its streaming build
+    needs. ``decoding``: the memory once the prompt has been through (its activations, attention scores
+    and logits gone, the weights generator done), when only one row at a time runs."""
     names = tapspec.tap_names(spec)
     per_token = sum(tapspec.features(spec, tapspec.parse(name).kind) for name in names)
     layer_width = per_token // max(spec.num_layers, 1)  # one layer's taps per token (about)
@@ -100,6 +103,7 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
     block = max(_layer_params(spec), spec.vocab_size * spec.hidden_size)
     kv_width = 2 * spec.num_kv_heads * spec.head_dim
     small = _kept_whole(spec)
+    rows_now = 1 if decoding else tokens  # the rows one forward runs
     ram = (BASE_RAM
            # fp32 conversion buffers (a small model: the generator's float32 draw buffer, which runs
            # beside its fp32 reference and is at most the embedding's size)
@@ -109,35 +113,37 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full")
            + (6 * _params(spec) if small else block * 2)
            # a larger model's weights file is written by a thread beside the fp32 reference: its float32
            # draw buffer and the bfloat16 tensor it writes (harness.weights.GeneratingWeights)
-           + (0 if small else largest_layer_draw(spec) * (4 + 2))
+           + (0 if small or decoding else largest_layer_draw(spec) * (4 + 2))
            + WRITE_BEHIND_BYTES  # tap copies queued for the writer thread
-           + tokens * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
+           + rows_now * layer_width * 4 * 2  # one layer's activations, and the taps the writer holds
            + positions * spec.hidden_size * 4  # a layer-first run's hidden states, every phase's at once
            + spec.num_layers * positions * kv_width * 4  # the KV cache (fp32 run)
-           + spec.num_heads * tokens * positions * 4  # one attention score matrix
-           + tokens * spec.vocab_size * 4  # the prefill logits (written as they are: no copy)
-           + (kept * spec.vocab_size * 4 if rows == "sampled" else 0))  # the sampled rows of them
+           + spec.num_heads * rows_now * positions * 4  # one attention score matrix
+           + rows_now * spec.vocab_size * 4  # the prefill logits (written as they are: no copy)
+           + (kept * spec.vocab_size * 4 if rows == "sampled" and not decoding else 0))  # the sampled rows of them
     disk_per_element = SAMPLED_DISK_BYTES_PER_ELEMENT if rows == "sampled" else DISK_BYTES_PER_ELEMENT
     private = 0 if small else 2 * _params(spec)  # the build's private bf16 weights file (synthetic weights)
     return Footprint(elements, elements * disk_per_element + private, int(ram))
 
 
 def resident_budget(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full",
-                    available: int | None = None) -> int:
+                    available: int | None = None, *, decoding: bool = False) -> int:
     """Bytes of converted fp32 weights the build's fp32 reference keeps instead of converting them again
     every forward. A small model keeps all of them (``predict`` counts them). A larger one keeps what fits
     between its streaming prediction, the least it needs, and ``resident_target()`` or half of ``available``
     (MemAvailable when not given), whichever is lower: a machine short of memory streams every layer, and
     a build is never refused for want of this room. Kept in the order the forward reads them, a tied
     embedding table comes first and then needs no conversion buffer: its bytes, which the prediction
-    counts as that buffer, are added to the room."""
+    counts as that buffer, are added to the room. ``decoding``: the room once the prompt has been through
+    (``predict(decoding=True)``): a long prompt's activations, scores and logits leave more of it for the
+    decode steps, which run every layer once per token."""
     target = resident_target()  # a bad setting fails every build, not only a larger model's
     if _kept_whole(spec):
         return 2 * KEEP_MAPPED_BYTES  # room for every weight at 4 bytes (a small model's are at most 2 GiB in bf16)
     if available is None:
         available = available_ram()
     room = target if available is None else min(target, available / 2)
-    spare = room - predict(spec, tokens, decode_steps, rows).ram_bytes
+    spare = room - predict(spec, tokens, decode_steps, rows, decoding=decoding).ram_bytes
     if spare <= 0:
         return 0
     table = spec.vocab_size * spec.hidden_size * 4 if spec.tied_embeddings else 0

@@ -463,7 +463,10 @@ class GoldenStore:
         ids = prompt_ids(spec, request.seed, request.tokens)
         phases = tapspec.phase_names(request.decode_steps)
         rows = sampled_rows(request.tokens, request.key()) if request.rows == "sampled" else None
-        resident = resident_budget(spec, request.tokens, request.decode_steps, request.rows)  # before any write
+        # Before any write: the room the fp32 run keeps converted tensors in, and the larger room its decode
+        # steps have once the prompt's activations and logits are gone (a long prompt's are gigabytes).
+        resident = resident_budget(spec, request.tokens, request.decode_steps, request.rows)
+        decoding = resident_budget(spec, request.tokens, request.decode_steps, request.rows, decoding=True)
         tmp = self._tmpdir(path)
         files: PhaseFiles | None = None
         weights = None
@@ -474,10 +477,11 @@ class GoldenStore:
             weights = build_source(spec, request.weights, request.seed, tmp)
             files = PhaseFiles(tmp, spec, phases, request.tokens, VARIANTS, rows)
             step("fp32 reference", 1, 4)
-            golden = run_reference(build_streaming_model(spec, weights, torch.float32, resident), spec, ids,
-                                   decode_steps=request.decode_steps,
+            fp32 = build_streaming_model(spec, weights, torch.float32, resident, decoding)
+            golden = run_reference(fp32, spec, ids, decode_steps=request.decode_steps,
                                    sink=lambda phase, name, t: files.put("fp32", phase, name, t))
-            release()  # the fp32 run's model and the tensors it kept are gone: freed heap goes back
+            del fp32  # the model and the tensors it kept
+            release()  # freed heap goes back before the bf16 run
             step("bf16 reference", 2, 4)
             # Fed known tokens, the bf16 run goes layer-first: each layer's weights (zero-copy views of the
             # bf16 source) are mapped once for every phase, not once per forward, so it keeps nothing.
