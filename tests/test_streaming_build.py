@@ -114,8 +114,9 @@ def test_converted_weights_are_read_once_when_kept_or_still_in_their_buffer(kept
 def test_a_layer_first_run_reads_each_layer_once_with_the_taps_of_a_step_by_step_run(
         model: str, forced: bool) -> None:
     """Fed known tokens, a streamed bf16 run with no room goes layer-first: each decoder layer's weights
-    are looked up once over the prefill and 3 decode steps, not once per forward, and every tap is the bits of the in-memory
-    model run step by step - also teacher-forced, keys forced into the KV cache included."""
+    are looked up once over the prefill and 3 decode steps, not once per forward, and every tap is the
+    bits of the in-memory model run step by step - also teacher-forced, keys forced into the KV cache
+    included."""
     import ml_dtypes
 
     spec = harness.models.get(model, "tiny")
@@ -320,11 +321,12 @@ def test_the_decode_steps_have_the_room_a_long_prompts_transients_leave(monkeypa
         before = resident_budget(spec, tokens, 32, rows, available=64 << 30)
         after = resident_budget(spec, tokens, 32, rows, available=64 << 30, decoding=True)
         table = spec.vocab_size * spec.hidden_size * 4
-        assert after == int(RESIDENT_TARGET - steps.ram_bytes + table)
+        # The tied table's bytes count only when the prompt's room kept it (no conversion buffer made).
+        assert after == int(RESIDENT_TARGET - steps.ram_bytes + (table if before else 0))
         if before:  # both within the target: the difference is what the prompt's transients took
             assert after - before == prompt.ram_bytes - steps.ram_bytes
     assert resident_budget(spec, 2048, 32, "sampled", available=64 << 30) == 0  # the prompt leaves none
-    assert resident_budget(spec, 2048, 32, "sampled", available=64 << 30, decoding=True) > 2e9
+    assert resident_budget(spec, 2048, 32, "sampled", available=64 << 30, decoding=True) > 1e9
     small = harness.models.get("qwen2.5-0.5b", "full")  # keeps everything either way
     assert resident_budget(small, 2048, 32, decoding=True) == resident_budget(small, 2048, 32)
 

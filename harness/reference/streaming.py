@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from harness.errors import HarnessError
+from harness.memory import release
 from harness.reference.hf_model import ATTN_IMPL
 from harness.spec.model_spec import ModelSpec
 
@@ -165,6 +166,7 @@ def build_streaming_model(spec: ModelSpec, weights: Mapping[str, np.ndarray], dt
         def grow_after_the_first_forward(module, args):
             forwards[0] += 1
             if forwards[0] == 2:
+                release()  # the prompt's freed activations go back before tensors are kept in their place
                 buffers.resident_left += later_resident_bytes - resident_bytes
 
         model.register_forward_pre_hook(grow_after_the_first_forward)

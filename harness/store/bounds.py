@@ -136,18 +136,21 @@ def resident_budget(spec: ModelSpec, tokens: int, decode_steps: int, rows: str =
     embedding table comes first and then needs no conversion buffer: its bytes, which the prediction
     counts as that buffer, are added to the room. ``decoding``: the room once the prompt has been through
     (``predict(decoding=True)``): a long prompt's activations, scores and logits leave more of it for the
-    decode steps, which run every layer once per token."""
+    decode steps, which run every layer once per token. The table's bytes count there only if the prompt's
+    room kept it: otherwise its conversion buffer was made for the prompt, and it stays."""
     target = resident_target()  # a bad setting fails every build, not only a larger model's
     if _kept_whole(spec):
         return 2 * KEEP_MAPPED_BYTES  # room for every weight at 4 bytes (a small model's are at most 2 GiB in bf16)
     if available is None:
         available = available_ram()
     room = target if available is None else min(target, available / 2)
-    spare = room - predict(spec, tokens, decode_steps, rows, decoding=decoding).ram_bytes
-    if spare <= 0:
-        return 0
     table = spec.vocab_size * spec.hidden_size * 4 if spec.tied_embeddings else 0
-    return int(spare + table)
+    spare = room - predict(spec, tokens, decode_steps, rows).ram_bytes
+    prompt = int(spare + table) if spare > 0 else 0
+    if not decoding:
+        return prompt
+    later = room - predict(spec, tokens, decode_steps, rows, decoding=True).ram_bytes
+    return max(prompt, int(later + (table if prompt else 0)))
 
 
 def resident_target() -> float:
