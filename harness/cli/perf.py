@@ -22,7 +22,7 @@ from harness.cli.exits import CommandGroup
 
 from harness.cli.console import make_console
 from harness.errors import EXIT_ERROR, EXIT_PASS, EXIT_PERF, HarnessError
-from harness.perf import benchjson, history, stats
+from harness.perf import benchjson, stats
 from harness.perf.stats import Comparison, Verdict
 
 EXIT_OK, EXIT_REGRESSION, EXIT_CANNOT_RUN = EXIT_PASS, EXIT_PERF, EXIT_ERROR
@@ -80,6 +80,8 @@ def parse_fraction(text: str, option: str) -> float:
 def record(files: Annotated[list[Path], typer.Argument(help="pytest-benchmark JSON files saved with raw data")],
            db: DbOpt = None) -> None:
     """Import pytest-benchmark JSON files into the history (commit and dirty flag from git in the cwd)."""
+    from harness.perf import history  # SQLAlchemy: imported by the commands that use it, not every CLI start
+
     try:
         benches = [benchjson.load(f) for f in files]  # all or nothing: check every file first
         with history.History(db) as hist:
@@ -101,6 +103,8 @@ def history_cmd(model: Annotated[str, typer.Option("--model", help="Model id, e.
                 metric: Annotated[Optional[str], typer.Option("--metric", help="Only this metric (ttft, tpot, ...)")] = None,
                 db: DbOpt = None, last: LastOpt = 10) -> None:
     """Show a model's trend (median per run, verdict at record time) and its change points."""
+    from harness.perf import history
+
     try:
         with history.History(db) as hist:
             points = hist.trend(model, metric=metric, last=last)
@@ -133,6 +137,8 @@ def _row(label: tuple[str, str, str], unit: str, result: Comparison) -> dict[str
 def _history_pairs(model: str, db: str | None, last: int, threshold: float, alpha: float,
                    console: Console) -> list[dict[str, Any]]:
     """Newest run of each series of ``model`` against the pooled samples of its previous ``last`` runs."""
+    from harness.perf import history
+
     with history.History(db) as hist:
         points = hist.trend(model, last=last + 1)
     if not points:

@@ -40,7 +40,6 @@ from enum import Enum
 from typing import Literal, Sequence
 
 import numpy as np
-from scipy import stats as sps
 
 from harness.errors import HarnessError
 
@@ -125,7 +124,9 @@ def _mwu_greater(x: np.ndarray, y: np.ndarray) -> float:
     """One-sided Mann-Whitney p that x tends to exceed y; 1.0 when every value ties (no evidence)."""
     if np.all(x == x[0]) and np.all(y == x[0]):
         return 1.0
-    p = float(sps.mannwhitneyu(x, y, alternative="greater").pvalue)
+    from scipy.stats import mannwhitneyu  # here, not at import: scipy.stats costs ~1 s of every CLI start
+
+    p = float(mannwhitneyu(x, y, alternative="greater").pvalue)
     return 1.0 if math.isnan(p) else p
 
 
@@ -221,7 +222,9 @@ def _best_split(runs: list[np.ndarray], lo: int, hi: int, direction: Direction, 
             continue
         if np.all(left == left[0]) and np.all(right == left[0]):
             continue
-        p = float(sps.mannwhitneyu(right, left, alternative="two-sided").pvalue)
+        from scipy.stats import mannwhitneyu
+
+        p = float(mannwhitneyu(right, left, alternative="two-sided").pvalue)
         if best is None or p < best[0]:
             verdict = Verdict.REGRESSION if slow > 0 else Verdict.IMPROVEMENT
             best = (p, ChangePoint(k, ml, mr, slow, p, verdict))

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any
-
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import HarnessError
 from harness.report import reading
 from harness.report.model import TrendSeries
 from harness.spec import taps
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # 1 - cosine of identical tensors is 0, which a log axis cannot show; it sits on this floor instead.
 COS_FLOOR = 1e-9
@@ -99,6 +98,11 @@ def layer_error_png(verdict: dict[str, Any], *, all_taps: bool = True) -> bytes:
     layers = [taps.parse(r["tap"]).layer for r in results]
     n_layers = max((lyr for lyr in layers if lyr is not None), default=-1) + 1
     phases = list(dict.fromkeys(r["phase"] for r in results))
+    # matplotlib here, not at import: it costs ~0.5 s of every CLI start, and most commands draw nothing.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     cmap = colormaps["viridis"]
 
     fig = Figure(figsize=(10, 6.5), layout="constrained")
@@ -164,6 +168,8 @@ def trend_png(series: TrendSeries) -> bytes:
     xs = range(len(series.points))
     labels = [lbl for lbl, _ in series.points]
     values = [v for _, v in series.points]
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(8, 3.2), layout="constrained")
     ax = fig.subplots()
     finite = [(x, v) for x, v in zip(xs, values) if math.isfinite(v)]
