@@ -5,11 +5,13 @@ import os
 def pytest_configure(config):
     # Under pytest-xdist each worker runs on one thread (torch and the metrics kernels): two workers
     # x two threads would oversubscribe two cores, and tiny models run several times faster without
-    # thread hand-off.
+    # thread hand-off. The environment passes the same to the processes the tests start (a CLI gate,
+    # a deployment's child): they share the two cores with the other worker too.
     if os.environ.get("PYTEST_XDIST_WORKER"):
         from harness.threads import use_one_thread
 
         use_one_thread()
+        os.environ["OMP_NUM_THREADS"] = os.environ["NUMBA_NUM_THREADS"] = "1"
 
 
 FULLSCALE_ENV = "NPU_HARNESS_FULLSCALE_TESTS"
