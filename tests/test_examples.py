@@ -10,29 +10,31 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _gate(tmp_path: Path, deployment: str, model: str, *args: str) -> subprocess.CompletedProcess:
+def _gate(golden_root: Path, deployment: str, model: str, *args: str) -> subprocess.CompletedProcess:
+    # The session's golden store: the entries are the ones a fresh store would build (other tests build
+    # the same), so each is built once per worker, not once per example.
     cmd = [sys.executable, "-m", "harness", "gate", "--model", model, "--deployment", deployment,
-           "--phase", "3", "--golden-dir", str(tmp_path / "golden"), *args]
+           "--phase", "3", "--golden-dir", str(golden_root), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("model", ["llama-3.2-1b", "qwen3-0.6b"])
-def test_torch_functions_adapter_passes_the_gate(tmp_path: Path, model: str) -> None:
-    res = _gate(tmp_path, "examples/torch_functions_adapter.py:factory", model)
+def test_torch_functions_adapter_passes_the_gate(golden_root: Path, model: str) -> None:
+    res = _gate(golden_root, "examples/torch_functions_adapter.py:factory", model)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "PASS" in res.stdout
 
 
-def test_factory_keyword_arguments_reach_the_factory(tmp_path: Path) -> None:
-    res = _gate(tmp_path, "examples/torch_functions_adapter.py:factory[dtype=float32]", "qwen2.5-0.5b")
+def test_factory_keyword_arguments_reach_the_factory(golden_root: Path) -> None:
+    res = _gate(golden_root, "examples/torch_functions_adapter.py:factory[dtype=float32]", "qwen2.5-0.5b")
     assert res.returncode == 0, res.stdout + res.stderr
-    bad = _gate(tmp_path, "examples/torch_functions_adapter.py:factory[colour=red]", "qwen2.5-0.5b")
+    bad = _gate(golden_root, "examples/torch_functions_adapter.py:factory[colour=red]", "qwen2.5-0.5b")
     assert bad.returncode == 3 and "colour" in bad.stdout + bad.stderr
 
 
 @pytest.mark.parametrize("model", ["qwen2.5-0.5b", "qwen3-0.6b"])
-def test_numpy_decoder_passes_the_gate(tmp_path: Path, model: str) -> None:
-    res = _gate(tmp_path, "examples/numpy_decoder.py:factory", model)
+def test_numpy_decoder_passes_the_gate(golden_root: Path, model: str) -> None:
+    res = _gate(golden_root, "examples/numpy_decoder.py:factory", model)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
