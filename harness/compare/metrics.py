@@ -136,7 +136,9 @@ def _sample(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
     rows_, f = shape
     n = rows_ * f
     if n <= _SMALL:
-        return np.zeros(rows_ + 1, np.int64), _NO_SAMPLE, 0
+        ptr = np.zeros(rows_ + 1, np.int64)
+        ptr.setflags(write=False)  # as the sampled ones: one compiled specialisation of the kernels, not two
+        return ptr, _NO_SAMPLE, 0
     m = min(_SAMPLE, max(1024, n // 64))
     flat = np.sort(np.random.default_rng(0).integers(0, n, m))
     q = TAIL_QUANTILE - _SAMPLE_SIGMAS * math.sqrt(TAIL_QUANTILE * (1 - TAIL_QUANTILE) / m)
