@@ -196,7 +196,7 @@ def test_streamed_weights_give_bit_identical_outputs(tiny, monkeypatch, faults) 
         out += [emu.decode(7, lambda n, v: taps.append(v.copy()) or v) for _ in range(2)]
         return out, taps, emu, counted.reads
 
-    (full, full_taps, resident, reads_resident) = run("4G")
+    (full, full_taps, resident, reads_resident) = run("4GiB")
     (streamed, streamed_taps, streaming, reads_streamed) = run("0")
     assert resident.lm_head is not None and len(resident._resident) == spec.num_layers
     assert streaming.lm_head is None and not streaming._resident
@@ -208,7 +208,7 @@ def test_streamed_weights_give_bit_identical_outputs(tiny, monkeypatch, faults) 
 def test_resident_budget_parses_units(monkeypatch) -> None:
     from harness.deployment.emulator import model as emu_model
 
-    for raw, want in (("512M", 512 << 20), ("1.5G", 3 << 29), ("1000", 1000)):
+    for raw, want in (("512MiB", 512 << 20), ("1.5Gi", 3 << 29), ("4GB", 4 * 10**9), ("1000", 1000)):
         monkeypatch.setenv(emu_model.BUDGET_ENV, raw)
         assert emu_model.resident_budget() == want
     monkeypatch.setenv(emu_model.BUDGET_ENV, "lots")

@@ -36,8 +36,21 @@ class _Store:
 def test_parse_size() -> None:
     assert parse_size("500MB") == 500_000_000 and parse_size("2G") == 2_000_000_000
     assert parse_size("1.5gb") == 1_500_000_000 and parse_size("1000") == 1000
+    # binary units where the user writes them (read as decimal before, 7% short of a GiB)
+    assert parse_size("2GiB") == 2 << 30 and parse_size("512Mi") == 512 << 20 and parse_size("1 KiB") == 1024
+    assert parse_size("1TiB") == 1 << 40 and parse_size("3kB") == 3000
     with pytest.raises(HarnessError, match="--max-size"):
         parse_size("lots")
+
+
+@given(st.integers(0, 10**6), st.sampled_from(["", "b", "k", "kB", "M", "MB", "G", "gb", "T", "KiB", "Mi", "GiB",
+                                               "ti"]))
+def test_parse_size_reads_every_unit_alike(n: int, unit: str) -> None:
+    """Decimal units without an i, binary ones with it, in any case, with or without the trailing B."""
+    letter = unit[:1].lower() if unit[:1].lower() in "kmgt" else ""
+    power = "kmgt".index(letter) + 1 if letter else 0
+    base = 1024 if "i" in unit.lower() else 1000
+    assert parse_size(f"{n}{unit}") == n * base ** power
 
 
 entries = st.lists(st.tuples(st.integers(0, 1000), st.floats(0, 1e6, allow_nan=False)), max_size=12)

@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from harness import sizes
 from harness.errors import HarnessError
 
 RECHECK_INDEX = ".recheck.json"
 RECHECK_KEEP_ENV = "NPU_HARNESS_RECHECK_KEEP"
 RECHECK_KEEP = 8
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 
 
 @dataclass(frozen=True)
@@ -37,11 +35,8 @@ class Entry:
 
 
 def parse_size(text: str, option: str = "--max-size") -> int:
-    """``500MB``, ``2G``, ``1.5GB``, ``1000000`` -> bytes; HarnessError naming ``option`` otherwise."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise HarnessError(f"{option} {text!r}: expected a size such as 500MB, 2GB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """``500MB``, ``2G``, ``4GiB``, ``1000000`` -> bytes (harness.sizes); HarnessError naming ``option``."""
+    return sizes.parse_size(text, option)
 
 
 def touch(path: Path) -> None:

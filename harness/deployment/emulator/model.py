@@ -40,18 +40,13 @@ _HEAD_CHUNK_ROWS = 8192  # LM head rows tiled at once when the head streams (819
 
 def resident_budget() -> int:
     """Bytes of prepared weights the emulator keeps between calls (``$NPU_HARNESS_EMULATOR_BUDGET``,
-    e.g. ``512M`` or ``4G``; default 2 GiB)."""
+    e.g. ``512MiB`` or ``4GB``, read as every size option is: harness.sizes; default 2 GiB)."""
     import os
 
+    from harness.sizes import parse_size
+
     raw = os.environ.get(BUDGET_ENV, "").strip()
-    if not raw:
-        return _DEFAULT_BUDGET
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    try:
-        scale = units.get(raw[-1].lower(), 1)
-        return int(float(raw[:-1] if raw[-1].lower() in units else raw) * scale)
-    except ValueError:
-        raise HarnessError(f"{BUDGET_ENV}={raw!r}: expected bytes, e.g. 512M or 4G") from None
+    return parse_size(raw, f"${BUDGET_ENV}") if raw else _DEFAULT_BUDGET
 
 
 def compute_threads() -> int:
