@@ -331,6 +331,20 @@ def test_the_decode_steps_have_the_room_a_long_prompts_transients_leave(monkeypa
     assert resident_budget(small, 2048, 32, decoding=True) == resident_budget(small, 2048, 32)
 
 
+def test_the_builds_two_rooms_come_from_one_reading_of_available_memory(monkeypatch) -> None:
+    """Memory read twice could shrink between the readings and cap the decode steps' room at the
+    prompt's; the build reads it once for both."""
+    from harness.store import bounds
+
+    monkeypatch.delenv("NPU_HARNESS_BUILD_MEMORY", raising=False)
+    readings = iter([64 << 30, 1 << 30])  # a second reading would see almost nothing left
+    monkeypatch.setattr(bounds, "available_ram", lambda: next(readings))
+    spec = harness.models.get("qwen3-4b", "full")
+    assert bounds.build_rooms(spec, 2048, 32, "sampled") == (
+        resident_budget(spec, 2048, 32, "sampled", available=64 << 30),
+        resident_budget(spec, 2048, 32, "sampled", available=64 << 30, decoding=True))
+
+
 def test_a_streamed_model_keeps_more_from_its_second_forward_with_the_same_taps() -> None:
     """Room 0 for the prompt, room for everything after it: the prefill converts each weight, decode.0
     converts and keeps what is not still in its buffer, the later steps read nothing; with room 0 all

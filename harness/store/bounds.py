@@ -153,6 +153,14 @@ def resident_budget(spec: ModelSpec, tokens: int, decode_steps: int, rows: str =
     return max(prompt, int(later + (table if prompt else 0)))
 
 
+def build_rooms(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full") -> tuple[int, int]:
+    """The fp32 run's two rooms (``resident_budget``): the prompt's and the decode steps', from one
+    reading of MemAvailable, so the second is never capped by memory that moved between two readings."""
+    available = available_ram()
+    return (resident_budget(spec, tokens, decode_steps, rows, available),
+            resident_budget(spec, tokens, decode_steps, rows, available, decoding=True))
+
+
 def resident_target() -> float:
     """``RESIDENT_TARGET``, or ``$NPU_HARNESS_BUILD_MEMORY`` (a size: ``12G``, ``500MB``, bytes)."""
     from harness.store.eviction import parse_size

@@ -453,7 +453,7 @@ class GoldenStore:
         from harness.reference.capture import run_reference
         from harness.reference.prompts import prompt_ids
         from harness.reference.streaming import build_streaming_model
-        from harness.store.bounds import resident_budget
+        from harness.store.bounds import build_rooms
         from harness.store.streamwrite import PhaseFiles, sampled_rows
 
         step = progress or (lambda stage, done, total: None)
@@ -465,8 +465,7 @@ class GoldenStore:
         rows = sampled_rows(request.tokens, request.key()) if request.rows == "sampled" else None
         # Before any write: the room the fp32 run keeps converted tensors in, and the larger room its decode
         # steps have once the prompt's activations and logits are gone (a long prompt's are gigabytes).
-        resident = resident_budget(spec, request.tokens, request.decode_steps, request.rows)
-        decoding = resident_budget(spec, request.tokens, request.decode_steps, request.rows, decoding=True)
+        resident, decoding = build_rooms(spec, request.tokens, request.decode_steps, request.rows)
         tmp = self._tmpdir(path)
         files: PhaseFiles | None = None
         weights = None
