@@ -14,3 +14,5 @@ quiet() { sed '/^WARNING: Location .* is ignored/d'; }
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0" 2>&1 | quiet
 .venv/bin/pip install -q -e ".[dev]" 2>&1 | quiet
 .venv/bin/python -c "import harness, torch, transformers; print('npu-harness', harness.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+# The numba kernels compile once here (~30 s, then cached beside the package), not in the first gate.
+.venv/bin/python -m harness.warmup
