@@ -48,8 +48,8 @@ def main() -> int:
     try:
         seconds = compile_kernels()
     except Exception as exc:  # a warm-up that cannot run must not fail the set-up: the first gate compiles
-        print(f"npu-harness: kernels not compiled ahead ({type(exc).__name__}: {exc}); the first gate will",
-              file=sys.stderr)
+        print(f"npu-harness: kernels not compiled ahead ({type(exc).__name__}: {exc}); the first gate "
+              "compiles them", file=sys.stderr)
         return 0
     print(f"npu-harness: kernels ready in {seconds:.1f} s")
     return 0
