@@ -8,8 +8,8 @@ what Python holds in reference cycles and asks glibc to trim its heaps (``malloc
 
 The collection is skipped while glibc reports less than ``COLLECT_FLOOR`` in use: garbage held in
 cycles is part of that figure, so it could give back less than the floor, and with torch loaded a full
-collection costs 0.1-0.6 s - at tiny scale, where a gate releases after every phase, more than a third
-of the gate's time.
+collection costs 0.1-0.6 s: at tiny scale, where a gate releases after every phase, it took 63 s of
+three gate-heavy test files' 230 s.
 """
 from __future__ import annotations
 
