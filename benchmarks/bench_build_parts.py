@@ -11,7 +11,8 @@ weights) and each dtype (fp32, then bf16), every row runs in its own subprocess,
   room a build computes, bf16 layer-first with nothing kept, fed fixed tokens (a build feeds it the
   fp32 run's: the time does not depend on which);
 - ``streamed, room 0``: step by step with nothing kept (every weight read again every forward);
-- ``streamed+written``: the build's run as it is, every tap written and hashed (``PhaseFiles``).
+- ``streamed+written``: the build's run as it is, every tap written and hashed (``PhaseFiles``), every
+  row or (``--rows sampled``, as a long prompt's build) the sampled ones.
 
 Printed: wall and CPU seconds of the run (construction apart), and each row against ``plain``. Example:
 
@@ -28,7 +29,8 @@ import time
 ROWS = ("plain", "plain+hooks", "streamed, room 0", "streamed", "streamed+written")
 
 
-def run_one(checkpoint: str, model: str, scale: str, tokens: int, steps: int, dtype_name: str, row: str) -> dict:
+def run_one(checkpoint: str, model: str, scale: str, tokens: int, steps: int, rows: str, dtype_name: str,
+            row: str) -> dict:
     import shutil
     import tempfile
     from pathlib import Path
@@ -43,7 +45,7 @@ def run_one(checkpoint: str, model: str, scale: str, tokens: int, steps: int, dt
     from harness.reference.streaming import build_streaming_model
     from harness.spec import taps as tapspec
     from harness.store.bounds import resident_budget
-    from harness.store.streamwrite import PhaseFiles
+    from harness.store.streamwrite import PhaseFiles, sampled_rows
     from harness.weights import WeightsSource, build_source
 
     spec = harness.models.get(model, scale)
@@ -62,7 +64,8 @@ def run_one(checkpoint: str, model: str, scale: str, tokens: int, steps: int, dt
         construct = time.perf_counter() - t0
         sink = lambda phase, name, t: None  # noqa: E731
         if row == "streamed+written":
-            files = PhaseFiles(tmp, spec, tapspec.phase_names(steps), tokens, (dtype_name,))
+            kept = sampled_rows(tokens, "bench-build-parts") if rows == "sampled" else None
+            files = PhaseFiles(tmp, spec, tapspec.phase_names(steps), tokens, (dtype_name,), kept)
             sink = lambda phase, name, t: files.put(dtype_name, phase, name, t)  # noqa: E731
         t0, c0 = time.perf_counter(), time.process_time()
         if row == "plain":
@@ -94,21 +97,23 @@ def main() -> None:
     ap.add_argument("--scale", default="full")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--rows", default="full", choices=("full", "sampled"), help="the written row's storage")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(run_one(args.checkpoint, args.model, args.scale, args.prompt_len, args.decode_steps,
-                                 *args.child)))
+                                 args.rows, *args.child)))
         return
     print(f"{args.model} ({args.scale}), checkpoint {args.checkpoint}, {args.prompt_len} tokens, "
-          f"{args.decode_steps} decode steps")
+          f"{args.decode_steps} decode steps, {args.rows} rows written")
     print(f"{'dtype':<6}{'row':<18}{'construct s':>12}{'run s':>8}{'cpu s':>8}{'run / plain':>12}")
     for dtype_name in ("fp32", "bf16"):
         plain = None
         for row in ROWS:
             out = subprocess.run([sys.executable, __file__, "--checkpoint", args.checkpoint, "--model", args.model,
                                   "--scale", args.scale, "--prompt-len", str(args.prompt_len),
-                                  "--decode-steps", str(args.decode_steps), "--child", dtype_name, row],
+                                  "--decode-steps", str(args.decode_steps), "--rows", args.rows,
+                                  "--child", dtype_name, row],
                                  check=True, capture_output=True, text=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             plain = plain or r["run"]

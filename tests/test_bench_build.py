@@ -37,5 +37,7 @@ def test_every_part_of_the_build_runs_from_the_checkpoint(load_file, tmp_path, m
     bench.make_checkpoint("qwen3-0.6b", "tiny", str(ckpt))
     for dtype in ("fp32", "bf16"):
         for row in parts.ROWS:
-            r = parts.run_one(str(ckpt), "qwen3-0.6b", "tiny", 8, 2, dtype, row)
+            r = parts.run_one(str(ckpt), "qwen3-0.6b", "tiny", 8, 2, "full", dtype, row)
             assert r["run"] > 0 and r["cpu"] > 0 and r["construct"] >= 0, (dtype, row)
+    r = parts.run_one(str(ckpt), "qwen3-0.6b", "tiny", 300, 1, "sampled", "fp32", "streamed+written")
+    assert r["run"] > 0  # a long prompt's sampled rows written, as its build writes them
