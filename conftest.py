@@ -5,14 +5,14 @@ import os
 def pytest_configure(config):
     # Under pytest-xdist each worker runs on one thread (torch and the metrics kernels): two workers
     # x two threads would oversubscribe two cores, and tiny models run several times faster without
-    # thread hand-off. The environment passes the same to the processes the tests start (a CLI gate,
-    # a deployment's child): they share the two cores with the other worker too.
+    # thread hand-off.
     if os.environ.get("PYTEST_XDIST_WORKER"):
         from harness.threads import use_one_thread
 
         use_one_thread()
-        # Torch's threads only: numba reads NUMBA_NUM_THREADS again at each compile, and this worker's
-        # own tests launch two metric threads (the serial and threaded kernels must agree).
+        # The processes the tests start (a CLI gate, a deployment's child) share the two cores with the
+        # other worker too: their torch runs on one thread. Not numba's: it reads NUMBA_NUM_THREADS again
+        # at each compile, and this worker's own tests launch two metric threads.
         os.environ["OMP_NUM_THREADS"] = "1"
 
 

@@ -30,7 +30,7 @@ def compile_kernels() -> float:
         d = g + np.float32(1e-3) * rng.standard_normal((rows, features), dtype=np.float32)
         d[0, 0] = np.nan
         metrics.tap_metrics(d, g, g.copy(), block=32, medians=True)
-        if numba.get_num_threads() > 1 and g.size >= metrics._THREADED:  # the serial pass as well
+        if numba.get_num_threads() > 1:  # the serial pass as well (the large tap took the threaded one)
             threads = numba.get_num_threads()
             numba.set_num_threads(1)
             try:

@@ -209,6 +209,8 @@ class ChangePoint:
 def _best_split(runs: list[np.ndarray], lo: int, hi: int, direction: Direction, threshold: float,
                 min_samples: int) -> tuple[float, ChangePoint] | None:
     """Scan splits of runs[lo:hi]; return (raw p, change) of the best split passing the threshold."""
+    from scipy.stats import mannwhitneyu  # here, not at import (see _mwu_greater)
+
     best: tuple[float, ChangePoint] | None = None
     splits = 0
     for k in range(lo + 1, hi):
@@ -222,8 +224,6 @@ def _best_split(runs: list[np.ndarray], lo: int, hi: int, direction: Direction, 
             continue
         if np.all(left == left[0]) and np.all(right == left[0]):
             continue
-        from scipy.stats import mannwhitneyu
-
         p = float(mannwhitneyu(right, left, alternative="two-sided").pvalue)
         if best is None or p < best[0]:
             verdict = Verdict.REGRESSION if slow > 0 else Verdict.IMPROVEMENT

@@ -11,8 +11,8 @@ Every phase is embedded, then gets what the model's own forward, handed that emb
 first decoder layer (the positions, mask and rotary embeddings built from the KV cache as it stands: the
 first layer has run every earlier phase by then). Each decoder layer, the final norm and the LM head are
 called as the forward calls them: the stock modules on the same values in the same order per layer, so
-every tap is bit-identical to a step-by-step run (tested). Models whose layers take different masks (sliding-window
-layers) run step by step instead (``supported``).
+every tap is bit-identical to a step-by-step run (tested). Models whose layers take different masks
+(sliding-window layers) run step by step instead (``supported``).
 """
 from __future__ import annotations
 

@@ -126,44 +126,43 @@ def predict(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full",
     return Footprint(elements, elements * disk_per_element + private, int(ram))
 
 
-def resident_budget(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full",
-                    available: int | None = None, *, decoding: bool = False) -> int:
+def build_rooms(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full",
+                available: int | None = None) -> tuple[int, int]:
     """Bytes of converted fp32 weights the build's fp32 reference keeps instead of converting them again
-    every forward. A small model keeps all of them (``predict`` counts them). A larger one keeps what fits
-    between its streaming prediction, the least it needs, and ``resident_target()`` or half of ``available``
-    (MemAvailable when not given), whichever is lower: a machine short of memory streams every layer, and
-    a build is never refused for want of this room. Kept in the order the forward reads them, a tied
-    embedding table comes first and then needs no conversion buffer: its bytes, which the prediction
-    counts as that buffer, are added to the room. ``decoding``: the room once the prompt has been through
+    every forward: (the prompt's room, the decode steps' room), from one reading of MemAvailable, so the
+    second is never capped by memory that moved between two readings. A small model keeps all of them
+    (``predict`` counts them). A larger one keeps what fits between its streaming prediction, the least
+    it needs, and ``resident_target()`` or half of ``available`` (MemAvailable when not given),
+    whichever is lower: a machine short of memory streams every layer, and a build is never refused for
+    want of this room. Kept in the order the forward reads them, a tied embedding table comes first and
+    then needs no conversion buffer: its bytes, which the prediction counts as that buffer, are added to
+    the room. The decode steps' room is the one left once the prompt has been through
     (``predict(decoding=True)``): a long prompt's activations, scores and logits leave more of it for the
-    decode steps, which run every layer once per token. The table's bytes count there only if the prompt's
-    room kept it: otherwise its conversion buffer was made for the prompt, and it stays."""
+    decode steps, which run every layer once per token. The table's bytes count there only if the
+    prompt's room kept it: otherwise its conversion buffer was made for the prompt, and it stays."""
     target = resident_target()  # a bad setting fails every build, not only a larger model's
     if _kept_whole(spec):
-        return 2 * KEEP_MAPPED_BYTES  # room for every weight at 4 bytes (a small model's are at most 2 GiB in bf16)
+        whole = 2 * KEEP_MAPPED_BYTES  # room for every weight at 4 bytes (a small model's are at most 2 GiB in bf16)
+        return whole, whole
     if available is None:
         available = available_ram()
     room = target if available is None else min(target, available / 2)
     table = spec.vocab_size * spec.hidden_size * 4 if spec.tied_embeddings else 0
     spare = room - predict(spec, tokens, decode_steps, rows).ram_bytes
     prompt = int(spare + table) if spare > 0 else 0
-    if not decoding:
-        return prompt
     later = room - predict(spec, tokens, decode_steps, rows, decoding=True).ram_bytes
-    return max(prompt, int(later + (table if prompt else 0)))
+    return prompt, max(prompt, int(later + (table if prompt else 0)))
 
 
-def build_rooms(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full") -> tuple[int, int]:
-    """The fp32 run's two rooms (``resident_budget``): the prompt's and the decode steps', from one
-    reading of MemAvailable, so the second is never capped by memory that moved between two readings."""
-    available = available_ram()
-    return (resident_budget(spec, tokens, decode_steps, rows, available),
-            resident_budget(spec, tokens, decode_steps, rows, available, decoding=True))
+def resident_budget(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full",
+                    available: int | None = None, *, decoding: bool = False) -> int:
+    """One of ``build_rooms``: the prompt's room, or with ``decoding`` the decode steps'."""
+    return build_rooms(spec, tokens, decode_steps, rows, available)[1 if decoding else 0]
 
 
 def resident_target() -> float:
     """``RESIDENT_TARGET``, or ``$NPU_HARNESS_BUILD_MEMORY`` (a size: ``12G``, ``500MB``, bytes)."""
-    from harness.store.eviction import parse_size
+    from harness.sizes import parse_size
 
     raw = os.environ.get(RESIDENT_ENV, "").strip()
     return RESIDENT_TARGET if not raw else parse_size(raw, f"${RESIDENT_ENV}")

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from harness import sizes
 from harness.store import eviction
 from harness.store.eviction import touch
 
@@ -33,10 +34,11 @@ def cache_root(url: str, override: str | Path | None = None) -> Path:
 
 
 def parse_size(text: str | int | None, what: str = CACHE_MAX_ENV) -> int | None:
-    """``"500MB"``, ``"20G"``, ``"1.5GB"``, ``"123456"`` (bytes) -> bytes; None or ``""``: unbounded."""
+    """``"500MB"``, ``"20G"``, ``"16GiB"``, ``"123456"`` (bytes) -> bytes (harness.sizes); None or ``""``:
+    unbounded."""
     if text is None or text == "":
         return None
-    return text if isinstance(text, int) else eviction.parse_size(str(text), what)
+    return text if isinstance(text, int) else sizes.parse_size(str(text), what)
 
 
 def evict(root: Path, max_bytes: int | None, keep: Path | None = None) -> list[Path]:
