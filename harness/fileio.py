@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -163,6 +164,25 @@ def _st_dtype(dtype) -> str:
         raise ValueError(f"safetensors writer: unsupported dtype {dtype}") from None
 
 
+@functools.lru_cache(maxsize=8)
+def _layout_header(layout: tuple, align: int) -> tuple[bytes, list[str], dict, int]:
+    """(header bytes, tensor order, name -> (dtype, shape), data bytes) of a safetensors layout. Cached:
+    a build's decode-step files (32 and more) share one layout of hundreds of tensors."""
+    import json
+
+    import numpy as np
+
+    header, offset, dtypes = {}, 0, {}
+    for name, dtype, shape in layout:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _st_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        dtypes[name] = (np.dtype(dtype), tuple(shape))
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % align)  # tensor data starts ``align``-byte aligned (8 | align)
+    return text, [name for name, _, _ in layout], dtypes, offset
+
+
 class SafetensorsWriter:
     """Write one safetensors file whose tensor list is known up front; arrays arrive in that order.
 
@@ -173,26 +193,14 @@ class SafetensorsWriter:
 
     def __init__(self, path: Path, layout: list[tuple[str, object, tuple[int, ...]]], align: int = 8,
                  hashed: bool = True):
-        import json
         import struct
 
-        import numpy as np
-
-        self._order = [name for name, _, _ in layout]
+        header, self._order, self._dtypes, data_bytes = _layout_header(tuple(layout), align)
         self._next = 0
-        header, offset = {}, 0
-        self._dtypes = {}
-        for name, dtype, shape in layout:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            header[name] = {"dtype": _st_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._dtypes[name] = (np.dtype(dtype), tuple(shape))
-            offset += nbytes
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-(8 + len(text)) % align)  # tensor data starts ``align``-byte aligned (8 | align)
         self._hash = BlockHasher() if hashed else None  # unhashed: close() returns None
-        self.size = 8 + len(text) + offset  # the complete file's bytes
+        self.size = 8 + len(header) + data_bytes  # the complete file's bytes
         self._fh = open(path, "wb", buffering=1 << 20)  # decode steps write thousands of one-row tensors
-        self._emit(struct.pack("<Q", len(text)) + text)
+        self._emit(struct.pack("<Q", len(header)) + header)
 
     def reserve(self) -> None:
         """Give the file its final size now (the unwritten data reads as zeros until written), its header

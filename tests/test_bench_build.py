@@ -41,3 +41,20 @@ def test_every_part_of_the_build_runs_from_the_checkpoint(load_file, tmp_path, m
             assert r["run"] > 0 and r["cpu"] > 0 and r["construct"] >= 0, (dtype, row)
     r = parts.run_one(str(ckpt), "qwen3-0.6b", "tiny", 300, 1, "sampled", "fp32", "streamed+written")
     assert r["run"] > 0  # a long prompt's sampled rows written, as its build writes them
+
+
+def test_a_later_build_reads_the_digest_an_earlier_process_kept(tmp_path) -> None:
+    """``--digest-cache kept``: the checkpoint is hashed once before the timed build, which reads it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / SCRIPT), "--scale", "tiny", "--prompt-len", "8",
+                          "--decode-steps", "1", "--skip-plain", "--checkpoint", str(tmp_path),
+                          "--digest-cache", "kept"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "checkpoint digest: kept" in out.stdout and "qwen2.5-0.5b   this" in out.stdout
+    assert not list(tmp_path.glob("bench-digests-*"))  # its digest caches are removed

@@ -111,3 +111,116 @@ def test_a_settled_checkpoint_is_hashed_once_per_process(checkpoint, monkeypatch
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert shard.stat().st_mtime_ns == st.st_mtime_ns and shard.stat().st_size == st.st_size
     assert ck.checkpoint_digest(copy) != first and read.count("config.json") == 4
+
+
+def _settled_copy(checkpoint, tmp_path, monkeypatch):
+    """A copy of the checkpoint, seen as settled (hashed two seconds after it was written)."""
+    import shutil
+    import time
+
+    import harness.weights.checkpoint as ck
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint[2], copy)
+    later = time.time_ns() + 2 * ck.RACY_NS
+    monkeypatch.setattr(ck.time, "time_ns", lambda: later)
+    return copy
+
+
+def test_a_digest_is_kept_for_the_next_process(checkpoint, monkeypatch, tmp_path):
+    import harness.weights.checkpoint as ck
+
+    cache = tmp_path / "digests.json"
+    monkeypatch.setenv("NPU_HARNESS_DIGEST_CACHE", str(cache))
+    copy = _settled_copy(checkpoint, tmp_path, monkeypatch)
+    monkeypatch.setattr(ck, "_DIGESTS", {})
+    read = _count_hashing(monkeypatch)
+    first = ck.checkpoint_digest(copy)
+    assert read.count("config.json") == 1 and cache.is_file()
+    monkeypatch.setattr(ck, "_DIGESTS", {})  # a new process: nothing in memory
+    assert ck.checkpoint_digest(copy) == first and read.count("config.json") == 1  # served from the file
+
+    # Any write moves ctime: the changed checkpoint is hashed again, and its old digest is not served.
+    shard = sorted(copy.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    monkeypatch.setattr(ck, "_DIGESTS", {})
+    changed = ck.checkpoint_digest(copy)
+    assert changed != first and read.count("config.json") == 2
+
+
+def test_a_racy_digest_is_not_kept(checkpoint, monkeypatch, tmp_path):
+    import shutil
+
+    import harness.weights.checkpoint as ck
+
+    cache = tmp_path / "digests.json"
+    monkeypatch.setenv("NPU_HARNESS_DIGEST_CACHE", str(cache))
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint[2], copy)  # just written: hashed inside its files' last clock second
+    monkeypatch.setattr(ck, "_DIGESTS", {})
+    ck.checkpoint_digest(copy)
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"schema": 1, "entries": {"x": {"digest": 5}}}',
+                                     b'{"schema": 99, "entries": {}}', b"\x00" * 10])
+def test_a_damaged_digest_cache_is_ignored_and_replaced(checkpoint, monkeypatch, tmp_path, content):
+    import harness.weights.checkpoint as ck
+
+    cache = tmp_path / "digests.json"
+    cache.write_bytes(content)
+    monkeypatch.setenv("NPU_HARNESS_DIGEST_CACHE", str(cache))
+    copy = _settled_copy(checkpoint, tmp_path, monkeypatch)
+    monkeypatch.setattr(ck, "_DIGESTS", {})
+    read = _count_hashing(monkeypatch)
+    digest = ck.checkpoint_digest(copy)
+    assert read.count("config.json") == 1
+    assert list(json.loads(cache.read_text())["entries"].values())[0]["digest"] == digest
+
+
+def test_digest_cache_off_and_unwritable(checkpoint, monkeypatch, tmp_path):
+    import harness.weights.checkpoint as ck
+
+    copy = _settled_copy(checkpoint, tmp_path, monkeypatch)
+    read = _count_hashing(monkeypatch)
+    monkeypatch.setenv("NPU_HARNESS_DIGEST_CACHE", "off")
+    for _ in range(2):
+        monkeypatch.setattr(ck, "_DIGESTS", {})
+        ck.checkpoint_digest(copy)
+    assert read.count("config.json") == 2 and not list(tmp_path.glob("*.json"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("NPU_HARNESS_DIGEST_CACHE", str(blocker / "digests.json"))  # its parent is a file
+    monkeypatch.setattr(ck, "_DIGESTS", {})
+    assert ck.checkpoint_digest(copy) == ck.checkpoint_digest(copy)  # computed, nothing raised
+
+
+def test_the_digest_cache_keeps_the_most_recent_entries(monkeypatch, tmp_path):
+    from harness.weights import digest_cache
+
+    monkeypatch.setenv("NPU_HARNESS_DIGEST_CACHE", str(tmp_path / "d.json"))
+    monkeypatch.setattr(digest_cache, "MAX_ENTRIES", 3)
+    for i in range(5):
+        digest_cache.remember((f"/ckpt{i}", 1, i), f"{i:064x}")
+    assert [digest_cache.lookup((f"/ckpt{i}", 1, i)) for i in range(5)] == [None, None] + [f"{i:064x}" for i in (2, 3, 4)]
+
+
+def test_a_digest_crosses_processes(checkpoint, tmp_path):
+    """Two real processes: the second reads the digest the first computed instead of hashing."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(checkpoint[2], copy)
+    time.sleep(1.1)  # settled
+    code = ("import sys, harness.weights.checkpoint as ck; n = []; real = ck.hash_file_into;"
+            "ck.hash_file_into = lambda h, f: (n.append(f), real(h, f));"
+            "print(ck.checkpoint_digest(sys.argv[1]), len(n))")
+    env = {**os.environ, "NPU_HARNESS_DIGEST_CACHE": str(tmp_path / "d.json")}
+    runs = [subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, env=env,
+                           check=True).stdout.split() for _ in range(2)]
+    assert runs[0][0] == runs[1][0] and int(runs[0][1]) > 1 and runs[1][1] == "0"

@@ -91,6 +91,36 @@ def test_corruption_is_named_and_never_compared(tmp_path, damage):
         harness.check("qwen3-0.6b", "emulator", decode_steps=1, golden_dir=tmp_path)
 
 
+def test_a_build_is_not_read_back_its_first_use_verifies_it(tmp_path, monkeypatch):
+    """The build hashes the bytes it hands to its files and does not read them back; what a writer bug
+    (or the disk) would put there instead is caught by the next load and by phase 0's integrity check."""
+    import harness.store.golden as golden_mod
+    from harness.fileio import SafetensorsWriter
+    from harness.suites.sanity import golden_integrity
+
+    verified = []
+    real_verify = golden_mod.verify_dir
+    monkeypatch.setattr(golden_mod, "verify_dir", lambda path, *a: (verified.append(path), real_verify(path, *a))[1])
+    real_close = SafetensorsWriter.close
+
+    def close_then_damage(self):  # a writer whose file ends up holding other bytes than it hashed
+        record = real_close(self)
+        if self._fh.name.endswith("decode.0.safetensors"):
+            with open(self._fh.name, "r+b") as fh:
+                fh.seek(-3, os.SEEK_END)
+                fh.write(b"\x7f\x7f\x7f")
+        return record
+
+    monkeypatch.setattr(SafetensorsWriter, "close", close_then_damage)
+    request = GoldenRequest("qwen3-0.6b", "tiny", 0, 1)
+    g = GoldenStore(tmp_path).get(request)
+    assert verified == [] and g.manifest["key"] == request.key()
+    check = golden_integrity(g)  # phase 0 of a gate
+    assert not check.passed and "decode.0.safetensors: sha256 mismatch" in check.message
+    with pytest.raises(GoldenCorrupt, match="decode.0.safetensors"):
+        GoldenStore(tmp_path).get(request)  # every load verifies
+
+
 def test_corruption_through_cli_exits_nonzero_naming_file(tmp_path):
     s = GoldenStore(tmp_path)
     g = s.get(GoldenRequest("qwen3-0.6b", "tiny", 0, 1))

@@ -140,12 +140,15 @@ class PhaseFiles:
         self._pending: dict[str, dict[str, np.ndarray]] = {}
         self.keys = [f"{v}/{name}" for v in variants for name in self.order]
         self._behind: _WriteBehind | None = None
+        features = [tapspec.features(spec, tapspec.parse(name).kind) for name in self.order]
+        layouts: dict[int, tuple] = {}  # by rows: every decode step has the same one
         try:
             for phase in phases:
                 n = (len(rows) if rows is not None else tokens) if phase == "prefill" else 1
-                layout = [(f"{v}/{name}", self._dtype(v), (n, tapspec.features(spec, tapspec.parse(name).kind)))
-                          for v in variants for name in self.order]
-                self.writers[phase] = SafetensorsWriter(directory / f"{phase}.safetensors", layout)
+                if n not in layouts:
+                    layouts[n] = tuple((f"{v}/{name}", self._dtype(v), (n, f))
+                                       for v in variants for name, f in zip(self.order, features))
+                self.writers[phase] = SafetensorsWriter(directory / f"{phase}.safetensors", layouts[n])
                 self._next[phase], self._pending[phase] = 0, {}
             self._behind = _WriteBehind()
         except BaseException:

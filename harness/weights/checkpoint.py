@@ -15,6 +15,7 @@ import numpy as np
 from harness.errors import HarnessError
 from harness.fileio import hash_file_into, read_bounded, require_regular, safetensors_header
 from harness.spec.model_spec import ModelSpec
+from harness.weights import digest_cache
 from harness.weights.synthetic import bf16_round
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -129,12 +130,17 @@ def _stamp(files: list[Path]) -> tuple | None:
 
 
 def checkpoint_digest(path: str | Path) -> str:
-    """sha256 over the checkpoint's config and safetensors files (names and contents); computed once per
-    process for files whose stat has not changed since (``_stamp``)."""
+    """sha256 over the checkpoint's config and safetensors files (names and contents); computed once for
+    files whose stat has not changed since (``_stamp``): in memory for this process, and in the digest
+    cache (``harness.weights.digest_cache``) for the next ones."""
     path = Path(path)
     files = [path / "config.json", *shard_files(path)]
     stamp = _stamp(files)
     digest = _DIGESTS.get(stamp) if stamp is not None else None
+    if digest is None and stamp is not None:
+        digest = digest_cache.lookup(stamp)  # hashed by an earlier process, every file as it was then
+        if digest is not None:
+            _DIGESTS[stamp] = digest
     if digest is None:
         started = time.time_ns()
         h = hashlib.sha256()
@@ -147,4 +153,5 @@ def checkpoint_digest(path: str | Path) -> str:
         settled = stamp is not None and all(s[-1] < started - RACY_NS for s in stamp)
         if settled and _stamp(files) == stamp:
             _DIGESTS[stamp] = digest
+            digest_cache.remember(stamp, digest)
     return digest
