@@ -166,7 +166,8 @@ def _st_dtype(dtype) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _layout_header(layout: tuple, align: int) -> tuple[bytes, list[str], dict, int]:
-    """(header bytes, tensor order, name -> (dtype, shape), data bytes) of a safetensors layout. Cached:
+    """(header bytes, tensor order, name -> (dtype, shape, data offset), data bytes) of a safetensors
+    layout. Cached:
     a build's decode-step files (32 and more) share one layout of hundreds of tensors."""
     import json
 
@@ -176,7 +177,7 @@ def _layout_header(layout: tuple, align: int) -> tuple[bytes, list[str], dict, i
     for name, dtype, shape in layout:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         header[name] = {"dtype": _st_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        dtypes[name] = (np.dtype(dtype), tuple(shape))
+        dtypes[name] = (np.dtype(dtype), tuple(shape), offset)
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % align)  # tensor data starts ``align``-byte aligned (8 | align)
@@ -223,12 +224,31 @@ class SafetensorsWriter:
         if self._next >= len(self._order) or self._order[self._next] != name:
             raise ValueError(f"safetensors writer: got {name!r}, expected "
                              f"{self._order[self._next] if self._next < len(self._order) else 'no more tensors'}")
-        dtype, shape = self._dtypes[name]
+        dtype, shape, _ = self._dtypes[name]
         arr = np.asarray(array, order="C")  # ascontiguousarray would make a 0-d array 1-d
         if arr.dtype != dtype or arr.shape != shape:
             raise ValueError(f"safetensors writer: {name} is {arr.dtype}{arr.shape}, layout says {dtype}{shape}")
         self._emit(memoryview(arr.reshape(-1).view(np.uint8)))
         self._next += 1
+
+    def span(self, name: str) -> tuple[int, int]:
+        """(start, end) of tensor ``name``'s bytes in the data section."""
+        import numpy as np
+
+        dtype, shape, start = self._dtypes[name]
+        return start, start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+    def write_block(self, names: tuple[str, ...], data) -> None:
+        """The next ``len(names)`` tensors at once: ``data`` holds their bytes back to back, as laid out."""
+        end = self._next + len(names)
+        if tuple(self._order[self._next:end]) != tuple(names):
+            raise ValueError(f"safetensors writer: got a block from {names[0]!r}, expected "
+                             f"{self._order[self._next] if self._next < len(self._order) else 'no more tensors'}")
+        view = memoryview(data).cast("B")
+        if view.nbytes != self.span(names[-1])[1] - self.span(names[0])[0]:
+            raise ValueError(f"safetensors writer: a block of {view.nbytes} bytes for {names[0]}..{names[-1]}")
+        self._emit(view)
+        self._next = end
 
     def abort(self) -> None:
         """Close without checks (the caller removes the half-written file)."""

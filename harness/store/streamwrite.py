@@ -12,13 +12,16 @@ Writing and hashing run behind the reference, on a writer thread (file writes an
 GIL: on a second core they cost the run nothing): a tap is copied into a queue of at most
 ``WRITE_BEHIND_BYTES`` (the run reuses its memory), a larger one (the prefill logits) is written inline
 once the queue has drained, so the bytes and their order are those of writing inline. Small taps (a
-decode step's rows) are written inline while the queue is empty: a hand-over costs more than the write.
+decode step's rows, up to ``BATCH_TAP_BYTES``) are copied back to back into their file's batch and
+written in one piece of up to ``BATCH_BYTES``: a decode step has hundreds of them, and writing and
+hashing each alone cost more than the copy. The files' bytes are those of writing every tap alone.
 """
 from __future__ import annotations
 
 import hashlib
 import threading
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ml_dtypes
@@ -31,6 +34,8 @@ from harness.spec.model_spec import ModelSpec
 WRITE_BEHIND_BYTES = 64 << 20  # copies of taps queued for the writer thread (larger taps are written inline)
 WRITE_BEHIND_MIN = 256 << 10  # smaller taps (decode steps' single rows) are written inline when the queue is
 # empty: handing one to the thread costs more than writing it
+BATCH_TAP_BYTES = 64 << 10  # taps up to this size (a decode step's rows but its logits) are written in batches
+BATCH_BYTES = 256 << 10  # of up to this many bytes per phase file (33 files: at most 8.3 MB held at once)
 TILE = 128  # rows of a prefill tile on the NPU: first and last tile are kept whole
 SAMPLED_MIDDLE = 256  # seeded sample of the rows between them
 STORAGE_MODES = ("full", "sampled")
@@ -77,18 +82,18 @@ class _WriteBehind:
                     self._cond.wait()
                 if not self._items:
                     return
-                writer, key, arr = self._items.popleft()
+                write, key, arr = self._items.popleft()
                 self._busy = True
             try:
                 if self._error is None:
-                    writer.write(key, arr)
+                    write(key, arr)
             except BaseException as exc:  # raised to the caller at its next write, flush or close
                 self._error = exc
             with self._cond:
                 self.queued -= arr.nbytes
                 self._busy = False
                 self._cond.notify_all()
-            del writer, key, arr
+            del write, key, arr
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -96,17 +101,24 @@ class _WriteBehind:
 
     def write(self, writer, key: str, arr: np.ndarray) -> None:
         """Queue a write of ``arr`` (copied unless this array owns its memory); inline when it is large."""
+        self._submit(writer.write, key, arr, arr.flags.owndata)
+
+    def write_block(self, writer, keys: tuple[str, ...], data: np.ndarray) -> None:
+        """Queue ``writer.write_block(keys, data)``; ``data`` is the caller's to give away (no copy)."""
+        self._submit(writer.write_block, keys, data, True)
+
+    def _submit(self, write, key, arr: np.ndarray, owned: bool) -> None:
         self._raise()
         if arr.nbytes > self.limit or (arr.nbytes < WRITE_BEHIND_MIN and not self._items and not self._busy):
             self.flush()
-            writer.write(key, arr)
+            write(key, arr)
             return
-        if not arr.flags.owndata:
+        if not owned:
             arr = np.array(arr)  # the run may reuse the tensor's memory once the hook returns
         with self._cond:
             while self.queued and self.queued + arr.nbytes > self.limit:
                 self._cond.wait()
-            self._items.append((writer, key, arr))
+            self._items.append((write, key, arr))
             self.queued += arr.nbytes
             self._cond.notify_all()
 
@@ -127,6 +139,15 @@ class _WriteBehind:
         self._thread.join()
 
 
+@dataclass
+class _Batch:
+    """Small taps of one phase file, copied back to back in file order until written in one piece."""
+
+    data: np.ndarray | None = None
+    used: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
 class PhaseFiles:
     """The phase files of one entry (or local baseline) in ``directory``, filled tap by tap."""
 
@@ -140,6 +161,7 @@ class PhaseFiles:
         self._pending: dict[str, dict[str, np.ndarray]] = {}
         self.keys = [f"{v}/{name}" for v in variants for name in self.order]
         self._behind: _WriteBehind | None = None
+        self._batches: dict[str, _Batch] = {}
         features = [tapspec.features(spec, tapspec.parse(name).kind) for name in self.order]
         layouts: dict[int, tuple] = {}  # by rows: every decode step has the same one
         try:
@@ -150,6 +172,7 @@ class PhaseFiles:
                                        for v in variants for name, f in zip(self.order, features))
                 self.writers[phase] = SafetensorsWriter(directory / f"{phase}.safetensors", layouts[n])
                 self._next[phase], self._pending[phase] = 0, {}
+                self._batches[phase] = _Batch()
             self._behind = _WriteBehind()
         except BaseException:
             self.abort()
@@ -174,14 +197,43 @@ class PhaseFiles:
         if self.keys[self._next[phase]] != key:
             pending[key] = np.array(arr)  # early: keep a copy (the run may reuse the tensor's memory)
             return
-        self._behind.write(writer, key, arr)
+        self._write(phase, key, arr)
         self._next[phase] += 1
         while self._next[phase] < len(self.keys) and self.keys[self._next[phase]] in pending:
-            self._behind.write(writer, self.keys[self._next[phase]], pending.pop(self.keys[self._next[phase]]))
+            self._write(phase, self.keys[self._next[phase]], pending.pop(self.keys[self._next[phase]]))
             self._next[phase] += 1
+
+    def _write(self, phase: str, key: str, arr: np.ndarray) -> None:
+        """Write the phase's next tap: a small one is copied into the phase's batch, written with the taps
+        after it in one piece (a decode step has hundreds of one-row taps, each costing more to write
+        alone than to copy); a larger one after the batch."""
+        writer, batch = self.writers[phase], self._batches[phase]
+        if arr.nbytes > BATCH_TAP_BYTES:
+            self._flush(phase)
+            self._behind.write(writer, key, arr)
+            return
+        dtype, shape, _ = writer._dtypes[key]
+        if arr.dtype != dtype or arr.shape != shape:  # what the writer checks of a tap written alone
+            raise ValueError(f"{phase} {key} is {arr.dtype}{arr.shape}, layout says {dtype}{shape}")
+        if batch.data is not None and batch.used + arr.nbytes > batch.data.nbytes:
+            self._flush(phase)
+            batch = self._batches[phase]
+        if batch.data is None:
+            batch.data = np.empty(max(BATCH_BYTES, arr.nbytes), np.uint8)
+        batch.data[batch.used: batch.used + arr.nbytes] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        batch.used += arr.nbytes
+        batch.keys.append(key)
+
+    def _flush(self, phase: str) -> None:
+        batch = self._batches[phase]
+        if batch.keys:
+            self._behind.write_block(self.writers[phase], tuple(batch.keys), batch.data[:batch.used])
+            self._batches[phase] = _Batch()  # the written batch's memory is the writer's now
 
     def close(self) -> dict[str, dict]:
         """Each file's record (size and block sha256s), by file name; raises if a tap never came."""
+        for phase in self.writers:
+            self._flush(phase)
         self._behind.flush()
         self._behind.stop()
         return {f"{phase}.safetensors": w.close() for phase, w in self.writers.items()}
