@@ -167,8 +167,7 @@ def _st_dtype(dtype) -> str:
 @functools.lru_cache(maxsize=8)
 def _layout_header(layout: tuple, align: int) -> tuple[bytes, list[str], dict, int]:
     """(header bytes, tensor order, name -> (dtype, shape, data offset), data bytes) of a safetensors
-    layout. Cached:
-    a build's decode-step files (32 and more) share one layout of hundreds of tensors."""
+    layout. Cached: a build's decode-step files (32 and more) share one layout of hundreds of tensors."""
     import json
 
     import numpy as np
@@ -230,6 +229,10 @@ class SafetensorsWriter:
             raise ValueError(f"safetensors writer: {name} is {arr.dtype}{arr.shape}, layout says {dtype}{shape}")
         self._emit(memoryview(arr.reshape(-1).view(np.uint8)))
         self._next += 1
+
+    def expects(self, name: str) -> tuple:
+        """(dtype, shape) tensor ``name`` must have."""
+        return self._dtypes[name][:2]
 
     def span(self, name: str) -> tuple[int, int]:
         """(start, end) of tensor ``name``'s bytes in the data section."""

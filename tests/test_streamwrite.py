@@ -41,7 +41,8 @@ def _taps(seed: int) -> dict[str, dict[str, np.ndarray]]:
 def test_phase_files_hold_the_bytes_of_writing_each_tap_alone(tmp_path_factory, seed, tap_limit, batch,
                                                               swaps) -> None:
     # BATCH_TAP_BYTES 0: every tap written alone, as before batches
-    with mock.patch.object(streamwrite, "BATCH_TAP_BYTES", tap_limit), mock.patch.object(streamwrite, "BATCH_BYTES", batch):
+    with mock.patch.object(streamwrite, "BATCH_TAP_BYTES", tap_limit), \
+            mock.patch.object(streamwrite, "BATCH_BYTES", batch):
         _write_and_compare(tmp_path_factory, seed, swaps)
 
 

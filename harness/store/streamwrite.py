@@ -212,7 +212,7 @@ class PhaseFiles:
             self._flush(phase)
             self._behind.write(writer, key, arr)
             return
-        dtype, shape, _ = writer._dtypes[key]
+        dtype, shape = writer.expects(key)
         if arr.dtype != dtype or arr.shape != shape:  # what the writer checks of a tap written alone
             raise ValueError(f"{phase} {key} is {arr.dtype}{arr.shape}, layout says {dtype}{shape}")
         if batch.data is not None and batch.used + arr.nbytes > batch.data.nbytes:
