@@ -196,14 +196,14 @@ def main() -> None:
                             "checkpoint_digest; checkpoint_digest(sys.argv[1])", ckpt], check=True,
                            env={**os.environ, "NPU_HARNESS_DIGEST_CACHE": kept})
         for i in range(args.repeat):
-            cache = kept if args.digest_cache == "kept" else os.path.join(digests, f"{model}-{i}-first.json")
+            # `first`: every build its own empty cache file, so none reads a digest another build kept
+            cache = {which: kept if args.digest_cache == "kept" else os.path.join(digests, f"{model}-{i}-{which}.json")
+                     for which in ("baseline", "this")}
             if not args.skip_plain:
                 runs["plain"].append(_child(["plain", *common]))
             if args.baseline:
-                runs["baseline"].append(_child(["build", *common], args.baseline, cache))
-            runs["this"].append(_child(["build", *common], digests=cache))
-            if os.path.exists(cache) and args.digest_cache == "first":
-                os.unlink(cache)  # the next build hashes again
+                runs["baseline"].append(_child(["build", *common], args.baseline, cache["baseline"]))
+            runs["this"].append(_child(["build", *common], digests=cache["this"]))
         p = _median(runs["plain"]) if runs["plain"] else None
         builds = {k: _median(v) for k, v in runs.items() if k != "plain" and v}
         for which, b in builds.items():
