@@ -3,7 +3,7 @@
 ``residual_identity``, ``decode_matches_prefill`` and ``bf16_top1`` read nothing but the entry (and the
 weights its key names): on the same bytes, with the same harness, torch and transformers, they give the
 same result. ``decode_matches_prefill`` reruns a longer fp32 prefill each time (5 minutes of a qwen3-4b
-gate at 2048 tokens; with the transformers import, 3.7 s of a tiny gate's phase 0). The first gate on an
+gate at 2048 tokens; with the transformers import, 2.4-2.6 s of a tiny gate's phase 0). The first gate on an
 entry writes their results to ``<entry>/sanity.json``, bound to the sha256 of the entry's
 ``manifest.json`` (which carries every file's block sha256s), to those versions and to the harness's own
 code that ran them; a later gate reuses them only after ``golden_integrity`` has verified every file
