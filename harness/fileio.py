@@ -93,6 +93,22 @@ def hash_file_into(h, path: Path) -> None:
             h.update(chunk)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: written beside it under a name of this process, then
+    renamed, so readers (and concurrent writers) see the old file or a new one, never half of one. Nothing
+    is left behind when the write fails; the OSError is the caller's."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+
+
 def sha256_file(path: Path) -> str:
     """The sha256 hex digest of a file's contents."""
     h = hashlib.sha256()

@@ -95,3 +95,17 @@ def test_mapped_reads_do_not_keep_the_file_resident(tmp_path) -> None:
     assert grown_mib < 16, f"file-backed resident memory grew {grown_mib:.0f} MiB reading a 64 MiB file"
     as_f64 = mapped.read_tensor("t0", np.float64)
     assert as_f64.dtype == np.float64 and np.array_equal(as_f64, tensors["t0"])
+
+
+def test_write_atomic_replaces_whole_and_leaves_nothing_when_it_fails(tmp_path) -> None:
+    from harness.fileio import write_atomic
+
+    target = tmp_path / "index.json"
+    target.write_text("old")
+    write_atomic(target, "new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]
+    blocked = tmp_path / "a-dir"
+    blocked.mkdir()  # a directory where the file should go: the rename fails
+    with pytest.raises(OSError):
+        write_atomic(blocked, "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-dir", "index.json"]  # no temporary file left

@@ -28,7 +28,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from harness.errors import HarnessError, TapError
-from harness.fileio import SafetensorsReader, os_reason, read_bounded, require_regular, safetensors_header
+from harness.fileio import (SafetensorsReader, os_reason, read_bounded, require_regular, safetensors_header,
+                            write_atomic)
 from harness.spec import model_spec, taps
 
 TRACE_JSON = "trace.json"
@@ -405,9 +406,7 @@ def _tap_array(value: np.ndarray) -> np.ndarray:
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _save(path: Path, tensors: dict[str, np.ndarray]) -> None:

@@ -19,6 +19,7 @@ from typing import Iterable
 
 from harness import sizes
 from harness.errors import HarnessError
+from harness.fileio import write_atomic
 
 RECHECK_INDEX = ".recheck.json"
 RECHECK_KEEP_ENV = "NPU_HARNESS_RECHECK_KEEP"
@@ -137,9 +138,7 @@ def _remember(root: Path, paths: list[Path], protect: list[Path], keep: int) -> 
             pass
     remaining = [p for p in listed if p not in evicted]
     try:
-        tmp = index_path.with_name(f"{RECHECK_INDEX}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"entries": remaining, "updated": time.time()}))
-        os.replace(tmp, index_path)
+        write_atomic(index_path, json.dumps({"entries": remaining, "updated": time.time()}))
     except OSError:
         pass
     return evicted

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.fileio import read_bounded
+from harness.fileio import read_bounded, write_atomic
 
 KEY_ENV = "NPU_HARNESS_GOLDEN_KEY"
 KEY_FILE_ENV = "NPU_HARNESS_GOLDEN_KEY_FILE"
@@ -66,9 +66,7 @@ def sign(directory: Path, key: bytes, manifest: bytes | None = None) -> None:
     """Write ``directory/manifest.sig`` for the manifest's bytes (read from disk unless given)."""
     data = (directory / "manifest.json").read_bytes() if manifest is None else manifest
     record = {"alg": ALGORITHM, "key_id": key_id(key), "mac": _mac(key, data)}
-    tmp = directory / f".{SIGNATURE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, directory / SIGNATURE)
+    write_atomic(directory / SIGNATURE, json.dumps(record) + "\n")
 
 
 def problems(directory: Path, manifest: bytes, key: bytes | None) -> list[SignatureProblem]:

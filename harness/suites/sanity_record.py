@@ -20,11 +20,11 @@ import functools
 import hashlib
 import hmac
 import json
-import os
 import time
 from importlib import metadata
 from pathlib import Path
 
+from harness.fileio import write_atomic
 from harness.store import signing
 from harness.store.golden import MANIFEST, GoldenSet
 from harness.suites.phases import Check
@@ -100,12 +100,7 @@ def save(golden: GoldenSet, checks: list[Check]) -> None:
                        for c in checks]}
     key = signing.signing_key()
     record = {**body, "mac": _mac(key, body)} if key is not None else body
-    tmp = golden.path / f".{RECORD}.tmp-{os.getpid()}"
     try:
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, golden.path / RECORD)
+        write_atomic(golden.path / RECORD, json.dumps(record, indent=1))
     except (OSError, TypeError, ValueError):
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        pass

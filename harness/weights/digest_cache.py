@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+from harness.fileio import write_atomic
+
 ENV = "NPU_HARNESS_DIGEST_CACHE"
 MAX_ENTRIES = 256  # a few dozen checkpoints in practice; the least recently used leave first
 MAX_BYTES = 1 << 20  # 256 entries of a sharded checkpoint's stamps stay far below this
@@ -65,17 +67,12 @@ def remember(stamp: tuple, digest: str) -> None:
         return
     from filelock import FileLock, Timeout
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=10):
             entries = _read(path)
             entries[_key(stamp)] = {"digest": digest, "used": time.time()}
             kept = dict(sorted(entries.items(), key=lambda kv: kv[1].get("used", 0))[-MAX_ENTRIES:])
-            tmp.write_text(json.dumps({"schema": SCHEMA, "entries": kept}))
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+            write_atomic(path, json.dumps({"schema": SCHEMA, "entries": kept}))
     except (OSError, Timeout):
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
+        pass

@@ -33,7 +33,7 @@ import filelock
 from harness.deployment.pyxrt import toolchain
 from harness.deployment.pyxrt.buffers import ArgSpec
 from harness.errors import HarnessError
-from harness.fileio import sha256_file
+from harness.fileio import sha256_file, write_atomic
 
 SCHEMA = 1
 _KEY_RE = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.x-]+|\[[A-Za-z0-9_.=,+-]*\])$")
@@ -125,9 +125,7 @@ class KernelRegistry:
         return raw
 
     def _save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self._raw, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self._raw, indent=2, sort_keys=True) + "\n")
 
     def _abs(self, rel: str) -> Path:
         # normpath, not resolve(): "kernels/../x" must work before kernels/ exists, and symlinks stay as named
