@@ -44,7 +44,7 @@ def run_one(checkpoint: str, model: str, scale: str, tokens: int, steps: int, ro
     from harness.reference.prompts import prompt_ids
     from harness.reference.streaming import build_streaming_model
     from harness.spec import taps as tapspec
-    from harness.store.bounds import resident_budget
+    from harness.store.bounds import build_rooms
     from harness.store.streamwrite import PhaseFiles, sampled_rows
     from harness.weights import WeightsSource, build_source
 
@@ -59,8 +59,9 @@ def run_one(checkpoint: str, model: str, scale: str, tokens: int, steps: int, ro
             m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
             m.config._attn_implementation = ATTN_IMPL  # the capture's attention (the stock SDPA, tapped)
         else:
-            room = 0 if row.endswith("room 0") or dtype_name == "bf16" else resident_budget(spec, tokens, steps)
-            m = build_streaming_model(spec, build_source(spec, WeightsSource(checkpoint), 0, tmp), dtype, room)
+            # The build's two rooms (the prompt's, the decode steps'), for its storage mode
+            rooms = (0, 0) if row.endswith("room 0") or dtype_name == "bf16" else build_rooms(spec, tokens, steps, rows)
+            m = build_streaming_model(spec, build_source(spec, WeightsSource(checkpoint), 0, tmp), dtype, *rooms)
         construct = time.perf_counter() - t0
         sink = lambda phase, name, t: None  # noqa: E731
         if row == "streamed+written":

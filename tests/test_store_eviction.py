@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from harness.cli import app
 from harness.errors import HarnessError
-from harness.store.eviction import Entry, parse_size, remember_rechecks, select
+from harness.sizes import parse_size as _parse_size
+from harness.store.eviction import Entry, remember_rechecks, select
 
 runner = CliRunner()
 
@@ -26,6 +27,10 @@ def _entry(root: Path, model: str, name: str, size: int, age_s: float) -> Path:
     t = 1_700_000_000 - age_s
     os.utime(path, (t, t))
     return path
+
+
+def parse_size(text: str) -> int:
+    return _parse_size(text, "--max-size")  # as `harness golden clean --max-size` reads it
 
 
 class _Store:

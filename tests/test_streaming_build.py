@@ -21,7 +21,7 @@ from harness.reference.prompts import prompt_ids
 from harness.reference.streaming import build_streaming_model
 from harness.spec import taps as tapspec
 from harness.store import GoldenRequest, GoldenStore, verify_dir
-from harness.store.bounds import RESIDENT_TARGET, predict, resident_budget
+from harness.store.bounds import RESIDENT_TARGET, build_rooms, predict
 from harness.store.streamwrite import SAMPLED_MIDDLE, TILE, sampled_rows
 from harness.weights import WeightsSource, build_source, load_weights, synthetic_file
 from harness.weights.synthetic import synthetic_weights
@@ -276,6 +276,12 @@ def test_a_build_failing_mid_stream_leaves_nothing(tmp_path: Path, monkeypatch: 
     assert left == []
 
 
+def _room(spec, tokens: int, steps: int, rows: str = "full", available: int | None = None, *,
+          decoding: bool = False) -> int:
+    """The build's room for the prompt, or with ``decoding`` for the decode steps (``build_rooms``)."""
+    return build_rooms(spec, tokens, steps, rows, available)[1 if decoding else 0]
+
+
 def test_streaming_prediction_fits_the_done_when_build() -> None:
     """qwen3-4b at 2048 tokens is predicted within the 8 GB target, and sampled storage bounds its disk."""
     spec = harness.models.get("qwen3-4b", "full")
@@ -291,22 +297,22 @@ def test_a_larger_models_build_keeps_converted_layers_only_in_room_its_predictio
     machine short of memory, and nothing when the prediction alone reaches the target."""
     monkeypatch.delenv("NPU_HARNESS_BUILD_MEMORY", raising=False)  # the default target
     small = harness.models.get("qwen2.5-0.5b", "full")
-    assert resident_budget(small, 128, 32, available=1 << 30) >= 4 * sum(
+    assert _room(small, 128, 32, available=1 << 30) >= 4 * sum(
         int(np.prod(shape)) for _, shape in _shapes(small))
     spec = harness.models.get("llama-3.2-1b", "full")
     floor, table = predict(spec, 128, 32).ram_bytes, spec.vocab_size * spec.hidden_size * 4
     assert spec.tied_embeddings  # its table comes first and frees the conversion buffer predicted for it
-    assert resident_budget(spec, 128, 32, available=64 << 30) == int(RESIDENT_TARGET - floor + table)
-    assert resident_budget(spec, 128, 32, available=2 * floor + (2 << 30)) == (1 << 30) + table
-    assert resident_budget(spec, 128, 32, available=floor) == 0
-    assert resident_budget(harness.models.get("qwen3-4b", "full"), 2048, 32, "sampled", available=64 << 30) == 0
+    assert _room(spec, 128, 32, available=64 << 30) == int(RESIDENT_TARGET - floor + table)
+    assert _room(spec, 128, 32, available=2 * floor + (2 << 30)) == (1 << 30) + table
+    assert _room(spec, 128, 32, available=floor) == 0
+    assert _room(harness.models.get("qwen3-4b", "full"), 2048, 32, "sampled", available=64 << 30) == 0
     monkeypatch.setenv("NPU_HARNESS_BUILD_MEMORY", "0")  # stream every layer
-    assert resident_budget(spec, 128, 32, available=64 << 30) == 0
+    assert _room(spec, 128, 32, available=64 << 30) == 0
     monkeypatch.setenv("NPU_HARNESS_BUILD_MEMORY", "12G")
-    assert resident_budget(spec, 128, 32, available=64 << 30) == int(12e9 - floor + table)
+    assert _room(spec, 128, 32, available=64 << 30) == int(12e9 - floor + table)
     monkeypatch.setenv("NPU_HARNESS_BUILD_MEMORY", "lots")
     with pytest.raises(HarnessError, match="NPU_HARNESS_BUILD_MEMORY 'lots'"):
-        resident_budget(spec, 128, 32, available=64 << 30)
+        _room(spec, 128, 32, available=64 << 30)
 
 
 def test_the_decode_steps_have_the_room_a_long_prompts_transients_leave(monkeypatch) -> None:
@@ -318,17 +324,17 @@ def test_the_decode_steps_have_the_room_a_long_prompts_transients_leave(monkeypa
         prompt, steps = predict(spec, tokens, 32, rows), predict(spec, tokens, 32, rows, decoding=True)
         assert steps.ram_bytes < prompt.ram_bytes and steps.disk_bytes == prompt.disk_bytes
         assert steps.elements == prompt.elements
-        before = resident_budget(spec, tokens, 32, rows, available=64 << 30)
-        after = resident_budget(spec, tokens, 32, rows, available=64 << 30, decoding=True)
+        before = _room(spec, tokens, 32, rows, available=64 << 30)
+        after = _room(spec, tokens, 32, rows, available=64 << 30, decoding=True)
         table = spec.vocab_size * spec.hidden_size * 4
         # The tied table's bytes count only when the prompt's room kept it (no conversion buffer made).
         assert after == int(RESIDENT_TARGET - steps.ram_bytes + (table if before else 0))
         if before:  # both within the target: the difference is what the prompt's transients took
             assert after - before == prompt.ram_bytes - steps.ram_bytes
-    assert resident_budget(spec, 2048, 32, "sampled", available=64 << 30) == 0  # the prompt leaves none
-    assert resident_budget(spec, 2048, 32, "sampled", available=64 << 30, decoding=True) > 1e9
+    assert _room(spec, 2048, 32, "sampled", available=64 << 30) == 0  # the prompt leaves none
+    assert _room(spec, 2048, 32, "sampled", available=64 << 30, decoding=True) > 1e9
     small = harness.models.get("qwen2.5-0.5b", "full")  # keeps everything either way
-    assert resident_budget(small, 2048, 32, decoding=True) == resident_budget(small, 2048, 32)
+    assert _room(small, 2048, 32, decoding=True) == _room(small, 2048, 32)
 
 
 def test_the_builds_two_rooms_come_from_one_reading_of_available_memory(monkeypatch) -> None:
@@ -341,8 +347,8 @@ def test_the_builds_two_rooms_come_from_one_reading_of_available_memory(monkeypa
     monkeypatch.setattr(bounds, "available_ram", lambda: next(readings))
     spec = harness.models.get("qwen3-4b", "full")
     assert bounds.build_rooms(spec, 2048, 32, "sampled") == (
-        resident_budget(spec, 2048, 32, "sampled", available=64 << 30),
-        resident_budget(spec, 2048, 32, "sampled", available=64 << 30, decoding=True))
+        _room(spec, 2048, 32, "sampled", available=64 << 30),
+        _room(spec, 2048, 32, "sampled", available=64 << 30, decoding=True))
 
 
 def test_a_streamed_model_keeps_more_from_its_second_forward_with_the_same_taps() -> None:

@@ -190,7 +190,8 @@ def clean(
 ) -> None:
     """Remove golden entries (they are rebuilt on demand); with a keep rule, the least recently used first."""
     from harness.store import GoldenStore
-    from harness.store.eviction import entry_of, parse_size, remove, select
+    from harness.sizes import parse_size
+    from harness.store.eviction import entry_of, remove, select
 
     from harness.models import folder_name, get
 
@@ -204,7 +205,7 @@ def clean(
             raise HarnessError(f"golden store {store.root}: cannot remove entries ({exc.strerror or exc})") from None
         typer.echo(f"removed {n} entries")
         return
-    max_bytes = parse_size(max_size) if max_size is not None else None
+    max_bytes = parse_size(max_size, "--max-size") if max_size is not None else None
     entries = [entry_of(path) for path, _ in store.entries()
                if model is None or path.parent.parent.name == folder_name(model)]
     drop = select(entries, keep_recent=keep_recent, max_bytes=max_bytes)

@@ -11,7 +11,7 @@ LM head, beside the mapped bf16 source of the block running), one layer's activa
 the bf16 runs being layer-first, every phase's hidden states between two layers), the writer thread's
 queue, the KV cache, one attention score matrix and the logits, over the interpreter's own baseline (a
 larger model's fp32 run may keep some layers' converted weights beyond that, only in room the
-prediction leaves free: ``resident_budget``); its disk adds the private bf16 copy of synthetic weights
+prediction leaves free: ``build_rooms``); its disk adds the private bf16 copy of synthetic weights
 the build reads (written by a thread as the fp32 reference starts, deleted at the end; a small model's
 are kept in memory instead). The figures are upper bounds, so a request is refused only when it exceeds
 what is available outright.
@@ -152,12 +152,6 @@ def build_rooms(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "fu
     prompt = int(spare + table) if spare > 0 else 0
     later = room - predict(spec, tokens, decode_steps, rows, decoding=True).ram_bytes
     return prompt, max(prompt, int(later + (table if prompt else 0)))
-
-
-def resident_budget(spec: ModelSpec, tokens: int, decode_steps: int, rows: str = "full",
-                    available: int | None = None, *, decoding: bool = False) -> int:
-    """One of ``build_rooms``: the prompt's room, or with ``decoding`` the decode steps'."""
-    return build_rooms(spec, tokens, decode_steps, rows, available)[1 if decoding else 0]
 
 
 def resident_target() -> float:

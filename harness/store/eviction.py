@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from harness import sizes
 from harness.errors import HarnessError
 from harness.fileio import write_atomic
 
@@ -33,11 +32,6 @@ class Entry:
     path: Path
     size: int
     last_used: float
-
-
-def parse_size(text: str, option: str = "--max-size") -> int:
-    """``500MB``, ``2G``, ``4GiB``, ``1000000`` -> bytes (harness.sizes); HarnessError naming ``option``."""
-    return sizes.parse_size(text, option)
 
 
 def touch(path: Path) -> None:
