@@ -10,6 +10,10 @@ For each model (full scale, synthetic weights, ``--prompt-len`` tokens, ``--deco
   dtype (``prep``), the build reads it and hashes it for the golden's key: the real use, like for like.
   ``--digest-cache kept`` times every build as a later one (the checkpoint's digest kept by an earlier
   process: harness.weights.digest_cache), the default ``first`` as the checkpoint's first build.
+  ``--plain-memory SIZE`` (with ``--checkpoint``) gives the plain run the build's kind of bound: each
+  model is loaded with transformers' own offloading (``device_map="auto"``, ``max_memory={"cpu": SIZE}``,
+  the layers beyond it offloaded to a temporary folder: the accelerate package, in the dev extra, not
+  a dependency of the harness), so its forwards run in bounded memory as the build's references do.
 - build: ``GoldenStore.get`` streaming (weights generated into the build's private file, both runs layer
   by layer, every tap written with its sha256 as captured), from nothing to a complete entry.
 
@@ -26,6 +30,8 @@ and reports the medians (the machine is shared: absolute times drift). Examples:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_build.py --model qwen2.5-0.5b --model qwen3-0.6b
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_build.py --baseline /tmp/base --repeat 3
     .venv/bin/python benchmarks/bench_build.py --model llama-3.2-1b --checkpoint /tmp/ckpts --decode-steps 32
+    .venv/bin/python benchmarks/bench_build.py --model qwen3-4b --checkpoint /tmp/ckpts --decode-steps 32 \
+        --plain-memory 4GiB
 """
 from __future__ import annotations
 
@@ -52,7 +58,18 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def plain(model: str, scale: str, tokens: int, steps: int, checkpoint: str | None = None) -> dict:
+def _offloaded(checkpoint: str, dtype, memory: str, folder: str):
+    """``checkpoint`` loaded the way transformers runs a model larger than its memory: up to ``memory``
+    of its layers in RAM, the rest offloaded to ``folder`` and read back in every forward (accelerate)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa",
+                                                device_map="auto", max_memory={"cpu": memory},
+                                                offload_folder=folder).eval()
+
+
+def plain(model: str, scale: str, tokens: int, steps: int, checkpoint: str | None = None,
+          memory: str | None = None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -68,10 +85,15 @@ def plain(model: str, scale: str, tokens: int, steps: int, checkpoint: str | Non
     ids = prompt_ids(spec, 0, tokens)
     fwd = fwd_cpu = construct = 0.0
     chosen: list[int] | None = None
+    offloaded = 0
     for dtype in (torch.float32, torch.bfloat16):
         t0 = time.perf_counter()
+        folder = tempfile.mkdtemp(prefix="bench-offload-") if memory else None
         if checkpoint is None:
             m = build_hf_model(spec, weights, dtype)
+        elif memory:  # in bounded memory: transformers' own offloading
+            m = _offloaded(checkpoint, dtype, memory, folder)
+            offloaded += sum(1 for where in getattr(m, "hf_device_map", {}).values() if where == "disk")
         else:  # what a plain transformers user runs: the checkpoint loaded at each dtype
             m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa").eval()
         construct += time.perf_counter() - t0
@@ -88,7 +110,10 @@ def plain(model: str, scale: str, tokens: int, steps: int, checkpoint: str | Non
         fwd_cpu += _cpu_s() - c0
         chosen = chosen or picked
         del m, out, cache
-    return {"gen": gen, "construct": construct, "fwd": fwd, "peak_gb": _peak_gb(), "fwd_cpu": fwd_cpu}
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+    return {"gen": gen, "construct": construct, "fwd": fwd, "peak_gb": _peak_gb(), "fwd_cpu": fwd_cpu,
+            "offloaded": offloaded}
 
 
 def build(model: str, scale: str, tokens: int, steps: int, rows: str, checkpoint: str | None = None) -> dict:
@@ -165,19 +190,34 @@ def main() -> None:
     ap.add_argument("--digest-cache", choices=("first", "kept"), default="first",
                     help="With --checkpoint: `first` times every build as the checkpoint's first (its sha256 "
                          "computed; the default), `kept` as a later one, its digest kept by an earlier process.")
+    ap.add_argument("--plain-memory", metavar="SIZE",
+                    help="With --checkpoint: the plain run in bounded memory, as transformers runs a model "
+                         "larger than its RAM (device_map='auto', max_memory={'cpu': SIZE}, the rest offloaded "
+                         "to disk; needs the accelerate package), e.g. 4GiB.")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        kind, model, scale, tokens, steps, rows, ckpt = args.child
+        kind, model, scale, tokens, steps, rows, ckpt, memory = args.child
         ckpt = ckpt or None
-        res = plain(model, scale, int(tokens), int(steps), ckpt) if kind == "plain" else \
+        res = plain(model, scale, int(tokens), int(steps), ckpt, memory or None) if kind == "plain" else \
             build(model, scale, int(tokens), int(steps), rows, ckpt)
         print(json.dumps(res))
         return
+    if args.plain_memory:
+        import importlib.util
+
+        if not args.checkpoint:
+            ap.error("--plain-memory: needs --checkpoint (transformers offloads a checkpoint it loads)")
+        if args.skip_plain:
+            ap.error("--plain-memory: bounds the plain run, which --skip-plain leaves out")
+        if importlib.util.find_spec("accelerate") is None:
+            ap.error("--plain-memory: transformers offloads through the accelerate package, which is not "
+                     "installed (pip install accelerate, or the dev extra; the harness itself does not need it)")
     print(f"scale {args.scale}, {args.decode_steps} decode steps, --rows {args.rows}, "
           f"weights {'checkpoint ' + args.checkpoint if args.checkpoint else 'synthetic'}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, median of {args.repeat}"
-          + (f", checkpoint digest: {args.digest_cache}" if args.checkpoint else ""))
+          + (f", checkpoint digest: {args.digest_cache}" if args.checkpoint else "")
+          + (f", plain run within {args.plain_memory} (transformers' offloading)" if args.plain_memory else ""))
     digests = tempfile.mkdtemp(prefix="bench-digests-")
     head = (f"{'model':<15}{'build':<9}{'tokens':>7}{'prep s':>7}{'fwd s':>7}{'fwd cpu':>8}{'plain GB':>9}"
             f"{'build s':>8}{'cpu s':>7}{'build GB':>9}{'disk GB':>8}{'build/fwd':>10}{'cpu/fwd cpu':>12}"
@@ -188,7 +228,8 @@ def main() -> None:
         if args.checkpoint:
             ckpt = os.path.join(args.checkpoint, model)
             make_checkpoint(model, args.scale, ckpt)
-        common = [model, args.scale, str(args.prompt_len), str(args.decode_steps), args.rows, ckpt]
+        common = [model, args.scale, str(args.prompt_len), str(args.decode_steps), args.rows, ckpt,
+                  args.plain_memory or ""]
         runs: dict[str, list[dict]] = {"plain": [], "this": [], "baseline": []}
         kept = os.path.join(digests, model + ".json")
         if ckpt and args.digest_cache == "kept":  # an earlier process hashed it (the checkpoint has settled)
@@ -218,6 +259,9 @@ def main() -> None:
                 row += (f"{'-':>7}{'-':>7}{'-':>8}{'-':>9}{b['build']:>8.1f}{b['cpu']:>7.1f}{b['peak_gb']:>9.2f}"
                         f"{b['disk_gb']:>8.2f}{'-':>10}{'-':>12}{'-':>12}")
             print(row)
+        if p and args.plain_memory:
+            print(f"{model:<15}plain run within {args.plain_memory}: {p['offloaded']:.0f} modules offloaded to disk "
+                  f"(both dtypes)")
         if "baseline" in builds:
             t, o = builds["this"], builds["baseline"]
             print(f"{model:<15}this / baseline: build {t['build'] / o['build']:.2f}, cpu {t['cpu'] / o['cpu']:.2f}, "

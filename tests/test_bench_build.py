@@ -58,3 +58,41 @@ def test_a_later_build_reads_the_digest_an_earlier_process_kept(tmp_path) -> Non
     assert out.returncode == 0, out.stderr
     assert "checkpoint digest: kept" in out.stdout and "qwen2.5-0.5b   this" in out.stdout
     assert not list(tmp_path.glob("bench-digests-*"))  # its digest caches are removed
+
+
+def test_the_plain_run_in_bounded_memory_offloads_what_does_not_fit(load_file, tmp_path, monkeypatch) -> None:
+    """``--plain-memory``: the plain forwards run as transformers runs a model larger than its memory (layers
+    offloaded to disk through accelerate), on the same tokens as in memory."""
+    bench = load_file(SCRIPT)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    ckpt = tmp_path / "ckpt"
+    bench.make_checkpoint("qwen3-0.6b", "tiny", str(ckpt))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(bench.tempfile, "tempdir", None)  # the offload folders go under tmp_path
+    whole = bench.plain("qwen3-0.6b", "tiny", 8, 2, str(ckpt))
+    bounded = bench.plain("qwen3-0.6b", "tiny", 8, 2, str(ckpt), memory="64KiB")
+    assert whole["offloaded"] == 0 and bounded["offloaded"] > 0  # a tiny model's layers do not fit in 64 KiB
+    assert bounded["fwd"] > 0 and bounded["construct"] > 0
+    assert not list(tmp_path.glob("bench-offload-*"))  # each dtype's offload folder is removed
+
+
+def test_plain_memory_is_refused_without_what_it_needs(load_file, capsys, monkeypatch) -> None:
+    import importlib.util
+    import sys
+
+    import pytest
+
+    bench = load_file(SCRIPT)
+
+    def refused(argv: list[str]) -> str:
+        monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
+        with pytest.raises(SystemExit) as exc:
+            bench.main()
+        assert exc.value.code == 2
+        return capsys.readouterr().err
+
+    assert "needs --checkpoint" in refused(["--plain-memory", "4GiB"])
+    assert "--skip-plain leaves out" in refused(["--plain-memory", "4GiB", "--checkpoint", "x", "--skip-plain"])
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else find_spec(name, *a))
+    assert "pip install accelerate" in refused(["--plain-memory", "4GiB", "--checkpoint", "x"])
