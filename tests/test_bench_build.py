@@ -62,7 +62,7 @@ def test_a_later_build_reads_the_digest_an_earlier_process_kept(tmp_path) -> Non
 
 def test_the_plain_run_in_bounded_memory_offloads_what_does_not_fit(load_file, tmp_path, monkeypatch) -> None:
     """``--plain-memory``: the plain forwards run as transformers runs a model larger than its memory (layers
-    offloaded to disk through accelerate), on the same tokens as in memory."""
+    offloaded to disk through accelerate), and each offload folder is removed after its run."""
     bench = load_file(SCRIPT)
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     ckpt = tmp_path / "ckpt"
