@@ -21,30 +21,17 @@ import hashlib
 import hmac
 import json
 import time
-from importlib import metadata
 from pathlib import Path
 
 from harness.fileio import write_atomic
 from harness.store import signing
-from harness.store.golden import MANIFEST, GoldenSet
+from harness.store.golden import MANIFEST, GoldenSet, _versions
 from harness.suites.phases import Check
 
 RECORD = "sanity.json"
 SCHEMA = 1
 MAX_BYTES = 1 << 20
-
-
-def _versions() -> dict[str, str]:
-    from harness.version import __version__
-
-    def version(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "-"
-
-    return {"harness": __version__, "torch": version("torch"), "transformers": version("transformers")}
-
+VERSIONS = ("harness", "torch", "transformers")  # as the golden's manifest records them
 
 # The harness's own code the three checks run (their thresholds, the fp32 reference they rerun, how taps
 # are read): a record made by other code is not reused, even under one version number (a checkout).
@@ -64,7 +51,7 @@ def _code_digest() -> str:
 def _binding(golden: GoldenSet) -> dict:
     """What the record's checks were computed on: the entry's exact manifest, and the code that ran them."""
     return {"manifest_sha256": hashlib.sha256((golden.path / MANIFEST).read_bytes()).hexdigest(),
-            "versions": {**_versions(), "code": _code_digest()}}
+            "versions": {**{k: v for k, v in _versions().items() if k in VERSIONS}, "code": _code_digest()}}
 
 
 def _mac(key: bytes, body: dict) -> str:
